@@ -1,0 +1,82 @@
+//! The single punt exit: copy a frame to user space and drop it here.
+//!
+//! The frame (linear part and fragments alike, via `bpf_skb_load_bytes`) is
+//! copied into this CPU's scratch record behind a [`PuntHeader`], and the
+//! header plus the real length is handed to the ring buffer with one
+//! `bpf_ringbuf_output` call (a ring-buffer reservation must have a constant
+//! size, which would waste 64 KiB per small frame). The frame is then
+//! dropped in the kernel: user space owns it from here on. Every failure is
+//! counted, never silent.
+
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    helpers::{bpf_get_smp_processor_id, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use datapath_common::{
+    Counter, Origin, PUNT_MAX_FRAME, PuntHeader, PuntReason, SCRATCH_DATA_BYTES,
+};
+
+use crate::maps::{TG_PUNT, TG_SCRATCH, count};
+
+/// Hands the whole frame in `ctx` to user space and returns the TC verdict
+/// that drops it here.
+#[inline(always)]
+pub fn punt(ctx: &TcContext, origin: Origin, reason: PuntReason) -> i32 {
+    let skb_len = ctx.len();
+    if skb_len > PUNT_MAX_FRAME || skb_len == 0 {
+        count(Counter::PuntOversize, 1);
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper call without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(scratch) = TG_SCRATCH.get_ptr_mut(cpu) else {
+        count(Counter::PuntLoadError, 1);
+        return TC_ACT_SHOT;
+    };
+    // The mask keeps the verifier certain the length fits the buffer.
+    let len = (skb_len as usize) & (SCRATCH_DATA_BYTES - 1);
+    if len == 0 {
+        count(Counter::PuntOversize, 1);
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: `scratch` points to a map value of size_of::<PuntScratch>()
+    // bytes, owned by this CPU for the duration of the program.
+    let rc = unsafe {
+        (*scratch).hdr = PuntHeader {
+            len: len as u32,
+            orig_len: skb_len,
+            ifindex: (*ctx.skb.skb).ifindex,
+            reason: reason as u16,
+            origin: origin as u8,
+            _pad: 0,
+        };
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            (*scratch).data.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if rc != 0 {
+        count(Counter::PuntLoadError, 1);
+        return TC_ACT_SHOT;
+    }
+    let total = core::mem::size_of::<PuntHeader>() + len;
+    // SAFETY: `total` is at most size_of::<PuntScratch>() by construction.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_ringbuf_output(
+            core::ptr::addr_of!(TG_PUNT) as *mut _,
+            scratch.cast(),
+            total as u64,
+            0,
+        )
+    };
+    if rc != 0 {
+        count(Counter::PuntRingFull, 1);
+    } else {
+        count(Counter::PuntPackets, 1);
+        count(Counter::PuntBytes, len as u64);
+    }
+    TC_ACT_SHOT
+}
