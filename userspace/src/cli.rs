@@ -1,0 +1,302 @@
+//! The command line.
+//!
+//! # Theory of operation
+//!
+//! clap parses and validates every argument before anything touches the
+//! system: addresses, prefix lengths and MAC addresses are typed values, and
+//! a value clap cannot parse is a one-line error naming the flag. Cross-field
+//! checks (gateway inside the guest subnet, ...) live in
+//! [`RunArgs::guest_config`].
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use smoltcp::wire::EthernetAddress;
+use thiserror::Error;
+
+use crate::config::{self, GuestNetConfig};
+
+/// tapgate: user-mode-style networking for a guest behind a tap device,
+/// with an eBPF fast path.
+#[derive(Debug, Parser)]
+#[command(name = "tapgate", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to a tap device and serve the guest behind it (runs in the
+    /// foreground until SIGINT/SIGTERM).
+    Run(RunArgs),
+}
+
+/// Log verbosity, for the daemon and for the eBPF programs alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Informational messages (default).
+    Info,
+    /// Debugging detail.
+    Debug,
+    /// Everything, including one line per punted packet.
+    Trace,
+}
+
+impl LogLevel {
+    /// The `log` crate's filter for this level.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            Self::Off => log::LevelFilter::Off,
+            Self::Error => log::LevelFilter::Error,
+            Self::Warn => log::LevelFilter::Warn,
+            Self::Info => log::LevelFilter::Info,
+            Self::Debug => log::LevelFilter::Debug,
+            Self::Trace => log::LevelFilter::Trace,
+        }
+    }
+
+    /// The in-kernel `aya-log` level (0 = off ... 5 = trace).
+    pub fn bpf_level(self) -> u8 {
+        match self {
+            Self::Off => 0,
+            Self::Error => 1,
+            Self::Warn => 2,
+            Self::Info => 3,
+            Self::Debug => 4,
+            Self::Trace => 5,
+        }
+    }
+}
+
+/// Arguments of `tapgate run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The guest-facing interface: a tap device held by a hypervisor (or a
+    /// veth, for tests and benchmarks).
+    #[arg(long, value_name = "TAP")]
+    pub tap: String,
+
+    /// The host's interface towards the world; `auto` picks the interface
+    /// of the IPv4 default route.
+    #[arg(long, value_name = "IFACE|auto", default_value = "auto")]
+    pub uplink: String,
+
+    /// The guest's address and prefix length, handed out by DHCP.
+    #[arg(long, value_name = "CIDR", default_value = "10.0.2.15/24", value_parser = parse_cidr)]
+    pub address: (Ipv4Addr, u8),
+
+    /// The gateway's address (answered by tapgate).
+    #[arg(long, value_name = "IP", default_value_t = config::DEFAULT_GATEWAY)]
+    pub gateway: Ipv4Addr,
+
+    /// The DNS server address handed to the guest (answered by tapgate).
+    #[arg(long, value_name = "IP", default_value_t = config::DEFAULT_DNS)]
+    pub dns: Ipv4Addr,
+
+    /// The gateway's MAC address, as seen by the guest.
+    #[arg(long, value_name = "MAC", default_value = "52:55:0a:00:02:02", value_parser = parse_mac)]
+    pub mac: EthernetAddress,
+
+    /// DHCP lease time in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = config::DEFAULT_LEASE_SECS,
+          value_parser = clap::value_parser!(u32).range(2..))]
+    pub dhcp_lease: u32,
+
+    /// Log level of the daemon and of the eBPF programs.
+    #[arg(long, value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Load the eBPF programs from this ELF file instead of the embedded
+    /// object (for developing the programs).
+    #[arg(long, value_name = "PATH")]
+    pub ebpf_object: Option<PathBuf>,
+}
+
+/// A combination of arguments that makes no sense.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The guest address is not a usable host address in its subnet.
+    #[error("--address {0}/{1}: not a usable host address in its subnet")]
+    GuestAddress(Ipv4Addr, u8),
+    /// Prefix too long to hold guest, gateway and DNS addresses.
+    #[error("--address: prefix length /{0} leaves no room for a gateway (use /1 to /30)")]
+    Prefix(u8),
+    /// Gateway or DNS outside the guest subnet, or clashing.
+    #[error("--{flag} {addr}: must be a host address in {net}/{prefix}, other than the guest's")]
+    OutsideSubnet {
+        /// Which flag.
+        flag: &'static str,
+        /// Its value.
+        addr: Ipv4Addr,
+        /// The subnet.
+        net: Ipv4Addr,
+        /// Its prefix length.
+        prefix: u8,
+    },
+}
+
+impl RunArgs {
+    /// Checks the addresses against each other and builds the guest
+    /// configuration (the MTU is filled in from the tap later).
+    pub fn guest_config(&self) -> Result<GuestNetConfig, ConfigError> {
+        let (guest_addr, prefix_len) = self.address;
+        if !(1..=30).contains(&prefix_len) {
+            return Err(ConfigError::Prefix(prefix_len));
+        }
+        let cfg = GuestNetConfig {
+            guest_addr,
+            prefix_len,
+            gateway: self.gateway,
+            dns: self.dns,
+            gateway_mac: self.mac,
+            mtu: 1500,
+            lease_secs: self.dhcp_lease,
+        };
+        let mask = u32::from(cfg.netmask());
+        let net = u32::from(guest_addr) & mask;
+        let host_in_subnet = |ip: Ipv4Addr| {
+            let v = u32::from(ip);
+            v & mask == net && v != net && v != (net | !mask) && crate::iface::is_unicast(ip)
+        };
+        if !host_in_subnet(guest_addr) {
+            return Err(ConfigError::GuestAddress(guest_addr, prefix_len));
+        }
+        for (flag, addr) in [("gateway", self.gateway), ("dns", self.dns)] {
+            if !host_in_subnet(addr) || addr == guest_addr {
+                return Err(ConfigError::OutsideSubnet {
+                    flag,
+                    addr,
+                    net: Ipv4Addr::from(net),
+                    prefix: prefix_len,
+                });
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Parses `A.B.C.D/N`.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("\"{s}\" is not ADDRESS/PREFIX (e.g. 10.0.2.15/24)"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("\"{addr}\" is not an IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 32)
+        .ok_or_else(|| format!("\"{prefix}\" is not a prefix length (0-32)"))?;
+    Ok((addr, prefix))
+}
+
+/// Parses a unicast MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<EthernetAddress, String> {
+    let mut bytes = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in bytes.iter_mut() {
+        let part = parts.next().filter(|p| p.len() == 2);
+        *b = part
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .ok_or_else(|| format!("\"{s}\" is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("\"{s}\" is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    let mac = EthernetAddress(bytes);
+    if !mac.is_unicast() {
+        return Err(format!("\"{s}\" is not a unicast MAC address"));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["tapgate", "run", "--tap", "tap0"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::Run(r) => r,
+        })
+    }
+
+    #[test]
+    fn defaults_are_qemus() {
+        let r = run_args(&[]).unwrap();
+        assert_eq!(r.uplink, "auto");
+        let c = r.guest_config().unwrap();
+        assert_eq!(c, GuestNetConfig::default());
+    }
+
+    #[test]
+    fn custom_subnet() {
+        let r = run_args(&[
+            "--address",
+            "192.168.77.9/24",
+            "--gateway",
+            "192.168.77.1",
+            "--dns",
+            "192.168.77.53",
+        ])
+        .unwrap();
+        let c = r.guest_config().unwrap();
+        assert_eq!(c.guest_addr, Ipv4Addr::new(192, 168, 77, 9));
+        assert_eq!(c.gateway, Ipv4Addr::new(192, 168, 77, 1));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for args in [
+            &["--address", "10.0.2.15"][..],
+            &["--address", "10.0.2.300/24"],
+            &["--address", "10.0.2.15/33"],
+            &["--gateway", "nope"],
+            &["--mac", "01:00:5e:00:00:01"],
+            &["--mac", "52:55:0a:00:02"],
+            &["--mac", "52:55:0a:00:02:02:03"],
+            &["--dhcp-lease", "1"],
+            &["--log-level", "loud"],
+        ] {
+            assert!(run_args(args).is_err(), "{args:?} accepted");
+        }
+        assert!(Cli::try_parse_from(["tapgate", "run"]).is_err());
+    }
+
+    #[test]
+    fn inconsistent_addresses_are_errors() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["--gateway", "10.0.3.2"], "--gateway 10.0.3.2"),
+            (&["--dns", "10.0.2.15"], "--dns 10.0.2.15"),
+            (&["--address", "10.0.2.0/24"], "--address 10.0.2.0/24"),
+            (&["--address", "10.0.2.255/24"], "--address 10.0.2.255/24"),
+            (&["--address", "10.0.2.15/31"], "/31"),
+        ];
+        for (args, needle) in cases {
+            let e = run_args(args).unwrap().guest_config().unwrap_err();
+            assert!(e.to_string().contains(needle), "{e} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:AA:bb:cc:dd:ee").unwrap(),
+            EthernetAddress([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee])
+        );
+        assert!(parse_mac("02:aa:bb:cc:dd:e").is_err());
+        assert!(parse_mac("").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! tapgate: user-mode-style networking for a guest behind a tap device, with
+//! an eBPF fast path.
+//!
+//! This library holds the daemon's pieces; `main.rs` is the command-line
+//! edge. See `docs/ARCHITECTURE.md` for how they fit together.
+pub mod aio;
+pub mod arp;
+pub mod cli;
+pub mod config;
+pub mod dhcp;
+pub mod frame;
+pub mod guest;
+pub mod icmp;
+pub mod iface;
+pub mod inject;
+pub mod instance;
+pub mod loader;
+pub mod privileges;
+pub mod punt;
