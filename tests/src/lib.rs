@@ -1,0 +1,101 @@
+//! Network-namespace test harness for tapgate.
+//!
+//! This crate builds throw-away network topologies out of Linux network
+//! namespaces and runs tapgate (and guest-side tools such as busybox
+//! `udhcpc`, `ping` and `arping`) inside them. It is used by the end-to-end
+//! tests in `tests/tests/` and by `cargo xtask demo`.
+//!
+//! # Theory of operation
+//!
+//! Everything happens inside namespaces this crate creates; the machine's
+//! own interfaces are never touched:
+//!
+//! ```text
+//!  guest ns              host ns                         world ns
+//!  eth0 ──(relay|veth)── tap0  [tapgate]  uplink0 ───veth─── wan0
+//!                                         198.51.100.1       198.51.100.2
+//!                                                            203.0.113.10/32 (dummy0 or lo)
+//! ```
+//!
+//! * [`netns::Netns`] owns one uniquely named namespace and deletes it (after
+//!   killing whatever still runs inside) when dropped.
+//! * [`child::Child`] owns one background process and its captured stderr.
+//! * [`relay::TapRelay`] plays the hypervisor: it holds two tap file
+//!   descriptors (`tap0` in the host namespace, `eth0` in the guest one) and
+//!   copies Ethernet frames between them.
+//! * [`topology::Topology`] wires the three namespaces together and starts
+//!   tapgate in the host namespace.
+//! * [`dhcp`] drives busybox `udhcpc` with a private event script.
+//! * [`tcx`] lists the eBPF programs attached to an interface with tcx
+//!   (which Debian's bpftool 7.1 cannot show).
+//! * [`fixtures`] builds small artefacts the tests need (an eBPF object the
+//!   verifier rejects).
+//!
+//! All guards tear down in `Drop`, so a failing or panicking test leaves no
+//! namespace, process or temporary directory behind; every wait is bounded.
+
+pub mod child;
+pub mod dhcp;
+pub mod fixtures;
+pub mod netns;
+pub mod relay;
+pub mod scratch;
+pub mod tcx;
+pub mod topology;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+pub use child::Child;
+pub use netns::Netns;
+pub use topology::{GuestKind, Topology};
+
+/// Message used when the end-to-end tests are run without root privileges.
+pub const NEED_ROOT: &str = "end-to-end tests need root: run `cargo xtask test` as root";
+
+/// Fails with [`NEED_ROOT`] unless the effective user is root.
+pub fn require_root() -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        bail!("{NEED_ROOT}")
+    }
+}
+
+/// Path of the `tapgate` binary under test.
+///
+/// Uses `$TAPGATE_BIN` when set. Otherwise the binary is looked up next to
+/// the running executable: a test executable lives in
+/// `target/<profile>/deps/`, the binary in `target/<profile>/tapgate`; an
+/// executable directly in `target/<profile>/` (such as xtask) is handled too.
+pub fn tapgate_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("TAPGATE_BIN") {
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!(
+                "TAPGATE_BIN={} does not exist or is not a file",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
+    let mut dir = exe
+        .parent()
+        .with_context(|| format!("executable {} has no parent directory", exe.display()))?
+        .to_path_buf();
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.pop();
+    }
+    let candidate = dir.join("tapgate");
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        bail!(
+            "tapgate binary not found at {}: build it with `cargo build -p tapgate` \
+             or run `cargo xtask test` (or set TAPGATE_BIN)",
+            candidate.display()
+        )
+    }
+}

@@ -1,0 +1,321 @@
+//! The three-namespace test topology and starting tapgate in it.
+//!
+//! # Theory of operation
+//!
+//! ```text
+//!  guest ns            host ns                           world ns
+//!  eth0 ──[link]── tap0   tapgate   uplink0 ════veth════ wan0     dummy0
+//!  (DHCP client)                    198.51.100.1/24      198.51.100.2/24
+//!                                   default via .2                203.0.113.10/32
+//!                                                       (dummy0, or lo without the dummy driver)
+//! ```
+//!
+//! The guest link is either a [`TapRelay`] ([`GuestKind::RealTap`]: a real
+//! tap device in the host namespace fed by a hypervisor-like relay thread,
+//! the configuration tapgate is built for) or a veth pair
+//! ([`GuestKind::Veth`]: cheaper, for benchmarks). Either way the guest sees
+//! `eth0` (MTU 1500) and the host sees `tap0`. Interfaces are created
+//! directly inside their namespaces (`ip -n NS link add ... netns PEER`), so
+//! nothing ever appears in the machine's own namespace.
+//!
+//! tapgate runs in the host namespace (`ip netns exec HOST tapgate run ...`)
+//! as a [`Child`] whose stderr is captured; [`Topology::start_tapgate`]
+//! waits for its readiness line.
+//!
+//! `Drop` stops the relay first (closing the tap descriptors destroys both
+//! taps), then deletes the guest, host and world namespaces, killing
+//! anything still running in them.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::child::Child;
+use crate::netns::Netns;
+use crate::relay::{RelayStats, TapRelay};
+
+/// Name of the tap (or veth end) in the host namespace.
+pub const TAP_NAME: &str = "tap0";
+/// Name of the guest's interface.
+pub const GUEST_IFACE: &str = "eth0";
+/// Name of the host's uplink (veth to the world namespace).
+pub const UPLINK_NAME: &str = "uplink0";
+/// Name of the world's end of the uplink veth.
+pub const WAN_NAME: &str = "wan0";
+/// The host's address on the uplink.
+pub const HOST_UPLINK_ADDR: &str = "198.51.100.1";
+/// The world's address on the uplink link (the host's default gateway).
+pub const WORLD_ADDR: &str = "198.51.100.2";
+/// Prefix length of the uplink link.
+pub const UPLINK_PREFIX: u8 = 24;
+/// Name of the dummy interface holding [`WORLD_FAR_ADDR`] (when the kernel
+/// has the dummy driver; otherwise the address is on the world's `lo`).
+pub const FAR_IFACE: &str = "dummy0";
+/// A "far" server address in the world namespace (on `dummy0` or `lo`).
+pub const WORLD_FAR_ADDR: &str = "203.0.113.10";
+/// The guest's MTU.
+pub const GUEST_MTU: u32 = 1500;
+
+/// tapgate's default guest address.
+pub const DEFAULT_GUEST_ADDR: &str = "10.0.2.15";
+/// tapgate's default guest prefix length.
+pub const DEFAULT_GUEST_PREFIX: u8 = 24;
+/// tapgate's default gateway address.
+pub const DEFAULT_GATEWAY: &str = "10.0.2.2";
+/// tapgate's default DNS address.
+pub const DEFAULT_DNS: &str = "10.0.2.3";
+/// tapgate's default gateway MAC address.
+pub const DEFAULT_GATEWAY_MAC: &str = "52:55:0a:00:02:02";
+
+/// Substring of the line tapgate logs once it is attached.
+pub const READY_MARKER: &str = "ready: tap=";
+/// How long [`Topology::start_tapgate`] waits for [`READY_MARKER`].
+pub const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How the guest's interface is connected to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    /// A real tap device in the host namespace, relayed by a thread to a
+    /// second tap in the guest namespace, as a hypervisor would.
+    RealTap,
+    /// A veth pair (faster; tapgate sees a veth instead of a tap).
+    Veth,
+}
+
+/// Guest, host and world namespaces wired together; torn down on drop.
+#[derive(Debug)]
+pub struct Topology {
+    kind: GuestKind,
+    // Dropped explicitly first in `Drop`.
+    relay: Option<TapRelay>,
+    // Fields drop in declaration order after `Drop::drop`.
+    guest: Netns,
+    host: Netns,
+    world: Netns,
+}
+
+impl Topology {
+    /// Builds the topology (see the module documentation).
+    pub fn new(kind: GuestKind) -> Result<Topology> {
+        crate::require_root()?;
+        let guest = Netns::new("guest")?;
+        let host = Netns::new("host")?;
+        let world = Netns::new("world")?;
+
+        // host <-> world
+        host.ip(&[
+            "link",
+            "add",
+            UPLINK_NAME,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            WAN_NAME,
+            "netns",
+            world.name(),
+        ])?;
+        host.ip(&[
+            "addr",
+            "add",
+            &format!("{HOST_UPLINK_ADDR}/{UPLINK_PREFIX}"),
+            "dev",
+            UPLINK_NAME,
+        ])?;
+        host.ip(&["link", "set", UPLINK_NAME, "up"])?;
+        world.ip(&[
+            "addr",
+            "add",
+            &format!("{WORLD_ADDR}/{UPLINK_PREFIX}"),
+            "dev",
+            WAN_NAME,
+        ])?;
+        world.ip(&["link", "set", WAN_NAME, "up"])?;
+        host.ip(&["route", "add", "default", "via", WORLD_ADDR])?;
+        // The far address lives on a dummy interface where the kernel has
+        // the dummy driver, else on the world's loopback (same effect: a
+        // local address reachable only through wan0).
+        if world
+            .ip(&["link", "add", FAR_IFACE, "type", "dummy"])
+            .is_ok()
+        {
+            world.ip(&["link", "set", FAR_IFACE, "up"])?;
+            world.ip(&[
+                "addr",
+                "add",
+                &format!("{WORLD_FAR_ADDR}/32"),
+                "dev",
+                FAR_IFACE,
+            ])?;
+        } else {
+            world.ip(&["addr", "add", &format!("{WORLD_FAR_ADDR}/32"), "dev", "lo"])?;
+        }
+
+        // guest <-> host
+        let relay = match kind {
+            GuestKind::RealTap => Some(TapRelay::start(&host, TAP_NAME, &guest, GUEST_IFACE)?),
+            GuestKind::Veth => {
+                host.ip(&[
+                    "link",
+                    "add",
+                    TAP_NAME,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    GUEST_IFACE,
+                    "netns",
+                    guest.name(),
+                ])?;
+                None
+            }
+        };
+        let topo = Topology {
+            kind,
+            relay,
+            guest,
+            host,
+            world,
+        };
+        topo.guest.ip(&[
+            "link",
+            "set",
+            GUEST_IFACE,
+            "mtu",
+            &GUEST_MTU.to_string(),
+            "up",
+        ])?;
+        topo.host.ip(&["link", "set", TAP_NAME, "up"])?;
+        Ok(topo)
+    }
+
+    /// How the guest is connected.
+    pub fn kind(&self) -> GuestKind {
+        self.kind
+    }
+
+    /// The guest namespace (interface [`GUEST_IFACE`]).
+    pub fn guest(&self) -> &Netns {
+        &self.guest
+    }
+
+    /// The host namespace (where tapgate runs; interfaces [`TAP_NAME`] and
+    /// [`UPLINK_NAME`]).
+    pub fn host(&self) -> &Netns {
+        &self.host
+    }
+
+    /// The world namespace (interface [`WAN_NAME`]; [`WORLD_FAR_ADDR`] on
+    /// [`FAR_IFACE`] or `lo`).
+    pub fn world(&self) -> &Netns {
+        &self.world
+    }
+
+    /// Name of the tap in the host namespace.
+    pub fn tap_name(&self) -> &'static str {
+        TAP_NAME
+    }
+
+    /// Name of the uplink in the host namespace.
+    pub fn uplink_name(&self) -> &'static str {
+        UPLINK_NAME
+    }
+
+    /// Name of the guest's interface.
+    pub fn guest_iface(&self) -> &'static str {
+        GUEST_IFACE
+    }
+
+    /// The relay's frame counters ([`GuestKind::RealTap`] only).
+    pub fn relay_stats(&self) -> Option<&RelayStats> {
+        self.relay.as_ref().map(TapRelay::stats)
+    }
+
+    /// A one-line description of the relay counters, for failure messages.
+    pub fn relay_summary(&self) -> String {
+        self.relay_stats().map_or_else(
+            || "relay: none (veth guest)".to_owned(),
+            RelayStats::summary,
+        )
+    }
+
+    /// A command running the tapgate binary with `args` in the host
+    /// namespace.
+    pub fn tapgate_command(&self, args: &[&str]) -> Result<Command> {
+        let bin = crate::tapgate_bin()?;
+        let mut cmd = self.host.cmd(&path_str(&bin)?);
+        cmd.args(args).env("RUST_BACKTRACE", "1");
+        Ok(cmd)
+    }
+
+    /// Spawns tapgate with exactly `args` in the host namespace, without
+    /// waiting for anything (for error-case tests).
+    pub fn spawn_tapgate(&self, args: &[&str]) -> Result<Child> {
+        Child::spawn(self.tapgate_command(args)?, "tapgate")
+    }
+
+    /// Runs `tapgate run --tap tap0 --uplink uplink0 --log-level debug
+    /// <extra_args>` in the host namespace and waits (at most
+    /// [`READY_TIMEOUT`]) for its readiness line. Fails with the captured
+    /// stderr if tapgate exits or stays silent.
+    pub fn start_tapgate(&self, extra_args: &[&str]) -> Result<Child> {
+        let mut args = vec![
+            "run",
+            "--tap",
+            TAP_NAME,
+            "--uplink",
+            UPLINK_NAME,
+            "--log-level",
+            "debug",
+        ];
+        args.extend_from_slice(extra_args);
+        let mut child = self.spawn_tapgate(&args)?;
+        child
+            .wait_stderr_contains(READY_MARKER, READY_TIMEOUT)
+            .with_context(|| format!("tapgate {} did not become ready", args.join(" ")))?;
+        Ok(child)
+    }
+
+    /// Pings `target` from the guest (`ping -c COUNT -W 2`), failing unless
+    /// every reply arrives; the error includes the relay counters.
+    pub fn ping_from_guest(&self, target: &str, count: u32) -> Result<String> {
+        ping(&self.guest, target, count).with_context(|| self.relay_summary())
+    }
+}
+
+/// Pings `target` from `ns` (`ping -n -c COUNT -W 2`); fails unless the run
+/// succeeds with 0% packet loss. Returns ping's output.
+pub fn ping(ns: &Netns, target: &str, count: u32) -> Result<String> {
+    let count = count.to_string();
+    let out = ns.run(&["ping", "-n", "-c", &count, "-W", "2", target])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if text.contains(" 0% packet loss") {
+        Ok(text)
+    } else {
+        anyhow::bail!("ping {target} from {} lost packets:\n{text}", ns.name())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(mut relay) = self.relay.take() {
+            relay.stop();
+        }
+        // guest, host and world are dropped next, in that order.
+    }
+}
+
+fn path_str(path: &std::path::Path) -> Result<String> {
+    path.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("path {} is not UTF-8", path.display()))
+}
+
+/// Convenience: the tapgate binary path as a string (see
+/// [`crate::tapgate_bin`]).
+pub fn tapgate_bin_str() -> Result<String> {
+    let bin: PathBuf = crate::tapgate_bin()?;
+    path_str(&bin)
+}
