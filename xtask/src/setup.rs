@@ -1,0 +1,137 @@
+//! `cargo xtask setup`: install what building and testing tapgate needs.
+//!
+//! # Theory of operation
+//!
+//! A fresh machine has none of the eBPF toolchain. [`ensure`] checks, cheaply
+//! and without network, for every Debian package in [`PACKAGES`] (one
+//! `dpkg-query` call) and for `bpf-linker` 0.13.0; it installs only what is
+//! missing (`apt-get update` once, then `apt-get install`, then `cargo
+//! install bpf-linker` built against Debian's LLVM 22). Every other xtask
+//! command calls it first, so a second run costs a fraction of a second.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: the eBPF toolchain (Debian's rustc carries `core` for
+/// bpfel-unknown-none; LLVM 22 for bpf-linker) and the tools the tests and
+/// the demo drive.
+pub const PACKAGES: &[&str] = &[
+    // eBPF toolchain
+    "rustc-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    // test and demo tools
+    "iproute2",
+    "nftables",
+    "busybox",
+    "udhcpc",
+    "curl",
+    "socat",
+    "iperf3",
+    "dnsutils",
+    "traceroute",
+    "tcpdump",
+    "bpftool",
+    "iputils-ping",
+    "iputils-arping",
+    "netcat-openbsd",
+    "util-linux",
+];
+
+/// The bpf-linker release that builds against LLVM 22 here.
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages from [`PACKAGES`] that are not installed.
+pub fn missing_packages() -> Result<Vec<&'static str>> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Abbrev}\\n"])
+        .args(PACKAGES)
+        .stderr(Stdio::null())
+        .output()
+        .context("running dpkg-query (is this a Debian machine?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !text.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                f.next().and_then(|n| n.split(':').next()) == Some(*p) && f.next() == Some("ii")
+            })
+        })
+        .collect())
+}
+
+/// Whether `bpf-linker` of the pinned version is on PATH or in ~/.cargo/bin.
+pub fn bpf_linker_ok() -> bool {
+    let candidates = [
+        Some("bpf-linker".to_owned()),
+        std::env::var("HOME")
+            .ok()
+            .map(|h| format!("{h}/.cargo/bin/bpf-linker")),
+    ];
+    candidates.into_iter().flatten().any(|bin| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+    })
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    eprintln!("xtask: running {shown}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs whatever is missing; does nothing (quickly) when all is there.
+pub fn ensure() -> Result<()> {
+    let missing = missing_packages()?;
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing Debian packages: {}; run `cargo xtask setup` as root",
+                missing.join(" ")
+            );
+        }
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)"
+        );
+        run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    Ok(())
+}
