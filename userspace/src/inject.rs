@@ -1,4 +1,4 @@
-//! Writing frames to the guest.
+//! Writing frames to the guest and packets to the world.
 //!
 //! # Theory of operation
 //!
@@ -10,6 +10,13 @@
 //! non-blocking: when the device queue is full the writer waits for the
 //! socket to become writable instead of dropping the frame. Frames of any
 //! length are sent as they are (a 42-byte empty UDP frame is legitimate).
+//!
+//! Packets for the world (translated SYNs, first datagrams of a flow, RSTs)
+//! are IP packets, not frames: they leave through a raw socket with
+//! `IP_HDRINCL` (`IPPROTO_RAW`), so the host's own routing table, neighbour
+//! cache and egress path pick the interface and the next hop exactly as for
+//! any host packet. The writer takes the destination from the packet's own
+//! header.
 
 use std::{
     io,
@@ -20,19 +27,24 @@ use log::trace;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
+use smoltcp::wire::Ipv4Packet;
+
 use crate::iface::Iface;
 
 /// Errors from the tap writer.
 #[derive(Debug, Error)]
 pub enum InjectError {
     /// Creating or binding the packet socket failed.
-    #[error("opening a packet socket on {iface}: {source}")]
+    #[error("opening a {iface} socket: {source}")]
     Open {
         /// Interface name.
         iface: String,
         /// The OS error.
         source: io::Error,
     },
+    /// The packet is not an IPv4 packet the writer can send.
+    #[error("not a sendable IPv4 packet: {0}")]
+    BadPacket(smoltcp::wire::Error),
     /// Sending a frame failed.
     #[error("sending a {len}-byte frame to the guest: {source}")]
     Send {
@@ -52,7 +64,7 @@ impl TapWriter {
     /// Opens a send-only packet socket bound to `tap` (inside a tokio runtime).
     pub fn open(tap: &Iface) -> Result<Self, InjectError> {
         let open_err = |source| InjectError::Open {
-            iface: tap.name.clone(),
+            iface: format!("packet socket on {}", tap.name),
             source,
         };
         // SAFETY: plain socket(2); ownership moves into OwnedFd right away.
@@ -91,46 +103,102 @@ impl TapWriter {
 
     /// Sends one frame, waiting for room if the device queue is full.
     pub async fn send(&self, frame: &[u8]) -> Result<(), InjectError> {
-        loop {
-            let mut guard = self
-                .fd
-                .writable()
-                .await
-                .map_err(|source| InjectError::Send {
-                    len: frame.len(),
-                    source,
-                })?;
-            match guard.try_io(|fd| {
-                // SAFETY: sends from a valid buffer of frame.len() bytes.
-                let n = unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        frame.as_ptr().cast(),
-                        frame.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(())
-                }
-            }) {
-                Ok(Ok(())) => {
-                    trace!("sent {} bytes to the guest", frame.len());
-                    return Ok(());
-                }
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    tokio::task::yield_now().await;
-                }
-                Ok(Err(source)) => {
-                    return Err(InjectError::Send {
-                        len: frame.len(),
-                        source,
-                    });
-                }
-                Err(_would_block) => continue,
+        send_with(&self.fd, frame, None).await?;
+        trace!("sent {} bytes to the guest", frame.len());
+        Ok(())
+    }
+}
+
+/// Sends `buf` on `fd` (to `dest` if given), waiting for room when the
+/// socket or the device queue is full.
+async fn send_with(
+    fd: &AsyncFd<OwnedFd>,
+    buf: &[u8],
+    dest: Option<&libc::sockaddr_in>,
+) -> Result<(), InjectError> {
+    let send_err = |source| InjectError::Send {
+        len: buf.len(),
+        source,
+    };
+    let (addr, addr_len) = match dest {
+        Some(d) => (
+            std::ptr::from_ref(d).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ),
+        None => (std::ptr::null(), 0),
+    };
+    loop {
+        let mut guard = fd.writable().await.map_err(send_err)?;
+        let sent = guard.try_io(|fd| {
+            // SAFETY: sends from a valid buffer of buf.len() bytes to an
+            // address that is either null or a live sockaddr_in.
+            let n = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    addr,
+                    addr_len,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
             }
+        });
+        match sent {
+            Ok(Ok(())) => return Ok(()),
+            // Device queue full: give it a moment, never drop.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tokio::task::yield_now().await;
+            }
+            Ok(Err(e)) => return Err(send_err(e)),
+            Err(_would_block) => {}
         }
+    }
+}
+
+/// Sends IPv4 packets to the world through the host's routing.
+pub struct WorldWriter {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl WorldWriter {
+    /// Opens the raw socket (inside a tokio runtime).
+    pub fn open() -> Result<Self, InjectError> {
+        let open_err = |source| InjectError::Open {
+            iface: "raw IPv4".to_owned(),
+            source,
+        };
+        // SAFETY: plain socket(2); ownership moves into OwnedFd right away.
+        // IPPROTO_RAW implies IP_HDRINCL: we supply the whole IP header.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            )
+        };
+        if raw < 0 {
+            return Err(open_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh, valid descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = crate::aio::register(fd, tokio::io::Interest::WRITABLE).map_err(open_err)?;
+        Ok(Self { fd })
+    }
+
+    /// Sends one complete IPv4 packet to the destination in its header.
+    pub async fn send(&self, packet: &[u8]) -> Result<(), InjectError> {
+        let ip = Ipv4Packet::new_checked(packet).map_err(InjectError::BadPacket)?;
+        // SAFETY: sockaddr_in is plain old data.
+        let mut dest: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        dest.sin_family = libc::AF_INET as libc::sa_family_t;
+        dest.sin_addr.s_addr = u32::from_ne_bytes(ip.dst_addr().octets());
+        send_with(&self.fd, packet, Some(&dest)).await?;
+        trace!("sent {} bytes to {}", packet.len(), ip.dst_addr());
+        Ok(())
     }
 }
