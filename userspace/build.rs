@@ -121,7 +121,7 @@ fn main() {
         .env("PATH", path_with_linker())
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            ["-Cdebuginfo=2", "-Ctarget-cpu=v3", "-Clink-arg=--btf"].join("\x1f"),
         );
     for var in [
         "RUSTC_WRAPPER",

@@ -41,6 +41,13 @@ pub const PUNT_MAX_FRAME: u32 = 65535 + 14;
 /// [`PUNT_MAX_FRAME`], so the eBPF side can bound a length with a mask.
 pub const SCRATCH_DATA_BYTES: usize = 1 << 17;
 
+/// How many leading bytes of a forwarded packet an event record carries
+/// (enough for Ethernet + IPv4 with options + TCP with options).
+pub const EVENT_SNAP_LEN: u32 = 128;
+
+/// Size of an event record in the punt ring: header + snap.
+pub const EVENT_RECORD_LEN: usize = core::mem::size_of::<PuntHeader>() + EVENT_SNAP_LEN as usize;
+
 /// Where a punted frame came from.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,11 +82,36 @@ pub enum PuntReason {
     /// Any other frame (unknown EtherType, truncated header): user space
     /// decides and counts.
     Other = 4,
+    /// A packet of a flow that is not established yet (SYN-ACK, SYN
+    /// retransmission, RST during the handshake): user space drives it.
+    Handshake = 5,
+    /// A packet the fast path cannot forward as it is (TTL expiring, too
+    /// big for the egress MTU, IP options or fragments, a SYN on an
+    /// established flow).
+    Exception = 6,
+    /// Event, not an exit: a FIN of an established flow was forwarded; the
+    /// record holds the first bytes of the packet as it arrived.
+    EventFin = 7,
+    /// Event: an RST of an established flow was forwarded.
+    EventRst = 8,
+    /// Event: a packet of a flow whose entry asks for events
+    /// ([`FLOW_F_EVENTS`], set in LastAck) was forwarded.
+    EventAck = 9,
 }
 
 impl PuntReason {
     /// All reasons, for iterating counters and reports.
-    pub const ALL: [PuntReason; 4] = [Self::Arp, Self::Ipv4NoFlow, Self::Ipv6NoFlow, Self::Other];
+    pub const ALL: [PuntReason; 9] = [
+        Self::Arp,
+        Self::Ipv4NoFlow,
+        Self::Ipv6NoFlow,
+        Self::Other,
+        Self::Handshake,
+        Self::Exception,
+        Self::EventFin,
+        Self::EventRst,
+        Self::EventAck,
+    ];
 
     /// Decodes the wire value, `None` for anything unknown.
     pub const fn from_u16(v: u16) -> Option<Self> {
@@ -88,6 +120,11 @@ impl PuntReason {
             2 => Some(Self::Ipv4NoFlow),
             3 => Some(Self::Ipv6NoFlow),
             4 => Some(Self::Other),
+            5 => Some(Self::Handshake),
+            6 => Some(Self::Exception),
+            7 => Some(Self::EventFin),
+            8 => Some(Self::EventRst),
+            9 => Some(Self::EventAck),
             _ => None,
         }
     }
@@ -99,7 +136,18 @@ impl PuntReason {
             Self::Ipv4NoFlow => "ipv4_no_flow",
             Self::Ipv6NoFlow => "ipv6_no_flow",
             Self::Other => "other",
+            Self::Handshake => "handshake",
+            Self::Exception => "exception",
+            Self::EventFin => "event_fin",
+            Self::EventRst => "event_rst",
+            Self::EventAck => "event_ack",
         }
+    }
+
+    /// Whether the record is an event about a packet the kernel forwarded
+    /// (as opposed to a packet handed over for user space to deal with).
+    pub const fn is_event(self) -> bool {
+        matches!(self, Self::EventFin | Self::EventRst | Self::EventAck)
     }
 }
 
@@ -152,20 +200,37 @@ pub enum Counter {
     PuntLoadError = 4,
     /// Packets seen on the uplink that belong to no flow of ours (left alone).
     UplinkNotOurs = 5,
+    /// Packets forwarded by the fast path (both directions).
+    FastPackets = 6,
+    /// Bytes of those packets.
+    FastBytes = 7,
+    /// Event records that could not be written (ring full).
+    EventRingFull = 8,
+    /// Redirects the kernel refused (the packet was dropped).
+    RedirectError = 9,
 }
 
-/// Number of entries in [`COUNTERS_MAP`].
-pub const COUNTER_SLOTS: u32 = 16;
+/// Number of entries in [`COUNTERS_MAP`]: the [`Counter`]s, then one
+/// punt counter per [`PuntReason`] at `PUNT_REASON_COUNTER_BASE + reason`.
+pub const COUNTER_SLOTS: u32 = 32;
+
+/// Index of the first per-reason punt counter in [`COUNTERS_MAP`].
+pub const PUNT_REASON_COUNTER_BASE: u32 = 16;
+const _: () = assert!(PUNT_REASON_COUNTER_BASE + 10 <= COUNTER_SLOTS);
 
 impl Counter {
     /// All counters, for reports.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 10] = [
         Self::PuntPackets,
         Self::PuntBytes,
         Self::PuntRingFull,
         Self::PuntOversize,
         Self::PuntLoadError,
         Self::UplinkNotOurs,
+        Self::FastPackets,
+        Self::FastBytes,
+        Self::EventRingFull,
+        Self::RedirectError,
     ];
 
     /// Stable lower-case name used in logs and JSON output.
@@ -177,13 +242,175 @@ impl Counter {
             Self::PuntOversize => "punt_oversize",
             Self::PuntLoadError => "punt_load_error",
             Self::UplinkNotOurs => "uplink_not_ours",
+            Self::FastPackets => "fastpath_packets",
+            Self::FastBytes => "fastpath_bytes",
+            Self::EventRingFull => "event_ring_full",
+            Self::RedirectError => "redirect_error",
         }
     }
 }
 const _: () = assert!((Counter::ALL.len() as u32) <= COUNTER_SLOTS);
 
+// ---------------------------------------------------------------------------
+// Flow table
+// ---------------------------------------------------------------------------
+
+/// Name of the flow hash map ([`FlowKey`] → [`FlowEntry`]).
+pub const FLOWS_MAP: &str = "TG_FLOWS";
+/// Name of the mmapable activity array (one [`ActivityWord`] per slot).
+pub const ACTIVITY_MAP: &str = "TG_ACTIVITY";
+
+/// Default number of flow slots (each flow has two map entries, one per
+/// direction, and one slot). The loader may change it (`--max-flows`).
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
+
+/// Activity bit: any packet of the flow was forwarded since the last scan.
+pub const ACTIVE: u64 = 1;
+/// Activity bit: a packet from the guest was forwarded since the last scan.
+pub const TAP_ACTIVE: u64 = 2;
+/// One activity word per flow slot. The kernel sets bits only when they
+/// are not already set; user space clears them after each scan.
+pub type ActivityWord = u64;
+
+/// Key direction: a packet arriving from the guest on the tap.
+pub const DIR_FROM_TAP: u8 = 0;
+/// Key direction: a packet arriving from the world on the uplink.
+pub const DIR_FROM_UPLINK: u8 = 1;
+
+/// Address family values in keys and entries.
+pub const FAMILY_IPV4: u8 = 4;
+/// IPv6 (reserved; the IPv4 fast path is the first one built).
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers used in keys.
+pub const PROTO_ICMP: u8 = 1;
+/// TCP.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// A directional 5-tuple as the packet carries it on arrival. IPv4
+/// addresses occupy the first four bytes of the 16-byte fields, the rest is
+/// zero, so both families share one map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port (or ICMP echo identifier), network byte order value
+    /// stored as a host-order `u16`.
+    pub sport: u16,
+    /// Destination port (0 for ICMP echo).
+    pub dport: u16,
+    /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`]).
+    pub proto: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// [`DIR_FROM_TAP`] or [`DIR_FROM_UPLINK`].
+    pub dir: u8,
+    /// Reserved, zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Flow states as the kernel sees them.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    /// Handshake in progress: every packet goes to user space.
+    Handshake = 0,
+    /// Established: forwarded in the kernel.
+    Established = 1,
+    /// Half-closed, the guest closed first (still forwarded).
+    FinWait = 2,
+    /// Half-closed, the world closed first (still forwarded).
+    CloseWait = 3,
+    /// Both sides closed, waiting for the final ACK (still forwarded).
+    LastAck = 4,
+}
+
+impl FlowState {
+    /// Decodes the wire value.
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Handshake),
+            1 => Some(Self::Established),
+            2 => Some(Self::FinWait),
+            3 => Some(Self::CloseWait),
+            4 => Some(Self::LastAck),
+            _ => None,
+        }
+    }
+
+    /// Whether the kernel forwards packets in this state.
+    pub const fn forwards(self) -> bool {
+        !matches!(self, Self::Handshake)
+    }
+}
+
+/// Entry flag: emit an [`PuntReason::EventAck`] record for every forwarded
+/// packet (set by user space in LastAck, to see the final ACK).
+pub const FLOW_F_EVENTS: u8 = 1;
+
+/// The complete rewrite for one direction of a flow, its state, its slot,
+/// and what the kernel last saw in that direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct FlowEntry {
+    /// New source address.
+    pub new_src: [u8; 16],
+    /// New destination address.
+    pub new_dst: [u8; 16],
+    /// New source port.
+    pub new_sport: u16,
+    /// New destination port.
+    pub new_dport: u16,
+    /// Egress interface index.
+    pub out_ifindex: u32,
+    /// Ethernet source for frames to the guest (unused towards the world:
+    /// `bpf_redirect_neigh` fills the header there).
+    pub eth_src: [u8; 6],
+    /// Ethernet destination for frames to the guest.
+    pub eth_dst: [u8; 6],
+    /// Index into the activity array.
+    pub slot: u32,
+    /// A [`FlowState`] value.
+    pub state: u8,
+    /// `FLOW_F_*` bits.
+    pub flags: u8,
+    /// Reserved, zero.
+    pub _pad: [u8; 2],
+    /// Last ACK number seen in this direction (TCP, host order).
+    pub last_ack: u32,
+    /// Last window seen in this direction (TCP, unscaled, host order).
+    pub last_win: u32,
+    /// Reserved, zero.
+    pub _pad2: u32,
+    /// Packets forwarded in this direction by the kernel.
+    pub packets: u64,
+    /// Bytes forwarded in this direction by the kernel.
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 88);
+
+/// Stores an IPv4 address in a 16-byte key/entry field.
+pub const fn ipv4_to_16(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// The IPv4 address in a 16-byte key/entry field.
+pub const fn ipv4_from_16(a: &[u8; 16]) -> [u8; 4] {
+    [a[0], a[1], a[2], a[3]]
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: PuntHeader is repr(C), Pod, has no padding (asserted above).
     unsafe impl aya::Pod for super::PuntHeader {}
+    // SAFETY: repr(C), Pod, no padding (asserted above).
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: repr(C), Pod, no padding (asserted above).
+    unsafe impl aya::Pod for super::FlowEntry {}
 }

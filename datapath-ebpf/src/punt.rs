@@ -1,4 +1,5 @@
-//! The single punt exit: copy a frame to user space and drop it here.
+//! The single punt exit — copy a frame to user space and drop it here — and
+//! flow events, which copy the first bytes of a packet that is forwarded.
 //!
 //! The frame (linear part and fragments alike, via `bpf_skb_load_bytes`) is
 //! copied into this CPU's scratch record behind a [`PuntHeader`], and the
@@ -7,6 +8,10 @@
 //! size, which would waste 64 KiB per small frame). The frame is then
 //! dropped in the kernel: user space owns it from here on. Every failure is
 //! counted, never silent.
+//!
+//! An event ([`event`]) is not an exit: it reserves a constant-size record
+//! (header + [`EVENT_SNAP_LEN`] bytes) in the same ring, so events and
+//! punted packets stay in one order, and the caller goes on forwarding.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
@@ -14,15 +19,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    Counter, Origin, PUNT_MAX_FRAME, PuntHeader, PuntReason, SCRATCH_DATA_BYTES,
+    Counter, EVENT_RECORD_LEN, EVENT_SNAP_LEN, Origin, PUNT_MAX_FRAME, PUNT_REASON_COUNTER_BASE,
+    PuntHeader, PuntReason, SCRATCH_DATA_BYTES,
 };
 
-use crate::maps::{TG_PUNT, TG_SCRATCH, count};
+use crate::maps::{TG_PUNT, TG_SCRATCH, count, count_idx};
 
 /// Hands the whole frame in `ctx` to user space and returns the TC verdict
 /// that drops it here.
 #[inline(always)]
 pub fn punt(ctx: &TcContext, origin: Origin, reason: PuntReason) -> i32 {
+    count_idx(PUNT_REASON_COUNTER_BASE + reason as u32, 1);
     let skb_len = ctx.len();
     if skb_len > PUNT_MAX_FRAME || skb_len == 0 {
         count(Counter::PuntOversize, 1);
@@ -79,4 +86,50 @@ pub fn punt(ctx: &TcContext, origin: Origin, reason: PuntReason) -> i32 {
         count(Counter::PuntBytes, len as u64);
     }
     TC_ACT_SHOT
+}
+
+/// Writes an event record: the first bytes of the packet in `ctx` as it
+/// arrived. Never fails the caller; a full ring is counted.
+#[inline(always)]
+pub fn event(ctx: &TcContext, origin: Origin, reason: PuntReason) {
+    count_idx(PUNT_REASON_COUNTER_BASE + reason as u32, 1);
+    let skb_len = ctx.len();
+    let snap = if skb_len < EVENT_SNAP_LEN {
+        skb_len
+    } else {
+        EVENT_SNAP_LEN
+    };
+    let Some(mut rec) = TG_PUNT.reserve::<[u8; EVENT_RECORD_LEN]>(0) else {
+        count(Counter::EventRingFull, 1);
+        return;
+    };
+    let buf = rec.as_mut_ptr().cast::<u8>();
+    let hdr = PuntHeader {
+        len: 0,
+        orig_len: skb_len,
+        // SAFETY: reading a field of the context the program was given.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        reason: reason as u16,
+        origin: origin as u8,
+        _pad: 0,
+    };
+    let hdr_len = core::mem::size_of::<PuntHeader>();
+    // SAFETY: the record is EVENT_RECORD_LEN bytes; the header fits at the
+    // start and at most EVENT_SNAP_LEN bytes follow it.
+    let rc = unsafe {
+        core::ptr::write_unaligned(buf.cast::<PuntHeader>(), hdr);
+        if snap > 0 && snap <= EVENT_SNAP_LEN {
+            let rc = bpf_skb_load_bytes(ctx.skb.skb as *const _, 0, buf.add(hdr_len).cast(), snap);
+            if rc == 0 {
+                (*buf.cast::<PuntHeader>()).len = snap;
+            }
+            rc
+        } else {
+            0
+        }
+    };
+    if rc != 0 {
+        count(Counter::PuntLoadError, 1);
+    }
+    rec.submit(0);
 }

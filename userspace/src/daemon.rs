@@ -65,6 +65,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         object,
         &LoadOptions {
             bpf_log_level: args.log_level.bpf_level(),
+            max_flows: datapath_common::DEFAULT_MAX_FLOWS,
         },
     )?;
     let bpf_logger = match EbpfLogger::init(datapath.ebpf_mut()) {

@@ -15,5 +15,6 @@ pub mod iface;
 pub mod inject;
 pub mod instance;
 pub mod loader;
+pub mod maps;
 pub mod privileges;
 pub mod punt;

@@ -30,7 +30,8 @@ use aya::{
     util::KernelVersion,
 };
 use datapath_common::{
-    COUNTERS_MAP, Counter, PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PUNT_RING_MAP, SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, PROG_TAP_INGRESS, PROG_UPLINK_INGRESS,
+    PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
 };
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -89,6 +90,9 @@ pub enum LoaderError {
         /// aya's reason.
         source: ProgramError,
     },
+    /// Mapping the activity array into memory failed.
+    #[error("mapping the activity array: {0}")]
+    Mmap(#[source] std::io::Error),
     /// Adding the clsact qdisc (legacy tc only) failed.
     #[error("adding the clsact qdisc to {iface}: {source}")]
     Qdisc {
@@ -115,6 +119,8 @@ pub struct LoadOptions {
     /// Log level for `aya-log` statements in the programs (0 = off,
     /// 1 = error ... 5 = trace).
     pub bpf_log_level: u8,
+    /// Number of flow slots (the flow map holds two entries per flow).
+    pub max_flows: u32,
 }
 
 /// One attachment made by tapgate.
@@ -143,8 +149,11 @@ impl Datapath {
         let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
         let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
         let level = opts.bpf_log_level;
+        let max_flows = opts.max_flows.max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(SCRATCH_MAP, cpus)
+            .map_max_entries(FLOWS_MAP, max_flows.saturating_mul(2))
+            .map_max_entries(ACTIVITY_MAP, max_flows)
             .override_global(aya_log::LEVEL, &level, false)
             .load(object)
             .map_err(LoaderError::Object)?;
@@ -282,6 +291,19 @@ impl Datapath {
         Ok(KernelCounters { map })
     }
 
+    /// Takes the flow map and the activity array out of the object.
+    pub fn take_flow_maps(&mut self) -> Result<crate::maps::KernelFlowMaps, LoaderError> {
+        let flows = self
+            .ebpf
+            .take_map(FLOWS_MAP)
+            .ok_or(LoaderError::MissingMap(FLOWS_MAP))?;
+        let activity = self
+            .ebpf
+            .take_map(ACTIVITY_MAP)
+            .ok_or(LoaderError::MissingMap(ACTIVITY_MAP))?;
+        crate::maps::KernelFlowMaps::new(flows, activity)
+    }
+
     /// The underlying aya object (for the log forwarder).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
@@ -312,11 +334,20 @@ pub struct KernelCounters {
 }
 
 impl KernelCounters {
-    /// The sum over all CPUs of counter `c` (0 if it cannot be read).
-    pub fn get(&self, c: Counter) -> u64 {
+    fn sum(&self, idx: u32) -> u64 {
         self.map
-            .get(&(c as u32), 0)
+            .get(&idx, 0)
             .map(|values| values.iter().sum())
             .unwrap_or(0)
+    }
+
+    /// The sum over all CPUs of counter `c` (0 if it cannot be read).
+    pub fn get(&self, c: Counter) -> u64 {
+        self.sum(c as u32)
+    }
+
+    /// Records punted (or events emitted) for `reason`, summed over CPUs.
+    pub fn punts(&self, reason: PuntReason) -> u64 {
+        self.sum(PUNT_REASON_COUNTER_BASE + reason as u32)
     }
 }

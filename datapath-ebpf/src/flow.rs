@@ -1,0 +1,174 @@
+//! Flow lookup and forwarding: the fast path proper.
+//!
+//! Parse → look up the directional key → check that the kernel may forward
+//! this packet as it is → account and emit events → rewrite → redirect.
+//! Anything the fast path does not handle leaves through the single punt
+//! exit with a reason; a packet on the uplink that matches no flow is
+//! returned untouched (`TCX_NEXT`).
+//!
+//! The checks that send a packet of a known flow to user space instead:
+//! the flow is still in its handshake; a SYN on an established flow; IP
+//! options or a fragment; a TTL that would expire here; a packet the egress
+//! MTU cannot carry (`bpf_check_mtu`, segments of GSO packets included).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use datapath_common::{
+    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FlowEntry, FlowKey,
+    FlowState, Origin, PuntReason, TAP_ACTIVE, ipv4_to_16,
+};
+
+use crate::{
+    maps::{TG_FLOWS, count, mark_active},
+    nat,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    punt::{event, punt},
+};
+
+/// `BPF_MTU_CHK_SEGS`: check each GSO segment against the MTU.
+const BPF_MTU_CHK_SEGS: u64 = 1;
+
+/// The directional key of a packet as it arrived.
+#[inline(always)]
+fn key_of(p: &Packet, dir: u8) -> FlowKey {
+    FlowKey {
+        src: ipv4_to_16(p.ip.src),
+        dst: ipv4_to_16(p.ip.dst),
+        sport: u16::from_be_bytes(p.sport),
+        dport: u16::from_be_bytes(p.dport),
+        proto: p.ip.proto,
+        family: FAMILY_IPV4,
+        dir,
+        _pad: 0,
+    }
+}
+
+/// Whether the egress device can carry the packet (GSO segments checked
+/// individually).
+#[inline(always)]
+fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: helper call on the program's own context; mtu_len is a live
+    // local the helper may write.
+    let rc = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb.cast(),
+            ifindex,
+            &mut mtu_len,
+            0,
+            BPF_MTU_CHK_SEGS,
+        )
+    };
+    rc == 0
+}
+
+/// Forwards a packet of a known flow, or punts it.
+#[inline(always)]
+fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i32 {
+    let Some(state) = FlowState::from_u8(e.state) else {
+        return punt(ctx, origin, PuntReason::Exception);
+    };
+    if !state.forwards() {
+        return punt(ctx, origin, PuntReason::Handshake);
+    }
+    let flags = p.tcp.flags;
+    if (p.is_tcp() && flags & TCP_SYN != 0)
+        || p.ihl_bytes() != 20
+        || p.is_fragment()
+        || p.ip.ttl <= 1
+        || !fits_mtu(ctx, e.out_ifindex)
+    {
+        return punt(ctx, origin, PuntReason::Exception);
+    }
+
+    // Events carry the packet as it arrived, so they go before the rewrite.
+    if p.is_tcp() {
+        if flags & TCP_RST != 0 {
+            event(ctx, origin, PuntReason::EventRst);
+        } else if flags & TCP_FIN != 0 {
+            event(ctx, origin, PuntReason::EventFin);
+        } else if e.flags & FLOW_F_EVENTS != 0 {
+            event(ctx, origin, PuntReason::EventAck);
+        }
+        if flags & TCP_ACK != 0 && e.last_ack != p.tcp.ack {
+            e.last_ack = p.tcp.ack;
+        }
+        if e.last_win != u32::from(p.tcp.win) {
+            e.last_win = u32::from(p.tcp.win);
+        }
+    }
+    let len = u64::from(ctx.len());
+    // SAFETY: the entry lives in the map for the duration of the program;
+    // other CPUs update these counters atomically too.
+    unsafe {
+        crate::atomic::add(&raw mut e.packets, 1);
+        crate::atomic::add(&raw mut e.bytes, len);
+    }
+    count(Counter::FastPackets, 1);
+    count(Counter::FastBytes, len);
+    mark_active(
+        e.slot,
+        if origin == Origin::Tap {
+            ACTIVE | TAP_ACTIVE
+        } else {
+            ACTIVE
+        },
+    );
+
+    let towards_guest = origin == Origin::Uplink;
+    if nat::rewrite(ctx, p, e).is_err() || (towards_guest && nat::set_macs(ctx, e).is_err()) {
+        count(Counter::RedirectError, 1);
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper calls; a null params pointer with length 0 asks
+    // the kernel to resolve the next hop from the routing table.
+    let rc = unsafe {
+        if towards_guest {
+            bpf_redirect(e.out_ifindex, 0)
+        } else {
+            bpf_redirect_neigh(e.out_ifindex, core::ptr::null_mut(), 0, 0)
+        }
+    };
+    if rc == i64::from(TC_ACT_SHOT) {
+        count(Counter::RedirectError, 1);
+    }
+    rc as i32
+}
+
+/// A frame from the guest: forward it if it belongs to an established
+/// flow, punt it otherwise (the guest's frames never reach the host stack).
+#[inline(always)]
+pub fn from_tap(ctx: &TcContext) -> i32 {
+    let Some(p) = crate::parse::ipv4_l4(ctx) else {
+        return punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow);
+    };
+    let key = key_of(&p, DIR_FROM_TAP);
+    match TG_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: the pointer comes from the map lookup and stays valid
+        // for the duration of the program (RCU).
+        Some(e) => forward(ctx, &p, unsafe { &mut *e }, Origin::Tap),
+        None => punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow),
+    }
+}
+
+/// A packet from the world: forward or punt it if it belongs to one of our
+/// flows; anything else continues untouched, as if nothing were attached.
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext) -> i32 {
+    let Some(p) = crate::parse::ipv4_l4(ctx) else {
+        count(Counter::UplinkNotOurs, 1);
+        return TC_ACT_UNSPEC;
+    };
+    let key = key_of(&p, DIR_FROM_UPLINK);
+    match TG_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: as in from_tap.
+        Some(e) => forward(ctx, &p, unsafe { &mut *e }, Origin::Uplink),
+        None => {
+            count(Counter::UplinkNotOurs, 1);
+            TC_ACT_UNSPEC
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! User-space access to the flow map and the activity array.
+//!
+//! # Theory of operation
+//!
+//! The flow map is an ordinary BPF hash map, read and written with
+//! syscalls (one per insert, lookup or delete — only the slow path does
+//! these). The activity array is created `BPF_F_MMAPABLE` and mapped into
+//! the daemon once, so scanning a million flows' activity bits costs no
+//! syscall at all: each slot is an 8-byte word the kernel sets bits in
+//! atomically, and user space reads and clears them with atomic
+//! operations on the same memory.
+//!
+//! A state change rewrites the whole entry (hash maps have no partial
+//! update): counters or the last ACK the kernel wrote between the read and
+//! the write are overwritten with the values just read. The flow manager
+//! reads `last_ack` again after every state change, so nothing it relies
+//! on is lost.
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use datapath_common::{ActivityWord, FlowEntry, FlowKey, FlowState};
+use thiserror::Error;
+
+use crate::loader::LoaderError;
+
+/// Errors from flow-map operations.
+#[derive(Debug, Error)]
+pub enum MapsError {
+    /// A map syscall failed.
+    #[error("flow map: {0}")]
+    Map(#[from] MapError),
+    /// A slot beyond the activity array.
+    #[error("activity slot {0} out of range")]
+    Slot(u32),
+}
+
+/// The activity array, mapped into this process.
+pub struct ActivityMap {
+    base: NonNull<AtomicU64>,
+    len: usize,
+    map_len: usize,
+    _map: MapData,
+}
+
+impl ActivityMap {
+    fn new(map: MapData) -> Result<Self, LoaderError> {
+        let info = map.info().map_err(|source| LoaderError::Map {
+            name: datapath_common::ACTIVITY_MAP,
+            source,
+        })?;
+        let len = info.max_entries() as usize;
+        let page = 4096usize;
+        let map_len = (len * std::mem::size_of::<ActivityWord>()).div_ceil(page) * page;
+        // SAFETY: mapping the map's own fd, shared, for its whole size; the
+        // kernel checks the map is mmapable and the length fits.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LoaderError::Mmap(io::Error::last_os_error()));
+        }
+        let base = NonNull::new(ptr.cast::<AtomicU64>())
+            .ok_or_else(|| LoaderError::Mmap(io::Error::other("mmap returned null")))?;
+        Ok(Self {
+            base,
+            len,
+            map_len,
+            _map: map,
+        })
+    }
+
+    /// Number of slots.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the array has no slots.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn word(&self, slot: u32) -> Option<&AtomicU64> {
+        let i = slot as usize;
+        // SAFETY: i < len, within the mapping, which lives as long as self;
+        // the memory is only ever accessed atomically.
+        (i < self.len).then(|| unsafe { &*self.base.as_ptr().add(i) })
+    }
+
+    /// The activity bits of `slot` (0 for a slot out of range).
+    pub fn get(&self, slot: u32) -> ActivityWord {
+        self.word(slot).map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+
+    /// Clears `bits` of `slot`, returning the bits that were set before.
+    pub fn take(&self, slot: u32, bits: ActivityWord) -> ActivityWord {
+        self.word(slot)
+            .map_or(0, |w| w.fetch_and(!bits, Ordering::AcqRel) & bits)
+    }
+}
+
+impl Drop for ActivityMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// The flow map and the activity array.
+pub struct KernelFlowMaps {
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
+    activity: ActivityMap,
+}
+
+impl KernelFlowMaps {
+    /// Wraps the maps taken from the loaded object.
+    pub fn new(flows: Map, activity: Map) -> Result<Self, LoaderError> {
+        let flows = HashMap::try_from(flows).map_err(|source| LoaderError::Map {
+            name: datapath_common::FLOWS_MAP,
+            source,
+        })?;
+        let activity = match activity {
+            Map::Array(data) => ActivityMap::new(data)?,
+            _ => {
+                return Err(LoaderError::Map {
+                    name: datapath_common::ACTIVITY_MAP,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            }
+        };
+        Ok(Self { flows, activity })
+    }
+
+    /// Inserts or replaces an entry.
+    pub fn insert(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<(), MapsError> {
+        Ok(self.flows.insert(key, entry, 0)?)
+    }
+
+    /// The entry for `key`, if any.
+    pub fn get(&self, key: &FlowKey) -> Result<Option<FlowEntry>, MapsError> {
+        match self.flows.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets the state and flags of an existing entry.
+    pub fn update_state(
+        &mut self,
+        key: &FlowKey,
+        state: FlowState,
+        flags: u8,
+    ) -> Result<(), MapsError> {
+        let mut e = self.flows.get(key, 0)?;
+        e.state = state as u8;
+        e.flags = flags;
+        Ok(self.flows.insert(key, e, 0)?)
+    }
+
+    /// Removes an entry (absent is fine).
+    pub fn remove(&mut self, key: &FlowKey) -> Result<(), MapsError> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The activity array.
+    pub fn activity(&self) -> &ActivityMap {
+        &self.activity
+    }
+}
