@@ -34,7 +34,6 @@ mod parse;
 mod punt;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
-use aya_log_ebpf::trace;
 use datapath_common::{Counter, Origin, PuntReason};
 use parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
 
@@ -47,7 +46,6 @@ pub fn tg_tap_ingress(ctx: TcContext) -> i32 {
         Some(ETH_P_IPV6) => PuntReason::Ipv6NoFlow,
         _ => PuntReason::Other,
     };
-    trace!(&ctx, "tap: punt reason {} len {}", reason as u16, ctx.len());
     punt::punt(&ctx, Origin::Tap, reason)
 }
 

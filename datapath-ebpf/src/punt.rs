@@ -23,6 +23,8 @@ use datapath_common::{
     PuntHeader, PuntReason, SCRATCH_DATA_BYTES,
 };
 
+use aya_log_ebpf::trace;
+
 use crate::maps::{TG_PUNT, TG_SCRATCH, count, count_idx};
 
 /// Hands the whole frame in `ctx` to user space and returns the TC verdict
@@ -31,6 +33,10 @@ use crate::maps::{TG_PUNT, TG_SCRATCH, count, count_idx};
 pub fn punt(ctx: &TcContext, origin: Origin, reason: PuntReason) -> i32 {
     count_idx(PUNT_REASON_COUNTER_BASE + reason as u32, 1);
     let skb_len = ctx.len();
+    trace!(
+        ctx,
+        "punt: origin {} reason {} len {}", origin as u8, reason as u16, skb_len
+    );
     if skb_len > PUNT_MAX_FRAME || skb_len == 0 {
         count(Counter::PuntOversize, 1);
         return TC_ACT_SHOT;

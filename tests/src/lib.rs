@@ -30,16 +30,34 @@
 //!   (which Debian's bpftool 7.1 cannot show).
 //! * [`fixtures`] builds small artefacts the tests need (an eBPF object the
 //!   verifier rejects).
+//! * [`nsthread`] runs Rust code (plain or on a tokio runtime) on a thread
+//!   inside a namespace, for socket work the command-line tools cannot do.
+//! * [`servers`] starts world-side servers (busybox httpd, TCP and UDP
+//!   echo, a fixed-answer DNS server); [`clients`] opens thousands of TCP
+//!   connections at once; [`bulk`] streams gigabytes checked by sha256;
+//!   [`rawtcp`] sends hand-made TCP segments and captures the answers.
+//! * [`scenarios`] are the traffic patterns of the flow tests, written
+//!   once and run both through tapgate and through the kernel's own NAT
+//!   (which proves the scenario itself right).
+//! * [`control`] reads `tapgate stats` / `tapgate flows` from the
+//!   topology's control socket.
 //!
 //! All guards tear down in `Drop`, so a failing or panicking test leaves no
 //! namespace, process or temporary directory behind; every wait is bounded.
 
+pub mod bulk;
 pub mod child;
+pub mod clients;
+pub mod control;
 pub mod dhcp;
 pub mod fixtures;
 pub mod netns;
+pub mod nsthread;
+pub mod rawtcp;
 pub mod relay;
+pub mod scenarios;
 pub mod scratch;
+pub mod servers;
 pub mod tcx;
 pub mod topology;
 

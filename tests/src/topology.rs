@@ -18,13 +18,24 @@
 //! directly inside their namespaces (`ip -n NS link add ... netns PEER`), so
 //! nothing ever appears in the machine's own namespace.
 //!
+//! [`GuestKind::KernelRouted`] is the peer tapgate is measured and its test
+//! scenarios are checked against: a veth guest with the static address
+//! `10.0.2.15/24`, routed by the host kernel (`ip_forward=1` in the host
+//! namespace only) with an nft table [`KERNEL_ROUTER_TABLE`] masquerading
+//! on `uplink0`. No tapgate runs in it.
+//!
 //! tapgate runs in the host namespace (`ip netns exec HOST tapgate run ...`)
 //! as a [`Child`] whose stderr is captured; [`Topology::start_tapgate`]
-//! waits for its readiness line.
+//! waits for its readiness line. Each topology owns a private directory for
+//! tapgate's control socket ([`Topology::control_socket`]), passed as
+//! `--control-socket` unless the caller gives one: the default path under
+//! `/run/tapgate` is shared by every network namespace, so two topologies
+//! with a `tap0` each would otherwise collide.
 //!
 //! `Drop` stops the relay first (closing the tap descriptors destroys both
 //! taps), then deletes the guest, host and world namespaces, killing
-//! anything still running in them.
+//! anything still running in them (the namespaces take their sysctls and
+//! nft tables with them), then removes the control socket's directory.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,6 +46,7 @@ use anyhow::{Context, Result};
 use crate::child::Child;
 use crate::netns::Netns;
 use crate::relay::{RelayStats, TapRelay};
+use crate::scratch::ScratchDir;
 
 /// Name of the tap (or veth end) in the host namespace.
 pub const TAP_NAME: &str = "tap0";
@@ -69,6 +81,12 @@ pub const DEFAULT_DNS: &str = "10.0.2.3";
 /// tapgate's default gateway MAC address.
 pub const DEFAULT_GATEWAY_MAC: &str = "52:55:0a:00:02:02";
 
+/// Name of the nft table of a [`GuestKind::KernelRouted`] host.
+pub const KERNEL_ROUTER_TABLE: &str = "tg_bench";
+
+/// File name of tapgate's control socket in the topology's directory.
+pub const CONTROL_SOCKET_NAME: &str = "control.sock";
+
 /// Substring of the line tapgate logs once it is attached.
 pub const READY_MARKER: &str = "ready: tap=";
 /// How long [`Topology::start_tapgate`] waits for [`READY_MARKER`].
@@ -82,6 +100,10 @@ pub enum GuestKind {
     RealTap,
     /// A veth pair (faster; tapgate sees a veth instead of a tap).
     Veth,
+    /// A veth pair routed by the host kernel with nft masquerade instead of
+    /// tapgate (the benchmark peer): guest `10.0.2.15/24` via `10.0.2.2` on
+    /// the host's `tap0`. Do not start tapgate in it.
+    KernelRouted,
 }
 
 /// Guest, host and world namespaces wired together; torn down on drop.
@@ -90,16 +112,21 @@ pub struct Topology {
     kind: GuestKind,
     // Dropped explicitly first in `Drop`.
     relay: Option<TapRelay>,
+    /// The tapgate binary, if not [`crate::tapgate_bin`]'s.
+    tapgate_bin: Option<PathBuf>,
     // Fields drop in declaration order after `Drop::drop`.
     guest: Netns,
     host: Netns,
     world: Netns,
+    /// Holds tapgate's control socket; removed after the namespaces.
+    control_dir: ScratchDir,
 }
 
 impl Topology {
     /// Builds the topology (see the module documentation).
     pub fn new(kind: GuestKind) -> Result<Topology> {
         crate::require_root()?;
+        let control_dir = ScratchDir::new("topo")?;
         let guest = Netns::new("guest")?;
         let host = Netns::new("host")?;
         let world = Netns::new("world")?;
@@ -156,7 +183,7 @@ impl Topology {
         // guest <-> host
         let relay = match kind {
             GuestKind::RealTap => Some(TapRelay::start(&host, TAP_NAME, &guest, GUEST_IFACE)?),
-            GuestKind::Veth => {
+            GuestKind::Veth | GuestKind::KernelRouted => {
                 host.ip(&[
                     "link",
                     "add",
@@ -175,9 +202,11 @@ impl Topology {
         let topo = Topology {
             kind,
             relay,
+            tapgate_bin: None,
             guest,
             host,
             world,
+            control_dir,
         };
         topo.guest.ip(&[
             "link",
@@ -188,7 +217,60 @@ impl Topology {
             "up",
         ])?;
         topo.host.ip(&["link", "set", TAP_NAME, "up"])?;
+        if kind == GuestKind::KernelRouted {
+            topo.route_in_kernel()?;
+        }
         Ok(topo)
+    }
+
+    /// Builds a [`GuestKind::KernelRouted`] topology: the guest is routed
+    /// by the host kernel with nft masquerade, no tapgate involved.
+    pub fn new_kernel_router() -> Result<Topology> {
+        Topology::new(GuestKind::KernelRouted)
+    }
+
+    /// Configures the host namespace as a plain NAT router for the guest.
+    fn route_in_kernel(&self) -> Result<()> {
+        let guest_cidr = format!("{DEFAULT_GUEST_ADDR}/{DEFAULT_GUEST_PREFIX}");
+        let gateway_cidr = format!("{DEFAULT_GATEWAY}/{DEFAULT_GUEST_PREFIX}");
+        self.host
+            .ip(&["addr", "add", &gateway_cidr, "dev", TAP_NAME])?;
+        self.guest
+            .ip(&["addr", "add", &guest_cidr, "dev", GUEST_IFACE])?;
+        self.guest
+            .ip(&["route", "add", "default", "via", DEFAULT_GATEWAY])?;
+        // net.ipv4.* sysctls are per network namespace: this one only
+        // concerns the host namespace.
+        self.host
+            .run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        self.host
+            .run(&["nft", "add", "table", "ip", KERNEL_ROUTER_TABLE])?;
+        self.host.run(&[
+            "nft",
+            "add chain ip",
+            KERNEL_ROUTER_TABLE,
+            "postrouting { type nat hook postrouting priority srcnat; policy accept; }",
+        ])?;
+        self.host.run(&[
+            "nft",
+            "add rule ip",
+            KERNEL_ROUTER_TABLE,
+            "postrouting",
+            &format!("oifname \"{UPLINK_NAME}\" masquerade"),
+        ])?;
+        Ok(())
+    }
+
+    /// Uses `bin` as the tapgate binary for this topology (instead of
+    /// `$TAPGATE_BIN` or the binary next to the test executable).
+    pub fn set_tapgate_bin(&mut self, bin: PathBuf) {
+        self.tapgate_bin = Some(bin);
+    }
+
+    /// The control socket [`Topology::start_tapgate`] gives tapgate (in a
+    /// directory private to this topology).
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_dir.join(CONTROL_SOCKET_NAME)
     }
 
     /// How the guest is connected.
@@ -244,7 +326,10 @@ impl Topology {
     /// A command running the tapgate binary with `args` in the host
     /// namespace.
     pub fn tapgate_command(&self, args: &[&str]) -> Result<Command> {
-        let bin = crate::tapgate_bin()?;
+        let bin = match &self.tapgate_bin {
+            Some(bin) => bin.clone(),
+            None => crate::tapgate_bin()?,
+        };
         let mut cmd = self.host.cmd(&path_str(&bin)?);
         cmd.args(args).env("RUST_BACKTRACE", "1");
         Ok(cmd)
@@ -257,19 +342,20 @@ impl Topology {
     }
 
     /// Runs `tapgate run --tap tap0 --uplink uplink0 --log-level debug
-    /// <extra_args>` in the host namespace and waits (at most
-    /// [`READY_TIMEOUT`]) for its readiness line. Fails with the captured
-    /// stderr if tapgate exits or stays silent.
+    /// --control-socket <control_socket()> <extra_args>` in the host
+    /// namespace and waits (at most [`READY_TIMEOUT`]) for its readiness
+    /// line. `--log-level` and `--control-socket` are left out when
+    /// `extra_args` has them. Fails with the captured stderr if tapgate
+    /// exits or stays silent.
     pub fn start_tapgate(&self, extra_args: &[&str]) -> Result<Child> {
-        let mut args = vec![
-            "run",
-            "--tap",
-            TAP_NAME,
-            "--uplink",
-            UPLINK_NAME,
-            "--log-level",
-            "debug",
-        ];
+        let control = path_str(&self.control_socket())?;
+        let mut args = vec!["run", "--tap", TAP_NAME, "--uplink", UPLINK_NAME];
+        if !extra_args.contains(&"--log-level") {
+            args.extend_from_slice(&["--log-level", "debug"]);
+        }
+        if !extra_args.contains(&"--control-socket") {
+            args.extend_from_slice(&["--control-socket", &control]);
+        }
         args.extend_from_slice(extra_args);
         let mut child = self.spawn_tapgate(&args)?;
         child
@@ -303,7 +389,8 @@ impl Drop for Topology {
         if let Some(mut relay) = self.relay.take() {
             relay.stop();
         }
-        // guest, host and world are dropped next, in that order.
+        // guest, host and world are dropped next, in that order, then the
+        // control socket's directory.
     }
 }
 

@@ -283,13 +283,14 @@ fn log_after_ping(level: &str) -> String {
 
 #[test]
 fn ebpf_log_lines_follow_the_log_level() {
-    // At trace level the tap program logs every punted frame; the daemon
+    // At trace level the punt exit logs every punted frame (origin 1 = tap,
+    // reason 2 = IPv4 without a flow: the pings); the daemon
     // forwards those records under the eBPF crate's target.
     let trace = log_after_ping("trace");
     assert!(
         trace
             .lines()
-            .any(|l| l.contains("TRACE datapath_ebpf") && l.contains("tap: punt reason 2")),
+            .any(|l| l.contains("TRACE datapath_ebpf") && l.contains("punt: origin 1 reason 2")),
         "no eBPF trace line for the punted pings:\n{trace}"
     );
     // At debug level the kernel filters them out before they are written.

@@ -14,7 +14,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use smoltcp::wire::EthernetAddress;
 use thiserror::Error;
 
-use crate::config::{self, GuestNetConfig};
+use crate::{
+    config::{self, GuestNetConfig},
+    control,
+};
 
 /// tapgate: user-mode-style networking for a guest behind a tap device,
 /// with an eBPF fast path.
@@ -32,6 +35,11 @@ pub enum Command {
     /// Attach to a tap device and serve the guest behind it (runs in the
     /// foreground until SIGINT/SIGTERM).
     Run(RunArgs),
+    /// Print a running daemon's counters (fast path, slow path, punts,
+    /// flows), read from its control socket.
+    Stats(QueryArgs),
+    /// List a running daemon's flows, read from its control socket.
+    Flows(QueryArgs),
 }
 
 /// Log verbosity, for the daemon and for the eBPF programs alike.
@@ -119,6 +127,98 @@ pub struct RunArgs {
     /// object (for developing the programs).
     #[arg(long, value_name = "PATH")]
     pub ebpf_object: Option<PathBuf>,
+
+    /// The control socket answering `tapgate stats` and `tapgate flows`
+    /// (default: /run/tapgate/TAP.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Upstream DNS resolver for the forwarder on the --dns address
+    /// (default: the first nameserver of /etc/resolv.conf).
+    #[arg(long, value_name = "IP")]
+    pub dns_upstream: Option<Ipv4Addr>,
+
+    /// Let the guest reach the host's own addresses (loopback stays closed).
+    #[arg(long)]
+    pub allow_host: bool,
+
+    /// Seconds a closed TCP flow waits for its final ACK before it is
+    /// reaped.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub last_ack_timeout: u64,
+
+    /// Seconds of inactivity after which a UDP flow expires.
+    #[arg(long, value_name = "SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
+    pub udp_timeout: u64,
+
+    /// Maximum number of concurrent flows (kernel map and port budget).
+    #[arg(long, value_name = "N", default_value_t = datapath_common::DEFAULT_MAX_FLOWS,
+          value_parser = clap::value_parser!(u32).range(16..=(1 << 22)))]
+    pub max_flows: u32,
+}
+
+impl RunArgs {
+    /// The control socket's path: `--control-socket`, or the default for
+    /// the tap.
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| control::default_socket_path(&self.tap))
+    }
+}
+
+/// Arguments of `tapgate stats` and `tapgate flows`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    /// Print the daemon's JSON document (pretty-printed) instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Which daemon to ask.
+    #[command(flatten)]
+    pub target: ControlTarget,
+}
+
+/// Which daemon a query goes to: by tap (its default control socket) or by
+/// socket path. Exactly one is required.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ControlTarget {
+    /// The tap the daemon serves (its control socket is
+    /// /run/tapgate/TAP.sock).
+    #[arg(long, value_name = "TAP", value_parser = parse_ifname)]
+    pub tap: Option<String>,
+
+    /// The daemon's control socket (as given to `tapgate run
+    /// --control-socket`).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl ControlTarget {
+    /// The control socket to connect to.
+    pub fn socket_path(&self) -> PathBuf {
+        match (&self.control_socket, &self.tap) {
+            (Some(path), _) => path.clone(),
+            (None, Some(tap)) => control::default_socket_path(tap),
+            // clap requires one of the two; fall back to the usual tap.
+            (None, None) => control::default_socket_path("tap0"),
+        }
+    }
+}
+
+/// Parses an interface name (1-15 bytes, no `/`, whitespace or `:`, not
+/// `.` or `..`), as the kernel accepts them.
+pub fn parse_ifname(s: &str) -> Result<String, String> {
+    let ok = (1..=15).contains(&s.len())
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("\"{s}\" is not an interface name"))
+    }
 }
 
 /// A combination of arguments that makes no sense.
@@ -230,6 +330,7 @@ mod tests {
         argv.extend_from_slice(extra);
         Cli::try_parse_from(argv).map(|c| match c.command {
             Command::Run(r) => r,
+            other => panic!("not a run command: {other:?}"),
         })
     }
 
@@ -287,6 +388,54 @@ mod tests {
         for (args, needle) in cases {
             let e = run_args(args).unwrap().guest_config().unwrap_err();
             assert!(e.to_string().contains(needle), "{e} lacks {needle}");
+        }
+    }
+
+    #[test]
+    fn control_socket_paths() {
+        let r = run_args(&[]).unwrap();
+        assert_eq!(
+            r.control_socket_path(),
+            PathBuf::from("/run/tapgate/tap0.sock")
+        );
+        let r = run_args(&["--control-socket", "/tmp/x.sock"]).unwrap();
+        assert_eq!(r.control_socket_path(), PathBuf::from("/tmp/x.sock"));
+    }
+
+    fn query_args(argv: &[&str]) -> Result<(bool, QueryArgs), clap::Error> {
+        Cli::try_parse_from(argv).map(|c| match c.command {
+            Command::Stats(q) => (true, q),
+            Command::Flows(q) => (false, q),
+            other => panic!("not a query: {other:?}"),
+        })
+    }
+
+    #[test]
+    fn query_commands() {
+        let (stats, q) = query_args(&["tapgate", "stats", "--tap", "tap7"]).unwrap();
+        assert!(stats && !q.json);
+        assert_eq!(
+            q.target.socket_path(),
+            PathBuf::from("/run/tapgate/tap7.sock")
+        );
+        let (stats, q) = query_args(&[
+            "tapgate",
+            "flows",
+            "--json",
+            "--control-socket",
+            "/tmp/c.sock",
+        ])
+        .unwrap();
+        assert!(!stats && q.json);
+        assert_eq!(q.target.socket_path(), PathBuf::from("/tmp/c.sock"));
+        // Exactly one of --tap and --control-socket.
+        for argv in [
+            &["tapgate", "stats"][..],
+            &["tapgate", "flows", "--tap", "a", "--control-socket", "/x"],
+            &["tapgate", "stats", "--tap", "../etc"],
+            &["tapgate", "stats", "--tap", ""],
+        ] {
+            assert!(query_args(argv).is_err(), "{argv:?} accepted");
         }
     }
 

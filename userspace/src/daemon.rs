@@ -3,31 +3,57 @@
 //! # Theory of operation
 //!
 //! Start-up checks everything that can be checked before touching the
-//! kernel (privileges, arguments, interfaces, the per-tap lock), then loads
-//! and verifies the programs, opens the tap writer and only then attaches —
-//! so a failure leaves nothing behind. The daemon then runs on one tokio
-//! thread: the punt reader feeds frames from the guest to the services and
-//! writes their replies back, the aya-log forwarder copies the programs' log
-//! records into the daemon's log, and a signal handler waits for SIGINT or
-//! SIGTERM. On a signal everything attached is detached before exit.
+//! kernel (privileges, arguments, interfaces, the per-tap lock, the control
+//! socket), then loads and verifies the programs, opens the writers and
+//! only then attaches — so a failure leaves nothing behind. The daemon then
+//! runs on one tokio thread:
+//!
+//! * the punt reader hands each record to [`dispatch`]: guest frames go to
+//!   the gateway's services first and, if not theirs, to the flow manager;
+//!   packets from the world and flow events go to the flow manager; their
+//!   outputs go to the guest (tap) or the world (raw socket);
+//! * a one-second tick drives the flow manager's timers (LastAck and
+//!   handshake timeouts, UDP expiry);
+//! * the control socket answers `tapgate stats` and `tapgate flows`;
+//! * the aya-log forwarder copies the programs' log records into our log;
+//! * SIGINT/SIGTERM end the loop, and everything attached is detached.
+//!
+//! The services and the flow manager live in `RefCell`s: everything runs on
+//! one thread and no borrow is held across an `await`.
 
-use std::{fs, os::fd::AsRawFd, sync::atomic::Ordering, time::Instant};
+use std::{
+    cell::RefCell,
+    fs,
+    os::fd::AsRawFd,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use aya_log::EbpfLogger;
-use datapath_common::{Counter, Origin};
+use datapath_common::{Counter, Origin, PuntReason};
 use log::{debug, info, warn};
+use serde_json::{Value, json};
+use smoltcp::wire::EthernetFrame;
 use tapgate::{
     cli::RunArgs,
-    guest::GuestServices,
+    control::{self, ControlSource},
+    flow::{self, FlowConfig, FlowManager, SocketPorts},
+    guest::{Claim, GuestServices},
     iface::{self, Iface},
-    inject::TapWriter,
+    inject::{Injectors, Output, TapWriter, WorldWriter},
     instance::InstanceLock,
-    loader::{Datapath, EMBEDDED_OBJECT, LoadOptions},
+    loader::{Datapath, EMBEDDED_OBJECT, KernelCounters, LoadOptions},
+    maps::KernelFlowMaps,
     privileges,
-    punt::{self, ReaderStats},
+    punt::{self, Punted, ReaderStats},
 };
 use tokio::signal::unix::{SignalKind, signal};
+
+/// How often the flow manager's timers run.
+const TICK: Duration = Duration::from_secs(1);
+
+type Manager = FlowManager<KernelFlowMaps, SocketPorts>;
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn run(args: RunArgs) -> Result<()> {
@@ -49,8 +75,24 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     let _lock = InstanceLock::acquire(&tap.name)?;
+    let control_socket = control::bind_control_socket(&args.control_socket_path())?;
     let tap_mtu = tap.mtu().context("tap")?;
     cfg.mtu = u16::try_from(tap_mtu).unwrap_or(u16::MAX);
+
+    // One socket per flow holds its NAT port: make room for them.
+    let want_fds = u64::from(args.max_flows) + 1024;
+    let max_flows = match flow::nat::raise_nofile_limit(want_fds) {
+        Ok(got) if got < want_fds => {
+            let capped = u32::try_from(got.saturating_sub(1024).max(16)).unwrap_or(u32::MAX);
+            warn!("open-file limit {got}: flows capped at {capped}");
+            capped.min(args.max_flows)
+        }
+        Ok(_) => args.max_flows,
+        Err(e) => {
+            warn!("cannot raise the open-file limit: {e}");
+            args.max_flows
+        }
+    };
 
     let object_file;
     let object: &[u8] = match &args.ebpf_object {
@@ -65,7 +107,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         object,
         &LoadOptions {
             bpf_log_level: args.log_level.bpf_level(),
-            max_flows: datapath_common::DEFAULT_MAX_FLOWS,
+            max_flows,
         },
     )?;
     let bpf_logger = match EbpfLogger::init(datapath.ebpf_mut()) {
@@ -77,59 +119,218 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let ring = datapath.take_punt_ring()?;
     let counters = datapath.take_counters()?;
+    let flow_maps = datapath.take_flow_maps()?;
+
+    let mut fcfg = FlowConfig::new(cfg.clone(), tap.index, uplink.index);
+    fcfg.last_ack_timeout = Duration::from_secs(args.last_ack_timeout);
+    fcfg.udp_timeout = Duration::from_secs(args.udp_timeout);
+    fcfg.max_flows = max_flows;
+    fcfg.allow_host = args.allow_host;
+    fcfg.dns_upstream = flow::resolv::resolve_upstream(args.dns_upstream);
+    match fcfg.dns_upstream {
+        Some(ip) => info!("DNS forwarder {}:53 -> {ip}:53", cfg.dns),
+        None => warn!(
+            "no usable upstream DNS resolver: DNS to {} is refused",
+            cfg.dns
+        ),
+    }
+
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
     let result = runtime.block_on(async {
-        let writer = TapWriter::open(&tap)?;
+        let injectors = Injectors {
+            tap: TapWriter::open(&tap)?,
+            world: WorldWriter::open()?,
+        };
+        let listener = control_socket
+            .tokio_listener()
+            .context("registering the control socket")?;
         // Signal handlers go in before attaching, so no signal is missed.
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         datapath.attach(&tap, &uplink)?;
         info!(
-            "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={}",
-            tap.name, uplink.name, cfg.guest_addr, cfg.prefix_len, cfg.gateway, cfg.dns, cfg.mtu
+            "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={} control={}",
+            tap.name,
+            uplink.name,
+            cfg.guest_addr,
+            cfg.prefix_len,
+            cfg.gateway,
+            cfg.dns,
+            cfg.mtu,
+            control_socket.path().display()
         );
 
-        let stats = ReaderStats::default();
-        let mut services = GuestServices::new(cfg.clone());
-        let tap_index = tap.index;
-        let reader = punt::run(ring, &stats, &writer, |p, outbox| {
-            if p.origin == Origin::Tap && p.ifindex == tap_index {
-                if let Some(reply) = services.handle(p.frame, Instant::now()) {
-                    outbox.push(reply);
-                }
-            } else {
-                debug!(
-                    "ignoring punted frame from {:?} ifindex {}",
-                    p.origin, p.ifindex
-                );
-            }
+        let state = State {
+            services: RefCell::new(GuestServices::new(cfg.clone())),
+            manager: RefCell::new(FlowManager::new(fcfg, flow_maps, SocketPorts::new())),
+            reader: ReaderStats::default(),
+            counters,
+            tap_index: tap.index,
+        };
+        let reader = punt::run(ring, &state.reader, &injectors, |p, out| {
+            state.dispatch(&p, out)
         });
-        let logs = forward_bpf_logs(bpf_logger);
+        let ticker = async {
+            let mut interval = tokio::time::interval(TICK);
+            let mut out = Vec::new();
+            loop {
+                interval.tick().await;
+                state.manager.borrow_mut().tick(Instant::now(), &mut out);
+                for o in out.drain(..) {
+                    if let Err(e) = injectors.send(&o).await {
+                        warn!("{e}");
+                    }
+                }
+            }
+        };
         let outcome = tokio::select! {
             r = reader => r.context("punt reader"),
+            () = ticker => Ok(()),
+            () = control::serve(listener, &state) => Ok(()),
+            () = forward_bpf_logs(bpf_logger) => Ok(()),
             _ = sigint.recv() => { info!("SIGINT received"); Ok(()) }
             _ = sigterm.recv() => { info!("SIGTERM received"); Ok(()) }
-            () = logs => Ok(()),
         };
-        info!(
-            "punted records {} (bad {}), inject errors {}, kernel: {}",
-            stats.records.load(Ordering::Relaxed),
-            stats.bad_records.load(Ordering::Relaxed),
-            stats.inject_errors.load(Ordering::Relaxed),
-            Counter::ALL
-                .iter()
-                .map(|c| format!("{}={}", c.name(), counters.get(*c)))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        info!("final counters: {}", state.stats());
         outcome
     });
     datapath.detach();
     info!("detached from {} and {}", tap.name, uplink.name);
     result
+}
+
+/// Everything the event loop shares.
+struct State {
+    services: RefCell<GuestServices>,
+    manager: RefCell<Manager>,
+    reader: ReaderStats,
+    counters: KernelCounters,
+    tap_index: u32,
+}
+
+impl State {
+    /// Routes one punt record to its handler.
+    fn dispatch(&self, p: &Punted<'_>, out: &mut Vec<Output>) {
+        let now = Instant::now();
+        let mut manager = self.manager.borrow_mut();
+        if p.reason.is_event() {
+            manager.event(p.reason, p.origin, p.frame, now, out);
+            return;
+        }
+        match p.origin {
+            Origin::Uplink => manager.from_world(p.frame, p.reason, now, out),
+            Origin::Tap if p.ifindex != self.tap_index => {
+                debug!("ignoring a frame punted from ifindex {}", p.ifindex);
+            }
+            Origin::Tap => {
+                let mut services = self.services.borrow_mut();
+                let claim = match p.reason {
+                    // Frames of known flows skip the gateway's services.
+                    PuntReason::Handshake | PuntReason::Exception => Claim::NotMine,
+                    _ => services.handle(p.frame, now),
+                };
+                match claim {
+                    Claim::Reply(frame) => out.push(Output::ToGuest(frame)),
+                    Claim::Consumed => {}
+                    Claim::NotMine => {
+                        let mac = services.guest_mac().or_else(|| {
+                            EthernetFrame::new_checked(p.frame)
+                                .ok()
+                                .map(|f| f.src_addr())
+                        });
+                        if let Some(mac) = mac {
+                            manager.from_guest(p.frame, mac, p.reason, now, out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ControlSource for State {
+    fn stats(&self) -> Value {
+        let c = &self.counters;
+        let punts: serde_json::Map<String, Value> = PuntReason::ALL
+            .iter()
+            .map(|r| (r.name().to_owned(), json!(c.punts(*r))))
+            .collect();
+        let kernel: serde_json::Map<String, Value> = Counter::ALL
+            .iter()
+            .map(|k| (k.name().to_owned(), json!(c.get(*k))))
+            .collect();
+        let f = self.manager.borrow().stats();
+        let drops: serde_json::Map<String, Value> = f
+            .drops
+            .iter()
+            .map(|(r, n)| (r.name().to_owned(), json!(n)))
+            .collect();
+        let s = self.services.borrow().stats().clone();
+        json!({
+            "fastpath_packets": c.get(Counter::FastPackets),
+            "fastpath_bytes": c.get(Counter::FastBytes),
+            "slowpath_packets": c.get(Counter::PuntPackets),
+            "punts": punts,
+            "flows_active": f.flows_active,
+            "flows": {
+                "tcp_active": f.tcp_active,
+                "udp_active": f.udp_active,
+                "created": f.flows_created,
+                "closed": f.flows_closed,
+                "tcp_closed_cleanly": f.tcp_closed_cleanly,
+                "resets": f.resets,
+                "handshake_timeouts": f.handshake_timeouts,
+                "last_ack_timeouts": f.last_ack_timeouts,
+                "udp_expired": f.udp_expired,
+                "rsts_sent": f.rsts_sent,
+                "icmp_sent": f.icmp_sent,
+                "policy_denied": f.policy_denied,
+                "slow_to_world": f.slow_to_world,
+                "slow_to_guest": f.slow_to_guest,
+                "events": f.events,
+                "map_errors": f.map_errors,
+                "drops": drops,
+            },
+            "services": {
+                "arp_replies": s.arp_replies,
+                "dhcp_replies": s.dhcp_replies,
+                "echo_replies": s.echo_replies,
+                "malformed": s.malformed,
+                "unhandled": s.unhandled,
+            },
+            "reader": {
+                "records": self.reader.records.load(Ordering::Relaxed),
+                "bad_records": self.reader.bad_records.load(Ordering::Relaxed),
+                "inject_errors": self.reader.inject_errors.load(Ordering::Relaxed),
+            },
+            "kernel": kernel,
+        })
+    }
+
+    fn flows(&self) -> Value {
+        let flows: Vec<Value> = self
+            .manager
+            .borrow()
+            .flows()
+            .iter()
+            .map(|f| {
+                json!({
+                    "proto": f.proto,
+                    "guest": f.guest.to_string(),
+                    "remote": f.remote.to_string(),
+                    "upstream": f.upstream.to_string(),
+                    "nat": f.nat.to_string(),
+                    "state": f.state,
+                    "fastpath_packets": f.fastpath_packets,
+                    "age_secs": f.age.as_secs_f64(),
+                })
+            })
+            .collect();
+        Value::Array(flows)
+    }
 }
 
 /// Copies the programs' aya-log records into the daemon's log; never

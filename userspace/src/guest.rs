@@ -6,9 +6,11 @@
 //! checks the Ethernet header, learns the guest's MAC address, and hands the
 //! frame to the one service that owns it: ARP for the gateway's addresses,
 //! the DHCPv4 server, or ICMP echo to the gateway. Each service returns at
-//! most one reply frame, which the caller writes back on the tap. Whatever
-//! no service owns, or fails to parse, is counted by kind and dropped — the
-//! guest is untrusted and nothing it sends can stop the dispatcher.
+//! most one reply frame, which the caller writes back on the tap. Other
+//! IPv4 traffic is handed back unclaimed ([`Claim::NotMine`]) for the flow
+//! manager. Whatever no one owns, or fails to parse, is counted by kind and
+//! dropped — the guest is untrusted and nothing it sends can stop the
+//! dispatcher.
 
 use std::time::Instant;
 
@@ -67,59 +69,69 @@ impl GuestServices {
         self.guest_mac
     }
 
-    /// Handles one frame from the guest; returns the reply frame, if any.
-    pub fn handle(&mut self, frame: &[u8], now: Instant) -> Option<Vec<u8>> {
+    /// Handles one frame from the guest.
+    pub fn handle(&mut self, frame: &[u8], now: Instant) -> Claim {
         match self.dispatch(frame, now) {
-            Ok(Some(reply)) => Some(reply),
-            Ok(None) => None,
+            Ok(claim) => {
+                if matches!(claim, Claim::Consumed) {
+                    self.stats.unhandled += 1;
+                }
+                claim
+            }
             Err(e) => {
                 self.stats.malformed += 1;
                 debug!("dropped frame from the guest: {e}");
-                None
+                Claim::Consumed
             }
         }
     }
 
-    fn dispatch(&mut self, frame: &[u8], now: Instant) -> Result<Option<Vec<u8>>, FrameError> {
+    fn dispatch(&mut self, frame: &[u8], now: Instant) -> Result<Claim, FrameError> {
         let eth = EthernetFrame::new_checked(frame).map_err(FrameError::malformed("ethernet"))?;
         let src = eth.src_addr();
         if src.is_unicast() && self.guest_mac != Some(src) {
             info!("guest MAC address is {src}");
             self.guest_mac = Some(src);
         }
-        let reply = match eth.ethertype() {
-            EthernetProtocol::Arp => {
-                arp::reply(&self.cfg, frame)?.inspect(|_| self.stats.arp_replies += 1)
-            }
-            EthernetProtocol::Ipv4 => self.ipv4(frame, eth.payload(), now)?,
-            _ => None,
-        };
-        if reply.is_none() {
-            self.stats.unhandled += 1;
+        match eth.ethertype() {
+            EthernetProtocol::Arp => Ok(Claim::from(
+                arp::reply(&self.cfg, frame)?.inspect(|_| self.stats.arp_replies += 1),
+            )),
+            EthernetProtocol::Ipv4 => self.ipv4(frame, eth.payload(), now),
+            _ => Ok(Claim::Consumed),
         }
-        Ok(reply)
     }
 
-    fn ipv4(
-        &mut self,
-        frame: &[u8],
-        packet: &[u8],
-        now: Instant,
-    ) -> Result<Option<Vec<u8>>, FrameError> {
+    fn ipv4(&mut self, frame: &[u8], packet: &[u8], now: Instant) -> Result<Claim, FrameError> {
         if dhcp::is_dhcp_request(frame) {
-            return Ok(self
-                .dhcp
-                .handle(frame, now)?
-                .inspect(|_| self.stats.dhcp_replies += 1));
+            let reply = self.dhcp.handle(frame, now)?;
+            return Ok(Claim::from(reply.inspect(|_| self.stats.dhcp_replies += 1)));
         }
         let ip = Ipv4Packet::new_checked(packet).map_err(FrameError::malformed("ipv4"))?;
         let dst: Ipv4Address = ip.dst_addr();
         if ip.next_header() == IpProtocol::Icmp && self.cfg.is_gateway_addr(dst) {
-            return Ok(
-                icmp::echo_reply(&self.cfg, frame)?.inspect(|_| self.stats.echo_replies += 1)
-            );
+            let reply = icmp::echo_reply(&self.cfg, frame)?;
+            return Ok(Claim::from(reply.inspect(|_| self.stats.echo_replies += 1)));
         }
-        Ok(None)
+        Ok(Claim::NotMine)
+    }
+}
+
+/// What the services made of a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Handled; this frame goes back to the guest.
+    Reply(Vec<u8>),
+    /// Handled (or dropped and counted); nothing to send.
+    Consumed,
+    /// An IPv4 packet that is not for the gateway's services: it belongs to
+    /// the flow manager.
+    NotMine,
+}
+
+impl From<Option<Vec<u8>>> for Claim {
+    fn from(reply: Option<Vec<u8>>) -> Self {
+        reply.map_or(Self::Consumed, Self::Reply)
     }
 }
 
@@ -131,15 +143,15 @@ mod tests {
     fn garbage_is_counted_not_fatal() {
         let mut s = GuestServices::new(GuestNetConfig::default());
         let now = Instant::now();
-        assert!(s.handle(&[], now).is_none());
-        assert!(s.handle(&[0u8; 13], now).is_none());
+        assert_eq!(s.handle(&[], now), Claim::Consumed);
+        assert_eq!(s.handle(&[0u8; 13], now), Claim::Consumed);
         assert_eq!(s.stats().malformed, 2);
         // A well-formed Ethernet frame of an unknown type.
         let mut f = vec![0u8; 60];
         f[0..6].copy_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
         f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
         f[12..14].copy_from_slice(&[0x88, 0xb5]);
-        assert!(s.handle(&f, now).is_none());
+        assert_eq!(s.handle(&f, now), Claim::Consumed);
         assert_eq!(s.stats().unhandled, 1);
         assert_eq!(
             s.guest_mac(),
@@ -153,7 +165,7 @@ mod tests {
         let mut f = vec![0u8; 20];
         f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
         f[12..14].copy_from_slice(&[0x08, 0x00]);
-        assert!(s.handle(&f, Instant::now()).is_none());
+        assert_eq!(s.handle(&f, Instant::now()), Claim::Consumed);
         assert_eq!(s.stats().malformed, 1);
     }
 }

@@ -31,7 +31,34 @@ use smoltcp::wire::Ipv4Packet;
 
 use crate::iface::Iface;
 
-/// Errors from the tap writer.
+/// Something the slow path wants sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// A complete Ethernet frame for the guest (written on the tap).
+    ToGuest(Vec<u8>),
+    /// An IPv4 packet for the world (sent through the host's routing).
+    ToWorld(Vec<u8>),
+}
+
+/// Both inject paths.
+pub struct Injectors {
+    /// Frames to the guest.
+    pub tap: TapWriter,
+    /// Packets to the world.
+    pub world: WorldWriter,
+}
+
+impl Injectors {
+    /// Sends one output on its path.
+    pub async fn send(&self, out: &Output) -> Result<(), InjectError> {
+        match out {
+            Output::ToGuest(frame) => self.tap.send(frame).await,
+            Output::ToWorld(packet) => self.world.send(packet).await,
+        }
+    }
+}
+
+/// Errors from the writers.
 #[derive(Debug, Error)]
 pub enum InjectError {
     /// Creating or binding the packet socket failed.

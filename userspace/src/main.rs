@@ -5,14 +5,19 @@
 //! The binary edge: parse the command line, set up logging, run the daemon
 //! and turn any error into one line on stderr (`tapgate: error: ...`) and
 //! exit status 1. A verifier rejection also prints the verifier's log.
+//! `stats` and `flows` are clients of a running daemon's control socket
+//! (see `tapgate::control`); they print its JSON document as is (`--json`)
+//! or as text, and fail the same way.
 
 mod daemon;
 
-use std::process::ExitCode;
+use std::{io::Write, process::ExitCode};
 
+use anyhow::Context;
 use clap::Parser;
 use tapgate::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, QueryArgs},
+    control::{self, ControlCommand},
     loader::LoaderError,
 };
 
@@ -23,6 +28,8 @@ fn main() -> ExitCode {
             init_logging(args.log_level.filter());
             daemon::run(args)
         }
+        Command::Stats(args) => query(ControlCommand::Stats, &args),
+        Command::Flows(args) => query(ControlCommand::Flows, &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -37,6 +44,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tapgate stats` / `tapgate flows`: asks the daemon and prints the
+/// answer.
+fn query(command: ControlCommand, args: &QueryArgs) -> anyhow::Result<()> {
+    let path = args.target.socket_path();
+    let doc = control::query(&path, command, control::CLIENT_TIMEOUT)?;
+    let text = if args.json {
+        let mut text = serde_json::to_string_pretty(&doc).context("encoding the reply")?;
+        text.push('\n');
+        text
+    } else {
+        match command {
+            ControlCommand::Stats => control::render_stats(&doc),
+            ControlCommand::Flows => control::render_flows(&doc),
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")
 }
 
 fn init_logging(level: log::LevelFilter) {

@@ -25,20 +25,11 @@ use std::{
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use datapath_common::{ActivityWord, FlowEntry, FlowKey, FlowState};
-use thiserror::Error;
 
-use crate::loader::LoaderError;
-
-/// Errors from flow-map operations.
-#[derive(Debug, Error)]
-pub enum MapsError {
-    /// A map syscall failed.
-    #[error("flow map: {0}")]
-    Map(#[from] MapError),
-    /// A slot beyond the activity array.
-    #[error("activity slot {0} out of range")]
-    Slot(u32),
-}
+use crate::{
+    flow::{FlowMaps, MapsError},
+    loader::LoaderError,
+};
 
 /// The activity array, mapped into this process.
 pub struct ActivityMap {
@@ -143,43 +134,64 @@ impl KernelFlowMaps {
         Ok(Self { flows, activity })
     }
 
-    /// Inserts or replaces an entry.
-    pub fn insert(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<(), MapsError> {
-        Ok(self.flows.insert(key, entry, 0)?)
+    /// The activity array.
+    pub fn activity(&self) -> &ActivityMap {
+        &self.activity
     }
+}
 
-    /// The entry for `key`, if any.
-    pub fn get(&self, key: &FlowKey) -> Result<Option<FlowEntry>, MapsError> {
-        match self.flows.get(key, 0) {
-            Ok(e) => Ok(Some(e)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
+/// Maps aya's error for `op`, recognising a full map.
+fn map_err(op: &'static str, e: MapError) -> MapsError {
+    match &e {
+        MapError::SyscallError(se) if se.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            MapsError::Full
         }
+        MapError::KeyNotFound => MapsError::NotFound,
+        _ => MapsError::backend(op, e),
+    }
+}
+
+impl FlowMaps for KernelFlowMaps {
+    fn insert(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<(), MapsError> {
+        self.flows
+            .insert(key, entry, 0)
+            .map_err(|e| map_err("insert", e))
     }
 
-    /// Sets the state and flags of an existing entry.
-    pub fn update_state(
+    fn update_state(
         &mut self,
         key: &FlowKey,
         state: FlowState,
         flags: u8,
     ) -> Result<(), MapsError> {
-        let mut e = self.flows.get(key, 0)?;
+        let mut e = self.flows.get(key, 0).map_err(|e| map_err("lookup", e))?;
         e.state = state as u8;
         e.flags = flags;
-        Ok(self.flows.insert(key, e, 0)?)
+        self.flows
+            .insert(key, e, 0)
+            .map_err(|e| map_err("update", e))
     }
 
-    /// Removes an entry (absent is fine).
-    pub fn remove(&mut self, key: &FlowKey) -> Result<(), MapsError> {
-        match self.flows.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e.into()),
+    fn get(&self, key: &FlowKey) -> Result<Option<FlowEntry>, MapsError> {
+        match self.flows.get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("lookup", e)),
         }
     }
 
-    /// The activity array.
-    pub fn activity(&self) -> &ActivityMap {
-        &self.activity
+    fn remove(&mut self, key: &FlowKey) -> Result<(), MapsError> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("remove", e)),
+        }
+    }
+
+    fn activity(&self, slot: u32) -> u64 {
+        self.activity.get(slot)
+    }
+
+    fn clear_activity(&mut self, slot: u32, bits: u64) {
+        self.activity.take(slot, bits);
     }
 }

@@ -22,7 +22,7 @@ use datapath_common::{Origin, PuntHeader, PuntReason};
 use log::warn;
 use tokio::io::Interest;
 
-use crate::inject::TapWriter;
+use crate::inject::{Injectors, Output};
 
 /// Records handled per wake-up before yielding to other tasks.
 pub const PUNT_BATCH: usize = 64;
@@ -82,21 +82,21 @@ pub struct ReaderStats {
 /// Drains the punt ring forever.
 ///
 /// `handle` is called for every record in ring order and may push frames
-/// for the guest into the outbox it is given; after each batch the outbox is
-/// written to the tap (waiting for room rather than dropping), so replies
-/// leave in the order their requests arrived.
+/// for the guest or packets for the world into the outbox it is given;
+/// after each batch the outbox is sent (waiting for room rather than
+/// dropping), so outputs leave in the order their causes arrived.
 pub async fn run<F>(
     ring: RingBuf<MapData>,
     stats: &ReaderStats,
-    writer: &TapWriter,
+    injectors: &Injectors,
     mut handle: F,
 ) -> Result<(), PuntError>
 where
-    F: FnMut(Punted<'_>, &mut Vec<Vec<u8>>),
+    F: FnMut(Punted<'_>, &mut Vec<Output>),
 {
     let mut fd = crate::aio::register(ring, Interest::READABLE).map_err(PuntError::Register)?;
     log::debug!("punt reader on ring fd {}", fd.get_ref().as_raw_fd());
-    let mut outbox: Vec<Vec<u8>> = Vec::with_capacity(PUNT_BATCH);
+    let mut outbox: Vec<Output> = Vec::with_capacity(PUNT_BATCH);
     loop {
         let mut guard = fd.readable_mut().await.map_err(PuntError::Register)?;
         let ring = guard.get_inner_mut();
@@ -120,8 +120,8 @@ where
             guard.clear_ready();
         }
         drop(guard);
-        for frame in outbox.drain(..) {
-            if let Err(e) = writer.send(&frame).await {
+        for out in outbox.drain(..) {
+            if let Err(e) = injectors.send(&out).await {
                 stats.inject_errors.fetch_add(1, Ordering::Relaxed);
                 warn!("{e}");
             }

@@ -8,6 +8,7 @@
 //! The eBPF object is built by `userspace/build.rs`, so building `tapgate`
 //! builds and embeds the programs.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -60,6 +61,20 @@ enum Cmd {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Single-stream TCP throughput (iperf3) on the veth topology, tapgate
+    /// (release build) against kernel routing + nft masquerade, both
+    /// directions; writes target/bench/latest.json (needs root).
+    Bench {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Measure only one side.
+        #[arg(long, value_enum)]
+        only: Option<bench::Peer>,
+        /// Same as `--only tapgate`.
+        #[arg(long, conflicts_with = "only")]
+        skip_kernel: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -91,6 +106,24 @@ fn main() -> Result<()> {
         Cmd::Test { no_lint, test_args } => {
             setup::ensure()?;
             test(no_lint, &test_args)
+        }
+        Cmd::Bench {
+            seconds,
+            only,
+            skip_kernel,
+        } => {
+            setup::ensure()?;
+            let bin = build(true)?;
+            let only = if skip_kernel {
+                Some(bench::Peer::Tapgate)
+            } else {
+                only
+            };
+            bench::run(
+                &bin,
+                &bench::Options { seconds, only },
+                &bench::report_path(&target_dir()),
+            )
         }
     }
 }
@@ -125,12 +158,16 @@ fn build(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target
+    Ok(target_dir()
         .join(if release { "release" } else { "debug" })
         .join("tapgate"))
+}
+
+/// Cargo's target directory (`$CARGO_TARGET_DIR` or `<workspace>/target`).
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 fn test(no_lint: bool, test_args: &[String]) -> Result<()> {
@@ -143,7 +180,14 @@ fn test(no_lint: bool, test_args: &[String]) -> Result<()> {
     }
     let bin = build(false)?;
     run(cargo()
-        .args(["test", "--workspace", "--exclude", "datapath-ebpf", "--"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "datapath-ebpf",
+            "--no-fail-fast",
+            "--",
+        ])
         .args(test_args)
         .env("TAPGATE_BIN", &bin))
 }

@@ -1,0 +1,105 @@
+//! The flow manager's view of the kernel's flow map and activity array.
+//!
+//! # Theory of operation
+//!
+//! The kernel fast path reads two BPF maps: a hash map from a directional
+//! [`FlowKey`] to the [`FlowEntry`] holding that direction's complete
+//! rewrite, and an mmapped array of activity words indexed by flow slot.
+//! The flow manager only needs a handful of operations on them, gathered in
+//! the [`FlowMaps`] trait: the daemon implements it over the real aya maps,
+//! the tests over a `HashMap` and a `Vec`. Keeping the trait this small also
+//! documents the contract: user space writes whole entries when a flow is
+//! installed, afterwards only the state and flag bytes
+//! ([`FlowMaps::update_state`], a read-modify-write so the kernel's
+//! counters are kept), reads entries back for the kernel's per-direction
+//! `last_ack` and counters, and clears activity bits after reading them.
+//!
+//! This module also builds the keys the kernel looks up, so the key layout
+//! (addresses via [`ipv4_to_16`], ports as host-order values of the wire
+//! bytes) is written down once.
+
+use std::net::Ipv4Addr;
+
+use datapath_common::{
+    DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FlowEntry, FlowKey, FlowState, ipv4_to_16,
+};
+use thiserror::Error;
+
+/// Why a flow map operation failed.
+#[derive(Debug, Error)]
+pub enum MapsError {
+    /// The map has no room for another entry.
+    #[error("the flow map is full")]
+    Full,
+    /// The entry to update does not exist.
+    #[error("no such flow map entry")]
+    NotFound,
+    /// The underlying map operation failed.
+    #[error("flow map {op}: {source}")]
+    Backend {
+        /// The operation ("insert", "lookup", ...).
+        op: &'static str,
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl MapsError {
+    /// Wraps a backend error (e.g. aya's `MapError`) from operation `op`.
+    pub fn backend(op: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Backend {
+            op,
+            source: Box::new(e),
+        }
+    }
+}
+
+/// The operations the flow manager needs on the kernel's flow map and
+/// activity array.
+pub trait FlowMaps {
+    /// Inserts or replaces the entry for `key`.
+    fn insert(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<(), MapsError>;
+
+    /// Rewrites only the `state` and `flags` of the entry for `key`
+    /// (read-modify-write; the other fields stay as the kernel left them).
+    fn update_state(&mut self, key: &FlowKey, state: FlowState, flags: u8)
+    -> Result<(), MapsError>;
+
+    /// The entry for `key`, if any.
+    fn get(&self, key: &FlowKey) -> Result<Option<FlowEntry>, MapsError>;
+
+    /// Removes the entry for `key` (removing a missing entry is not an
+    /// error).
+    fn remove(&mut self, key: &FlowKey) -> Result<(), MapsError>;
+
+    /// The activity word of `slot` ([`datapath_common::ACTIVE`] |
+    /// [`datapath_common::TAP_ACTIVE`] bits); 0 for a slot out of range.
+    fn activity(&self, slot: u32) -> u64;
+
+    /// Clears `bits` in the activity word of `slot`.
+    fn clear_activity(&mut self, slot: u32, bits: u64);
+}
+
+/// The key the tap program looks up for a packet from the guest.
+pub fn tap_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    key(DIR_FROM_TAP, src, dst, sport, dport, proto)
+}
+
+/// The key the uplink program looks up for a packet from the world.
+pub fn uplink_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    key(DIR_FROM_UPLINK, src, dst, sport, dport, proto)
+}
+
+fn key(dir: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: ipv4_to_16(src.octets()),
+        dst: ipv4_to_16(dst.octets()),
+        sport,
+        dport,
+        proto,
+        family: FAMILY_IPV4,
+        dir,
+        _pad: 0,
+    }
+}

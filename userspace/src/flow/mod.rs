@@ -1,0 +1,906 @@
+//! The user-space flow manager: new flows and TCP handshakes, half-close
+//! tracking, RSTs for unknown connections, UDP expiry, the DNS forwarder
+//! and the guest's access policy.
+//!
+//! # Theory of operation
+//!
+//! The kernel fast path forwards packets of flows that are in its flow map
+//! and hands everything else to user space; this module decides what
+//! enters the map, and when it leaves.
+//!
+//! * **Guest frames** ([`FlowManager::from_guest`]): the IPv4 TCP/UDP frames
+//!   the gateway's own services did not take. A guest SYN (TCP) or first
+//!   datagram (UDP) to a destination the [`policy`] allows gets a source
+//!   address from the host's routing, a NAT port reserved against the
+//!   host's own sockets ([`nat`]), a slot, and two map entries, one per
+//!   direction, each with that direction's full rewrite. TCP flows start in
+//!   `Handshake` (both directions punted), UDP flows as `Established`. The
+//!   packet itself is translated here and sent to the world
+//!   ([`Output::ToWorld`]). A TCP segment that matches no flow is answered
+//!   with an RST (RFC 9293 §3.10.7.1); denied flows get an RST (TCP) or an
+//!   ICMP error (UDP).
+//! * **World frames** ([`FlowManager::from_world`]): packets of our flows
+//!   the kernel did not forward — the handshake's SYN-ACK marks the flow
+//!   `Established` in both entries and goes to the guest; an RST during the
+//!   handshake goes to the guest and removes the flow. From then on the
+//!   kernel forwards the flow.
+//! * **Events** ([`FlowManager::event`]): the kernel reports FINs and RSTs
+//!   it forwarded (and, for flows that ask, every packet). FINs drive the
+//!   half-close states of the seed PR, mirrored into both map entries
+//!   (the kernel forwards in all of them, so data keeps flowing in the
+//!   direction still open): `Established → FinWait` (guest closed first)
+//!   `→ LastAck` (world closed too), or `Established → CloseWait` (world
+//!   first) `→ LastAck`. Each FIN's end (`seq + len + 1`, the ACK that
+//!   acknowledges it) is remembered. Entering `LastAck` sets
+//!   [`FLOW_F_EVENTS`] on both entries so every further packet is reported,
+//!   then reads both entries' `last_ack` to catch an ACK that passed before
+//!   the flag was set. The flow is reaped once both FINs are acknowledged,
+//!   or [`LAST_ACK_TIMEOUT`] after entering `LastAck` — never earlier. An
+//!   RST (event or punted) removes the flow at once.
+//! * **Timers** ([`FlowManager::tick`], about once a second): handshakes
+//!   that never complete, `LastAck` timeouts, and the UDP idle scan, which
+//!   reads each UDP flow's activity word every `udp_timeout / 4`, clears
+//!   it, and removes flows whose `ACTIVE` bit stayed clear for
+//!   `udp_timeout`. A flow therefore expires between 1× and 1.25× the
+//!   timeout after its last packet (plus the tick's granularity).
+//!
+//! Removing a flow removes both map entries, drops its NAT lease (releasing
+//! the port) and frees its slot. Slots are bounded by `max_flows`, which
+//! bounds all per-flow memory; when they are exhausted new TCP flows are
+//! refused with an RST.
+//!
+//! Everything from the guest is untrusted: every header is parsed with
+//! smoltcp's checked views ([`packet`]), anything that does not parse or
+//! that the slow path does not handle (IP options, fragments, protocols
+//! other than TCP/UDP) is counted by [`DropReason`] and dropped. A guest
+//! packet whose TTL would expire gets ICMP time exceeded from the gateway.
+//! Nothing here panics on input.
+//!
+//! The kernel maps and the NAT port reservation are behind the
+//! [`FlowMaps`] and [`NatPorts`] traits, so all of this is unit-tested
+//! with in-memory fakes (`tests.rs`).
+
+pub mod maps;
+pub mod nat;
+pub mod packet;
+pub mod policy;
+pub mod resolv;
+pub mod table;
+mod tcp;
+mod udp;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use datapath_common::{
+    ACTIVE, DEFAULT_MAX_FLOWS, FLOW_F_EVENTS, FlowState, Origin, PROTO_TCP, PROTO_UDP, PuntReason,
+    TAP_ACTIVE,
+};
+use log::{debug, warn};
+use smoltcp::wire::EthernetAddress;
+
+use crate::config::GuestNetConfig;
+
+pub use maps::{FlowMaps, MapsError};
+pub use nat::{NatError, NatLease, NatPorts, SocketPorts, raise_nofile_limit};
+pub use policy::HostAddrs;
+
+use packet::{IcmpError, L4, Packet, PacketError};
+use policy::Policy;
+use table::{Flow, FlowTable};
+
+/// How long a flow may stay in `LastAck` waiting for the final ACK (TCP
+/// MSL × 2, as in the seed PR).
+pub const LAST_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default idle timeout of UDP flows.
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(180);
+/// Default time a TCP handshake may take before the flow is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(75);
+
+pub use crate::inject::Output;
+
+/// Configuration of the flow manager.
+#[derive(Debug)]
+pub struct FlowConfig {
+    /// The guest subnet, gateway and DNS addresses, gateway MAC, tap MTU.
+    pub guest: GuestNetConfig,
+    /// The tap's interface index (egress of the world → guest entries).
+    pub tap_ifindex: u32,
+    /// The uplink's interface index (egress of the guest → world entries).
+    pub uplink_ifindex: u32,
+    /// How long a flow stays in `LastAck` without the final ACK.
+    pub last_ack_timeout: Duration,
+    /// Idle timeout of UDP flows.
+    pub udp_timeout: Duration,
+    /// How long a TCP handshake may take.
+    pub handshake_timeout: Duration,
+    /// Maximum number of flows (slots of the activity array).
+    pub max_flows: u32,
+    /// Let the guest reach the host's own addresses (not loopback).
+    pub allow_host: bool,
+    /// Where the host's own addresses come from.
+    pub host_addrs: HostAddrs,
+    /// The upstream resolver of the DNS forwarder; `None` makes DNS
+    /// unavailable. See [`resolv::resolve_upstream`].
+    pub dns_upstream: Option<Ipv4Addr>,
+}
+
+impl FlowConfig {
+    /// Defaults for everything but the subnet and the interfaces: the
+    /// timeouts above, [`DEFAULT_MAX_FLOWS`], host addresses from the
+    /// system, host access denied, no DNS upstream.
+    pub fn new(guest: GuestNetConfig, tap_ifindex: u32, uplink_ifindex: u32) -> Self {
+        Self {
+            guest,
+            tap_ifindex,
+            uplink_ifindex,
+            last_ack_timeout: LAST_ACK_TIMEOUT,
+            udp_timeout: UDP_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_flows: DEFAULT_MAX_FLOWS,
+            allow_host: false,
+            host_addrs: HostAddrs::system(),
+            dns_upstream: None,
+        }
+    }
+}
+
+/// One flow, for reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// "tcp" or "udp".
+    pub proto: &'static str,
+    /// The guest's address and port.
+    pub guest: SocketAddrV4,
+    /// The remote as the guest sees it.
+    pub remote: SocketAddrV4,
+    /// The real destination (differs from `remote` for DNS).
+    pub upstream: SocketAddrV4,
+    /// The host address and NAT port.
+    pub nat: SocketAddrV4,
+    /// State, lower case ("handshake", "established", "fin_wait",
+    /// "close_wait", "last_ack").
+    pub state: &'static str,
+    /// Packets the kernel forwarded, both directions.
+    pub fastpath_packets: u64,
+    /// Time since the flow was created.
+    pub age: Duration,
+    /// The flow's activity slot.
+    pub slot: u32,
+}
+
+/// Why a packet was dropped.
+#[repr(usize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A header failed to parse.
+    Malformed = 0,
+    /// Not an IPv4 frame.
+    NotIpv4,
+    /// IPv4 options.
+    IpOptions,
+    /// IPv4 fragment.
+    Fragment,
+    /// Neither TCP nor UDP.
+    Protocol,
+    /// From the guest, but not from its address (or MAC).
+    BadSource,
+    /// TTL would expire.
+    TtlExpired,
+    /// Too big for the egress MTU.
+    TooBig,
+    /// From the world (or an event) for no flow we know.
+    UnknownFlow,
+    /// An RST from the guest for no flow (RFC 9293: discarded).
+    UnknownRst,
+    /// `max_flows` flows exist.
+    TableFull,
+    /// No NAT port could be reserved.
+    PortExhausted,
+    /// The host has no route to the destination.
+    NoRoute,
+    /// Installing the map entries failed.
+    MapError,
+    /// The NAT tuple is already in use (should not happen).
+    NatCollision,
+    /// The DNS forwarder has no upstream.
+    DnsUnavailable,
+}
+
+impl DropReason {
+    /// All reasons, in counter order.
+    pub const ALL: [DropReason; 16] = [
+        Self::Malformed,
+        Self::NotIpv4,
+        Self::IpOptions,
+        Self::Fragment,
+        Self::Protocol,
+        Self::BadSource,
+        Self::TtlExpired,
+        Self::TooBig,
+        Self::UnknownFlow,
+        Self::UnknownRst,
+        Self::TableFull,
+        Self::PortExhausted,
+        Self::NoRoute,
+        Self::MapError,
+        Self::NatCollision,
+        Self::DnsUnavailable,
+    ];
+
+    /// Stable lower-case name for logs and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::NotIpv4 => "not_ipv4",
+            Self::IpOptions => "ip_options",
+            Self::Fragment => "fragment",
+            Self::Protocol => "protocol",
+            Self::BadSource => "bad_source",
+            Self::TtlExpired => "ttl_expired",
+            Self::TooBig => "too_big",
+            Self::UnknownFlow => "unknown_flow",
+            Self::UnknownRst => "unknown_rst",
+            Self::TableFull => "table_full",
+            Self::PortExhausted => "port_exhausted",
+            Self::NoRoute => "no_route",
+            Self::MapError => "map_error",
+            Self::NatCollision => "nat_collision",
+            Self::DnsUnavailable => "dns_unavailable",
+        }
+    }
+}
+
+impl From<PacketError> for DropReason {
+    fn from(e: PacketError) -> Self {
+        match e {
+            PacketError::Malformed(_) => Self::Malformed,
+            PacketError::NotIpv4 => Self::NotIpv4,
+            PacketError::IpOptions => Self::IpOptions,
+            PacketError::Fragment => Self::Fragment,
+            PacketError::Protocol(_) => Self::Protocol,
+        }
+    }
+}
+
+/// Drop counters, one per [`DropReason`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DropCounts([u64; DropReason::ALL.len()]);
+
+impl DropCounts {
+    /// The count for `reason`.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.0.get(reason as usize).copied().unwrap_or(0)
+    }
+
+    /// All counts with their reasons.
+    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.get(*r)))
+    }
+
+    /// Sum of all counts.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+
+    fn add(&mut self, reason: DropReason) {
+        if let Some(c) = self.0.get_mut(reason as usize) {
+            *c += 1;
+        }
+    }
+}
+
+/// Counters of the flow manager.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Flows in the table.
+    pub flows_active: u64,
+    /// TCP flows in the table.
+    pub tcp_active: u64,
+    /// UDP flows in the table.
+    pub udp_active: u64,
+    /// Flows created.
+    pub flows_created: u64,
+    /// Flows removed, for any reason.
+    pub flows_closed: u64,
+    /// TCP flows reaped after both FINs were acknowledged.
+    pub tcp_closed_cleanly: u64,
+    /// Flows removed because of an RST from either side.
+    pub resets: u64,
+    /// Handshakes that timed out.
+    pub handshake_timeouts: u64,
+    /// Flows reaped by the `LastAck` timeout.
+    pub last_ack_timeouts: u64,
+    /// UDP flows expired as idle.
+    pub udp_expired: u64,
+    /// Flows replaced by a new SYN on the same ports.
+    pub flows_replaced: u64,
+    /// Retransmitted SYNs re-sent during a handshake.
+    pub syn_retransmits: u64,
+    /// RSTs synthesized (to the guest or the world).
+    pub rsts_sent: u64,
+    /// ICMP errors synthesized for the guest.
+    pub icmp_sent: u64,
+    /// New flows refused by the policy.
+    pub policy_denied: u64,
+    /// Packets translated and sent by the slow path towards the world.
+    pub slow_to_world: u64,
+    /// Packets translated and sent by the slow path towards the guest.
+    pub slow_to_guest: u64,
+    /// Event records received.
+    pub events: u64,
+    /// Event records for no flow we know.
+    pub events_unknown: u64,
+    /// Failed flow map operations.
+    pub map_errors: u64,
+    /// Dropped packets, by reason.
+    pub drops: DropCounts,
+}
+
+/// Which side a packet came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    /// From the guest (tap).
+    Guest,
+    /// From the world (uplink).
+    World,
+}
+
+/// The flow manager (see the module documentation).
+pub struct FlowManager<M: FlowMaps, P: NatPorts> {
+    guest: GuestNetConfig,
+    tap_ifindex: u32,
+    uplink_ifindex: u32,
+    last_ack_timeout: Duration,
+    udp_timeout: Duration,
+    handshake_timeout: Duration,
+    maps: M,
+    ports: P,
+    table: FlowTable,
+    policy: Policy,
+    stats: FlowStats,
+    last_udp_scan: Option<Instant>,
+}
+
+impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
+    /// A flow manager with no flows, over `maps` (assumed empty) and `ports`.
+    pub fn new(cfg: FlowConfig, maps: M, ports: P) -> Self {
+        let FlowConfig {
+            guest,
+            tap_ifindex,
+            uplink_ifindex,
+            last_ack_timeout,
+            udp_timeout,
+            handshake_timeout,
+            max_flows,
+            allow_host,
+            host_addrs,
+            dns_upstream,
+        } = cfg;
+        let dns_upstream = dns_upstream.filter(|ip| {
+            let ok = resolv::is_usable_upstream(*ip);
+            if !ok {
+                warn!(
+                    "dns: upstream {ip} cannot be reached through the uplink; DNS is unavailable"
+                );
+            }
+            ok
+        });
+        Self {
+            policy: Policy::new(guest.clone(), allow_host, dns_upstream, host_addrs),
+            guest,
+            tap_ifindex,
+            uplink_ifindex,
+            last_ack_timeout,
+            udp_timeout,
+            handshake_timeout,
+            maps,
+            ports,
+            table: FlowTable::new(max_flows),
+            stats: FlowStats::default(),
+            last_udp_scan: None,
+        }
+    }
+
+    /// The flow maps (for diagnostics and tests).
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// The flow maps, mutably (tests simulate the kernel through them).
+    #[cfg(test)]
+    pub(crate) fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Handles an IPv4 frame from the guest that the gateway's services did
+    /// not take, punted for `reason`; `guest_mac` is the guest's MAC address
+    /// (the destination of frames towards it).
+    pub fn from_guest(
+        &mut self,
+        frame: &[u8],
+        guest_mac: EthernetAddress,
+        reason: PuntReason,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        if let Err(why) = self.guest_frame(frame, guest_mac, reason, now, out) {
+            self.stats.drops.add(why);
+            debug!(
+                "flow: dropped a {}-byte frame from the guest ({}): {}",
+                frame.len(),
+                reason.name(),
+                why.name()
+            );
+        }
+    }
+
+    /// Handles a frame from the uplink punted for `reason` (a packet of one
+    /// of our flows the kernel did not forward).
+    pub fn from_world(
+        &mut self,
+        frame: &[u8],
+        reason: PuntReason,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        if let Err(why) = self.world_frame(frame, reason, now, out) {
+            self.stats.drops.add(why);
+            debug!(
+                "flow: dropped a {}-byte frame from the world ({}): {}",
+                frame.len(),
+                reason.name(),
+                why.name()
+            );
+        }
+    }
+
+    /// Handles an event record: `snap` holds the first bytes of a packet the
+    /// kernel forwarded, as it arrived from `origin`.
+    pub fn event(
+        &mut self,
+        reason: PuntReason,
+        origin: Origin,
+        snap: &[u8],
+        now: Instant,
+        _out: &mut Vec<Output>,
+    ) {
+        self.stats.events += 1;
+        if !reason.is_event() {
+            debug!("flow: {} is not an event", reason.name());
+            return;
+        }
+        if let Err(why) = self.event_snap(reason, origin, snap, now) {
+            self.stats.drops.add(why);
+            debug!(
+                "flow: ignored a {} event ({} bytes): {}",
+                reason.name(),
+                snap.len(),
+                why.name()
+            );
+        }
+    }
+
+    /// Runs the timers; call about once a second. Reaps `LastAck` flows
+    /// whose final ACK never came, drops handshakes that never completed
+    /// and expires idle UDP flows. Nothing is emitted today (`out` is for
+    /// the keepalives of the clock algorithm).
+    pub fn tick(&mut self, now: Instant, _out: &mut Vec<Output>) {
+        for slot in self.table.take_due(now) {
+            let Some(flow) = self.table.get(slot) else {
+                continue;
+            };
+            match flow.state {
+                FlowState::Handshake => {
+                    debug!(
+                        "flow: handshake {} -> {} timed out",
+                        flow.guest, flow.remote
+                    );
+                    self.stats.handshake_timeouts += 1;
+                    self.remove_flow(slot, "handshake timeout");
+                }
+                FlowState::LastAck => {
+                    warn!(
+                        "flow: tcp {} -> {} reaped: no final ACK within {:?} of LastAck",
+                        flow.guest, flow.remote, self.last_ack_timeout
+                    );
+                    self.stats.last_ack_timeouts += 1;
+                    self.remove_flow(slot, "last-ack timeout");
+                }
+                _ => {}
+            }
+        }
+        self.scan_udp(now);
+    }
+
+    /// All flows, for reports (ages relative to the current time).
+    pub fn flows(&self) -> Vec<FlowInfo> {
+        self.flows_at(Instant::now())
+    }
+
+    /// All flows, with ages relative to `now`, ordered by slot.
+    pub fn flows_at(&self, now: Instant) -> Vec<FlowInfo> {
+        let mut v: Vec<FlowInfo> = self
+            .table
+            .iter()
+            .map(|f| {
+                let packets = |k| {
+                    self.maps
+                        .get(&k)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |e: datapath_common::FlowEntry| e.packets)
+                };
+                FlowInfo {
+                    proto: proto_name(f.proto),
+                    guest: f.guest,
+                    remote: f.remote,
+                    upstream: f.world,
+                    nat: f.nat,
+                    state: state_name(f.state),
+                    fastpath_packets: packets(f.tap_key()).saturating_add(packets(f.uplink_key())),
+                    age: now.saturating_duration_since(f.created),
+                    slot: f.slot,
+                }
+            })
+            .collect();
+        v.sort_by_key(|i| i.slot);
+        v
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> FlowStats {
+        let mut s = self.stats.clone();
+        let tcp = self.table.iter().filter(|f| f.is_tcp()).count() as u64;
+        s.flows_active = self.table.len() as u64;
+        s.tcp_active = tcp;
+        s.udp_active = s.flows_active.saturating_sub(tcp);
+        s
+    }
+
+    fn guest_frame(
+        &mut self,
+        frame: &[u8],
+        guest_mac: EthernetAddress,
+        reason: PuntReason,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Result<(), DropReason> {
+        let pkt = packet::parse_frame(frame)?;
+        if pkt.src != self.guest.guest_addr || !guest_mac.is_unicast() {
+            return Err(DropReason::BadSource);
+        }
+        if pkt.ttl <= 1 {
+            if is_unicast(pkt.dst) {
+                self.icmp_to_guest(
+                    self.guest.gateway,
+                    &pkt,
+                    IcmpError::TtlExceeded,
+                    guest_mac,
+                    out,
+                );
+            }
+            return Err(DropReason::TtlExpired);
+        }
+        match pkt.l4 {
+            L4::Tcp(seg) => self.guest_tcp(&pkt, seg, guest_mac, reason, now, out),
+            L4::Udp { .. } => self.guest_udp(&pkt, guest_mac, reason, now, out),
+        }
+    }
+
+    fn world_frame(
+        &mut self,
+        frame: &[u8],
+        _reason: PuntReason,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Result<(), DropReason> {
+        let pkt = packet::parse_frame(frame)?;
+        let (sport, dport) = pkt.ports();
+        let key = maps::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto());
+        let slot = self.table.by_uplink(&key).ok_or(DropReason::UnknownFlow)?;
+        if pkt.ttl <= 1 {
+            // ICMP time exceeded towards the world: the ICMP issue.
+            return Err(DropReason::TtlExpired);
+        }
+        if pkt.ip.len() > usize::from(self.guest.mtu) {
+            // Fragmentation needed towards the world: the ICMP issue.
+            return Err(DropReason::TooBig);
+        }
+        match pkt.l4 {
+            L4::Tcp(seg) => self.world_tcp(slot, &pkt, seg, now, out),
+            L4::Udp { .. } => {
+                if let Some(f) = self.table.get_mut(slot) {
+                    f.last_seen = now;
+                }
+                self.forward_to_guest(slot, &pkt, out)
+            }
+        }
+    }
+
+    fn event_snap(
+        &mut self,
+        reason: PuntReason,
+        origin: Origin,
+        snap: &[u8],
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let s = packet::parse_snap(snap)?;
+        let seg = s.seg;
+        let (side, slot) = match origin {
+            Origin::Tap => (
+                Side::Guest,
+                self.table.by_tap(&maps::tap_key(
+                    s.src, s.dst, seg.sport, seg.dport, PROTO_TCP,
+                )),
+            ),
+            Origin::Uplink => (
+                Side::World,
+                self.table.by_uplink(&maps::uplink_key(
+                    s.src, s.dst, seg.sport, seg.dport, PROTO_TCP,
+                )),
+            ),
+        };
+        let Some(slot) = slot else {
+            self.stats.events_unknown += 1;
+            debug!(
+                "flow: {} event for no known flow {}:{} -> {}:{}",
+                reason.name(),
+                s.src,
+                seg.sport,
+                s.dst,
+                seg.dport
+            );
+            return Ok(());
+        };
+        if reason == PuntReason::EventRst {
+            self.stats.resets += 1;
+            self.remove_flow(slot, "rst");
+            return Ok(());
+        }
+        self.after_segment(slot, side, &seg, now);
+        Ok(())
+    }
+
+    /// Installs a new flow for `pkt` (from the guest) towards `world`:
+    /// source address, NAT port, slot, both map entries.
+    fn install(
+        &mut self,
+        pkt: &Packet<'_>,
+        world: SocketAddrV4,
+        guest_mac: EthernetAddress,
+        state: FlowState,
+        guest_isn: u32,
+        now: Instant,
+    ) -> Result<u32, DropReason> {
+        if !self.table.has_room() {
+            warn!("flow: {} flows exist, refusing a new one", self.table.len());
+            return Err(DropReason::TableFull);
+        }
+        let proto = pkt.proto();
+        let src = self.ports.source_for(*world.ip()).map_err(|e| {
+            debug!("flow: no source address towards {world}: {e}");
+            DropReason::NoRoute
+        })?;
+        let lease = self.ports.reserve(proto, src).map_err(|e| {
+            warn!("flow: reserving a NAT port on {src}: {e}");
+            DropReason::PortExhausted
+        })?;
+        let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
+        let (sport, dport) = pkt.ports();
+        let deadline = if state == FlowState::Handshake {
+            now.checked_add(self.handshake_timeout)
+        } else {
+            None
+        };
+        let flow = Flow {
+            slot,
+            proto,
+            guest: SocketAddrV4::new(pkt.src, sport),
+            remote: SocketAddrV4::new(pkt.dst, dport),
+            world,
+            nat: SocketAddrV4::new(src, lease.port()),
+            guest_mac,
+            lease,
+            state,
+            created: now,
+            state_since: now,
+            last_seen: now,
+            guest_isn,
+            guest_fin: None,
+            world_fin: None,
+            guest_fin_acked: false,
+            world_fin_acked: false,
+            deadline,
+        };
+        let (tk, uk) = (flow.tap_key(), flow.uplink_key());
+        if self.table.by_uplink(&uk).is_some() || self.table.by_tap(&tk).is_some() {
+            warn!(
+                "flow: NAT tuple {} -> {} already in use",
+                flow.nat, flow.world
+            );
+            self.table.release_slot(slot);
+            return Err(DropReason::NatCollision);
+        }
+        let te = flow.tap_entry(self.uplink_ifindex, 0);
+        let ue = flow.uplink_entry(self.tap_ifindex, self.guest.gateway_mac, 0);
+        self.maps.clear_activity(slot, ACTIVE | TAP_ACTIVE);
+        // The return direction first: once the guest's direction forwards,
+        // replies must find their entry.
+        if let Err(e) = self.maps.insert(&uk, &ue) {
+            warn!("flow: installing {} -> {}: {e}", flow.guest, flow.world);
+            self.stats.map_errors += 1;
+            self.table.release_slot(slot);
+            return Err(DropReason::MapError);
+        }
+        if let Err(e) = self.maps.insert(&tk, &te) {
+            warn!("flow: installing {} -> {}: {e}", flow.guest, flow.world);
+            self.stats.map_errors += 1;
+            if let Err(e) = self.maps.remove(&uk) {
+                warn!("flow: removing a half-installed entry: {e}");
+                self.stats.map_errors += 1;
+            }
+            self.table.release_slot(slot);
+            return Err(DropReason::MapError);
+        }
+        debug!(
+            "flow: new {} {} -> {} (world {}) via {} slot {slot} {}",
+            proto_name(proto),
+            flow.guest,
+            flow.remote,
+            flow.world,
+            flow.nat,
+            state_name(state)
+        );
+        self.table.insert(flow);
+        self.stats.flows_created += 1;
+        Ok(slot)
+    }
+
+    /// Removes a flow: both map entries, its NAT port and its slot.
+    fn remove_flow(&mut self, slot: u32, why: &str) {
+        let Some(flow) = self.table.remove(slot) else {
+            return;
+        };
+        for key in [flow.tap_key(), flow.uplink_key()] {
+            if let Err(e) = self.maps.remove(&key) {
+                warn!("flow: removing slot {slot}'s entry: {e}");
+                self.stats.map_errors += 1;
+            }
+        }
+        self.maps.clear_activity(slot, ACTIVE | TAP_ACTIVE);
+        self.stats.flows_closed += 1;
+        debug!(
+            "flow: removed {} {} -> {} via {} ({why})",
+            proto_name(flow.proto),
+            flow.guest,
+            flow.remote,
+            flow.nat
+        );
+        // Dropping `flow` drops the lease: the NAT port is free again.
+    }
+
+    /// Moves a flow to `state` and mirrors it into both map entries
+    /// (`LastAck` also asks the kernel for events on every packet).
+    fn set_state(&mut self, slot: u32, state: FlowState, now: Instant) {
+        let Some(flow) = self.table.get_mut(slot) else {
+            return;
+        };
+        if flow.state == state {
+            return;
+        }
+        let old = flow.state;
+        flow.state = state;
+        flow.state_since = now;
+        let keys = [flow.tap_key(), flow.uplink_key()];
+        let deadline = match state {
+            FlowState::LastAck => now.checked_add(self.last_ack_timeout),
+            FlowState::Handshake => flow.deadline,
+            _ => None,
+        };
+        self.table.set_deadline(slot, deadline);
+        let flags = if state == FlowState::LastAck {
+            FLOW_F_EVENTS
+        } else {
+            0
+        };
+        for key in keys {
+            if let Err(e) = self.maps.update_state(&key, state, flags) {
+                warn!("flow: updating slot {slot}'s state: {e}");
+                self.stats.map_errors += 1;
+            }
+        }
+        debug!(
+            "flow: slot {slot} {} -> {}",
+            state_name(old),
+            state_name(state)
+        );
+    }
+
+    /// Translates a packet from the guest along its flow and queues it for
+    /// the world.
+    fn forward_to_world(
+        &mut self,
+        slot: u32,
+        pkt: &Packet<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), DropReason> {
+        let rw = self
+            .table
+            .get(slot)
+            .ok_or(DropReason::UnknownFlow)?
+            .to_world();
+        out.push(Output::ToWorld(packet::rewrite(pkt.ip, rw)?));
+        self.stats.slow_to_world += 1;
+        Ok(())
+    }
+
+    /// Translates a packet from the world along its flow and queues the
+    /// frame for the guest.
+    fn forward_to_guest(
+        &mut self,
+        slot: u32,
+        pkt: &Packet<'_>,
+        out: &mut Vec<Output>,
+    ) -> Result<(), DropReason> {
+        let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
+        let (rw, mac) = (flow.to_guest(), flow.guest_mac);
+        let ip = packet::rewrite(pkt.ip, rw)?;
+        out.push(Output::ToGuest(packet::ethernet_frame(
+            self.guest.gateway_mac,
+            mac,
+            &ip,
+        )));
+        self.stats.slow_to_guest += 1;
+        Ok(())
+    }
+
+    /// Queues an ICMP error from `from` about `pkt` for the guest.
+    fn icmp_to_guest(
+        &mut self,
+        from: Ipv4Addr,
+        pkt: &Packet<'_>,
+        kind: IcmpError,
+        guest_mac: EthernetAddress,
+        out: &mut Vec<Output>,
+    ) {
+        let ip = packet::icmp_error(from, pkt, kind);
+        out.push(Output::ToGuest(packet::ethernet_frame(
+            self.guest.gateway_mac,
+            guest_mac,
+            &ip,
+        )));
+        self.stats.icmp_sent += 1;
+    }
+}
+
+/// Whether `ip` is a destination errors may be sent about (RFC 1122
+/// §3.2.2: never about broadcast or multicast).
+fn is_unicast(ip: Ipv4Addr) -> bool {
+    !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified())
+}
+
+/// "tcp", "udp" or "other".
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "other",
+    }
+}
+
+/// Lower-case name of a flow state.
+pub fn state_name(s: FlowState) -> &'static str {
+    match s {
+        FlowState::Handshake => "handshake",
+        FlowState::Established => "established",
+        FlowState::FinWait => "fin_wait",
+        FlowState::CloseWait => "close_wait",
+        FlowState::LastAck => "last_ack",
+    }
+}

@@ -1,0 +1,333 @@
+//! NAT ports and source addresses that can never collide with the host's
+//! own sockets.
+//!
+//! # Theory of operation
+//!
+//! A translated flow leaves the host from `(host address, NAT port)`. The
+//! kernel fast path never consults the socket tables, so nothing would stop
+//! a host process from picking the same port for its own connection and
+//! having its replies stolen by the flow map (or ours delivered to it). The
+//! cure is to make the port *taken* in the host's own eyes for as long as
+//! the flow lives: [`SocketPorts::reserve`] creates a TCP (or UDP) socket
+//! and `bind`s it to `(local, 0)` without ever listening or connecting. The
+//! kernel picks a free port from the ephemeral range, and from then on
+//! Linux's port autoselection for `connect()` and `bind(…, 0)` skips it
+//! (a bound socket without `SO_REUSEADDR` owns a bind bucket that
+//! `__inet_hash_connect` refuses), and an explicit `bind` to it fails with
+//! `EADDRINUSE`. The socket lives in the [`NatLease`]; dropping the lease
+//! closes it and releases the port. A bound-but-not-listening TCP socket
+//! accepts nothing, so a segment that reaches the host stack for that port
+//! (one that matched no flow entry) is answered by the host kernel with an
+//! RST, as for any closed port. A bound UDP socket would queue stray
+//! datagrams, so its receive buffer is shrunk to the minimum; nothing ever
+//! reads it and the kernel drops what does not fit.
+//!
+//! [`SocketPorts::source_for`] asks the host's routing which source address
+//! it would use towards a destination: a UDP socket `connect`ed to it (no
+//! packet is sent) and `getsockname`.
+//!
+//! [`NatPorts`] is a trait so the flow manager's tests can use a fake.
+
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, OwnedFd},
+};
+
+use datapath_common::{PROTO_TCP, PROTO_UDP};
+use nix::{
+    errno::Errno,
+    sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getsockname, setsockopt,
+        socket, sockopt,
+    },
+};
+use thiserror::Error;
+
+/// Why a NAT port or source address could not be had.
+#[derive(Debug, Error)]
+pub enum NatError {
+    /// Only TCP and UDP ports are reserved.
+    #[error("no NAT ports for IP protocol {0}")]
+    Protocol(u8),
+    /// Every port of the ephemeral range is taken on that address.
+    #[error("no free NAT port on {0}")]
+    Exhausted(Ipv4Addr),
+    /// The host has no route (or no usable source address) towards it.
+    #[error("no route to {0}")]
+    NoRoute(Ipv4Addr),
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: Errno,
+    },
+}
+
+/// A reserved NAT port; the reservation is released when the lease is
+/// dropped.
+pub struct NatLease {
+    port: u16,
+    /// Whatever holds the reservation (a bound socket for [`SocketPorts`]).
+    _hold: Box<dyn Send>,
+}
+
+impl NatLease {
+    /// A lease on `port`, held for as long as `hold` lives.
+    pub fn new(port: u16, hold: impl Send + 'static) -> Self {
+        Self {
+            port,
+            _hold: Box::new(hold),
+        }
+    }
+
+    /// The reserved port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Debug for NatLease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatLease")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reserves NAT ports and picks source addresses.
+pub trait NatPorts {
+    /// Reserves a port for `proto` ([`PROTO_TCP`] or [`PROTO_UDP`]) on the
+    /// host address `local` that no host socket can take while the lease
+    /// lives.
+    fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError>;
+
+    /// The host address the kernel would use as source towards `remote`.
+    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError>;
+}
+
+/// The real [`NatPorts`]: ports held by bound, never-listening sockets;
+/// source addresses from the host's routing.
+#[derive(Debug, Default)]
+pub struct SocketPorts {
+    _priv: (),
+}
+
+impl SocketPorts {
+    /// A reserver using the host's socket tables.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Port used for the routing query in [`SocketPorts::source_for`]; any
+/// non-zero port does, nothing is sent.
+const ROUTE_QUERY_PORT: u16 = 9;
+
+impl NatPorts for SocketPorts {
+    fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
+        let ty = match proto {
+            PROTO_TCP => SockType::Stream,
+            PROTO_UDP => SockType::Datagram,
+            other => return Err(NatError::Protocol(other)),
+        };
+        let fd: OwnedFd =
+            socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).map_err(|source| {
+                NatError::Os {
+                    op: "socket",
+                    source,
+                }
+            })?;
+        if ty == SockType::Datagram {
+            // Nobody reads this socket: keep what strays into it small (the
+            // kernel rounds 0 up to its minimum).
+            if let Err(e) = setsockopt(&fd, sockopt::RcvBuf, &0) {
+                log::debug!("nat: shrinking a UDP port's receive buffer: {e}");
+            }
+        }
+        match bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(SocketAddrV4::new(local, 0)),
+        ) {
+            Ok(()) => {}
+            Err(Errno::EADDRINUSE) => return Err(NatError::Exhausted(local)),
+            Err(Errno::EADDRNOTAVAIL) => return Err(NatError::NoRoute(local)),
+            Err(source) => return Err(NatError::Os { op: "bind", source }),
+        }
+        let bound: SockaddrIn = getsockname(fd.as_raw_fd()).map_err(|source| NatError::Os {
+            op: "getsockname",
+            source,
+        })?;
+        log::trace!(
+            "nat: reserved {}:{} proto {proto}",
+            bound.ip(),
+            bound.port()
+        );
+        Ok(NatLease::new(bound.port(), fd))
+    }
+
+    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
+        let fd: OwnedFd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|source| NatError::Os {
+            op: "socket",
+            source,
+        })?;
+        let dest = SockaddrIn::from(SocketAddrV4::new(remote, ROUTE_QUERY_PORT));
+        match connect(fd.as_raw_fd(), &dest) {
+            Ok(()) => {}
+            Err(Errno::ENETUNREACH | Errno::EHOSTUNREACH | Errno::EINVAL | Errno::EACCES) => {
+                return Err(NatError::NoRoute(remote));
+            }
+            Err(source) => {
+                return Err(NatError::Os {
+                    op: "connect",
+                    source,
+                });
+            }
+        }
+        let local: SockaddrIn = getsockname(fd.as_raw_fd()).map_err(|source| NatError::Os {
+            op: "getsockname",
+            source,
+        })?;
+        let ip = local.ip();
+        if ip.is_unspecified() {
+            return Err(NatError::NoRoute(remote));
+        }
+        Ok(ip)
+    }
+}
+
+/// Raises the soft limit on open files towards `want` (capped by the hard
+/// limit) and returns the resulting soft limit.
+///
+/// [`SocketPorts`] holds one socket per flow, so a daemon configured for
+/// many flows needs more descriptors than the usual soft limit of 1024:
+/// call this at startup with `max_flows` plus some headroom, and cap
+/// `max_flows` by what it returns.
+pub fn raise_nofile_limit(want: u64) -> std::io::Result<u64> {
+    // SAFETY: rlimit is plain old data, filled by getrlimit.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid resource and a pointer to a live rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let target = want.min(lim.rlim_max);
+    if target > lim.rlim_cur {
+        lim.rlim_cur = target;
+        // SAFETY: a valid resource and a pointer to a live rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::{
+        io::ErrorKind,
+        net::{TcpListener, TcpStream, UdpSocket},
+    };
+
+    use super::*;
+
+    const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+    #[test]
+    fn tcp_reservations_differ_and_block_binds() {
+        let mut p = SocketPorts::new();
+        let a = p.reserve(PROTO_TCP, LO).unwrap();
+        let b = p.reserve(PROTO_TCP, LO).unwrap();
+        assert_ne!(a.port(), 0);
+        assert_ne!(a.port(), b.port());
+        for port in [a.port(), b.port()] {
+            let err = TcpListener::bind((LO, port)).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::AddrInUse, "port {port}");
+            // Binding the wildcard address collides as well.
+            let err = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::AddrInUse, "port {port}");
+        }
+    }
+
+    #[test]
+    fn tcp_release_frees_the_port() {
+        let mut p = SocketPorts::new();
+        let lease = p.reserve(PROTO_TCP, LO).unwrap();
+        let port = lease.port();
+        drop(lease);
+        let l = TcpListener::bind((LO, port)).unwrap();
+        assert_eq!(l.local_addr().unwrap().port(), port);
+    }
+
+    #[test]
+    fn reserved_tcp_port_refuses_connections() {
+        // Bound but not listening: the host kernel answers with an RST.
+        let mut p = SocketPorts::new();
+        let lease = p.reserve(PROTO_TCP, LO).unwrap();
+        let err = TcpStream::connect((LO, lease.port())).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    }
+
+    #[test]
+    fn udp_reservations_differ_and_block_binds() {
+        let mut p = SocketPorts::new();
+        let a = p.reserve(PROTO_UDP, LO).unwrap();
+        let b = p.reserve(PROTO_UDP, LO).unwrap();
+        assert_ne!(a.port(), b.port());
+        let err = UdpSocket::bind((LO, a.port())).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AddrInUse);
+        let port = a.port();
+        drop(a);
+        UdpSocket::bind((LO, port)).unwrap();
+    }
+
+    #[test]
+    fn other_protocols_are_refused() {
+        let mut p = SocketPorts::new();
+        assert!(matches!(
+            p.reserve(datapath_common::PROTO_ICMP, LO),
+            Err(NatError::Protocol(1))
+        ));
+    }
+
+    #[test]
+    fn binding_a_foreign_address_fails() {
+        let mut p = SocketPorts::new();
+        // TEST-NET-3 is not configured on any interface here.
+        assert!(
+            p.reserve(PROTO_TCP, Ipv4Addr::new(203, 0, 113, 77))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn source_for_loopback_is_loopback() {
+        let mut p = SocketPorts::new();
+        assert_eq!(p.source_for(LO).unwrap(), LO);
+        assert_eq!(p.source_for(Ipv4Addr::new(127, 1, 2, 3)).unwrap(), LO);
+    }
+
+    #[test]
+    fn nofile_limit_never_shrinks() {
+        let now = raise_nofile_limit(0).unwrap();
+        assert!(now > 0);
+        assert_eq!(raise_nofile_limit(now).unwrap(), now);
+        assert!(raise_nofile_limit(now + 1).unwrap() >= now);
+    }
+
+    #[test]
+    fn lease_debug_shows_port() {
+        let l = NatLease::new(4242, ());
+        assert_eq!(l.port(), 4242);
+        assert!(format!("{l:?}").contains("4242"));
+    }
+}

@@ -1,0 +1,552 @@
+//! `cargo xtask bench`: single-stream TCP throughput, tapgate against the
+//! kernel's own NAT, measured in the same run.
+//!
+//! # Theory of operation
+//!
+//! Both peers use the test harness's veth topology (guest, host and world
+//! namespaces; see `tapgate_tests::topology`), one after the other:
+//!
+//! * **kernel+nft**: [`Topology::new_kernel_router`] — the guest
+//!   `10.0.2.15/24` is routed by the host namespace's kernel
+//!   (`ip_forward=1` there only) with an nft masquerade on `uplink0`. This
+//!   is the in-kernel limit the fast path is measured against.
+//! * **tapgate**: a [`GuestKind::Veth`] topology with the release build of
+//!   tapgate attached to `tap0` (`--log-level info`, a private control
+//!   socket); the guest gets its address by DHCP.
+//!
+//! For each peer and direction an `iperf3 -s -1` server runs in the world
+//! namespace on `198.51.100.2` and the guest runs `iperf3 -c 198.51.100.2
+//! -t SECS -J` (guest→world) or the same with `-R` (world→guest); the
+//! result is `end.sum_received.bits_per_second` of iperf3's JSON. Each run
+//! is bounded (`--connect-timeout`, and the client is killed after SECS +
+//! 20 s); a failed run is reported as such (`no connection (iperf3 error:
+//! ...)`) and the bench goes on.
+//!
+//! Around the tapgate runs the bench reads `tapgate stats --json` from the
+//! control socket; the share of packets the fast path handled is
+//! `Δfastpath_packets / (Δfastpath_packets + Δslowpath_packets)`.
+//!
+//! The table goes to stdout and the same data as JSON to
+//! `target/bench/latest.json`. Every namespace and process is owned by a
+//! guard, so an error or Ctrl-C (recorded by a handler, checked between
+//! steps) leaves nothing behind.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use serde_json::{Value, json};
+use tapgate_tests::{
+    Child, GuestKind, Netns, Topology, child::run_with_timeout, dhcp::DhcpClient,
+    topology::WORLD_ADDR,
+};
+
+/// The iperf3 port in the world namespace.
+const IPERF_PORT: u16 = 5201;
+/// Slack on top of `-t` before an iperf3 client is killed.
+const RUN_SLACK: Duration = Duration::from_secs(20);
+/// iperf3's own bound on connecting (milliseconds).
+const CONNECT_TIMEOUT_MS: &str = "5000";
+/// How long to wait for the iperf3 server to listen.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which side of the comparison to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// Kernel routing + nft masquerade.
+    Kernel,
+    /// tapgate.
+    Tapgate,
+}
+
+/// Options of `cargo xtask bench`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Seconds per iperf3 run.
+    pub seconds: u32,
+    /// Measure only this peer.
+    pub only: Option<Peer>,
+}
+
+/// A transfer direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    GuestToWorld,
+    WorldToGuest,
+}
+
+impl Direction {
+    const ALL: [Direction; 2] = [Direction::GuestToWorld, Direction::WorldToGuest];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::GuestToWorld => "guest→world",
+            Self::WorldToGuest => "world→guest",
+        }
+    }
+}
+
+/// One iperf3 result: bits per second, or why there is none.
+type Measurement = std::result::Result<f64, String>;
+
+/// Results of one peer, per direction (`None`: not measured).
+#[derive(Debug, Default)]
+struct PeerResults {
+    up: Option<Measurement>,
+    down: Option<Measurement>,
+}
+
+impl PeerResults {
+    fn get(&self, d: Direction) -> Option<&Measurement> {
+        match d {
+            Direction::GuestToWorld => self.up.as_ref(),
+            Direction::WorldToGuest => self.down.as_ref(),
+        }
+    }
+
+    fn set(&mut self, d: Direction, m: Measurement) {
+        match d {
+            Direction::GuestToWorld => self.up = Some(m),
+            Direction::WorldToGuest => self.down = Some(m),
+        }
+    }
+
+    /// The same failure for every direction.
+    fn failed(reason: &str) -> Self {
+        Self {
+            up: Some(Err(reason.to_owned())),
+            down: Some(Err(reason.to_owned())),
+        }
+    }
+}
+
+/// The fast path's share of tapgate's packets during the runs.
+#[derive(Debug)]
+struct Share {
+    fast: u64,
+    slow: u64,
+}
+
+/// Runs the benchmark with the tapgate binary `bin` (a release build);
+/// writes the JSON report to `report`.
+pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
+    tapgate_tests::require_root()?;
+    if opts.seconds == 0 {
+        bail!("--seconds must be at least 1");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+
+    let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let kernel_release = command_line("uname", &["-r"]);
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let header = format!(
+        "single-stream TCP, veth guest, {} s, {date}, {cores} cores",
+        opts.seconds
+    );
+    eprintln!("xtask: {header}");
+
+    let kernel = if opts.only == Some(Peer::Tapgate) {
+        None
+    } else {
+        Some(run_kernel(opts, &stop)?)
+    };
+    let (tapgate, share) = if opts.only == Some(Peer::Kernel) {
+        (None, None)
+    } else {
+        let (results, share) = run_tapgate(bin, opts, &stop)?;
+        (Some(results), Some(share))
+    };
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+
+    println!(
+        "{}",
+        table(&header, kernel.as_ref(), tapgate.as_ref(), share.as_ref())
+    );
+    let doc = json!({
+        "benchmark": "single-stream TCP (iperf3)",
+        "topology": "veth guest",
+        "seconds": opts.seconds,
+        "date": date,
+        "cores": cores,
+        "kernel_release": kernel_release,
+        "results": Direction::ALL.iter().map(|&d| {
+            let k = kernel.as_ref().and_then(|r| r.get(d));
+            let t = tapgate.as_ref().and_then(|r| r.get(d));
+            json!({
+                "direction": d.label(),
+                "kernel_nft": measurement_json(k),
+                "tapgate": measurement_json(t),
+                "ratio": ratio(k, t),
+            })
+        }).collect::<Vec<_>>(),
+        "fastpath": share.as_ref().map(|s| match s {
+            Ok(s) => json!({
+                "fastpath_packets": s.fast,
+                "slowpath_packets": s.slow,
+                "share": share_of(s),
+            }),
+            Err(e) => json!({ "error": e }),
+        }),
+    });
+    if let Some(dir) = report.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&doc).context("encoding the report")?;
+    std::fs::write(report, text + "\n").with_context(|| format!("writing {}", report.display()))?;
+    eprintln!("xtask: report written to {}", report.display());
+    Ok(())
+}
+
+fn check_stop(stop: &AtomicBool) -> Result<()> {
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// The kernel peer: both directions on a kernel-routed topology.
+fn run_kernel(opts: &Options, stop: &AtomicBool) -> Result<PeerResults> {
+    eprintln!("xtask: kernel+nft: building the kernel-routed topology");
+    let topo = Topology::new_kernel_router().context("building the kernel-routed topology")?;
+    let mut results = PeerResults::default();
+    for d in Direction::ALL {
+        check_stop(stop)?;
+        eprintln!("xtask: kernel+nft: {} for {} s", d.label(), opts.seconds);
+        let m = iperf(&topo, d, opts.seconds);
+        report_progress("kernel+nft", d, &m);
+        results.set(d, m);
+    }
+    Ok(results)
+}
+
+/// The tapgate peer: both directions, and the fast-path share.
+fn run_tapgate(
+    bin: &Path,
+    opts: &Options,
+    stop: &AtomicBool,
+) -> Result<(PeerResults, std::result::Result<Share, String>)> {
+    eprintln!("xtask: tapgate: building the veth topology");
+    let mut topo = Topology::new(GuestKind::Veth).context("building the veth topology")?;
+    topo.set_tapgate_bin(bin.to_path_buf());
+    let control = topo.control_socket();
+    // `info` is the quietest level that still logs the readiness line;
+    // nothing is logged per packet or per flow at that level.
+    let mut tapgate = match topo.start_tapgate(&["--log-level", "info"]) {
+        Ok(child) => child,
+        Err(e) => {
+            let reason = format!("tapgate did not start: {e:#}");
+            return Ok((PeerResults::failed(&reason), Err("no run".to_owned())));
+        }
+    };
+    check_stop(stop)?;
+    let client = DhcpClient::new(topo.guest(), topo.guest_iface())?;
+    if let Err(e) = client.run_once() {
+        let reason = format!("no DHCP lease: {e:#}");
+        return Ok((PeerResults::failed(&reason), Err("no run".to_owned())));
+    }
+    let before = fast_slow(bin, &control);
+    let mut results = PeerResults::default();
+    for d in Direction::ALL {
+        check_stop(stop)?;
+        eprintln!("xtask: tapgate: {} for {} s", d.label(), opts.seconds);
+        let mut m = iperf(&topo, d, opts.seconds);
+        if let Some(status) = tapgate.try_wait()? {
+            m = Err(format!(
+                "tapgate exited ({status}); stderr:\n{}",
+                tapgate.stderr()
+            ));
+        }
+        report_progress("tapgate", d, &m);
+        results.set(d, m);
+    }
+    let after = fast_slow(bin, &control);
+    let share = match (before, after) {
+        (Ok((f0, s0)), Ok((f1, s1))) => Ok(Share {
+            fast: f1.saturating_sub(f0),
+            slow: s1.saturating_sub(s0),
+        }),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    drop(tapgate);
+    Ok((results, share))
+}
+
+fn report_progress(peer: &str, d: Direction, m: &Measurement) {
+    match m {
+        Ok(bps) => eprintln!("xtask: {peer}: {}: {}", d.label(), gbits(*bps)),
+        Err(e) => eprintln!("xtask: {peer}: {}: failed: {e}", d.label()),
+    }
+}
+
+/// Reads `fastpath_packets` and `slowpath_packets` through `tapgate stats
+/// --json`.
+fn fast_slow(bin: &Path, control: &Path) -> std::result::Result<(u64, u64), String> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("stats")
+        .arg("--json")
+        .arg("--control-socket")
+        .arg(control);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(15)).map_err(|e| format!("{e:#}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "`tapgate stats` failed: {}",
+            stderr.lines().next().unwrap_or("no output").trim()
+        ));
+    }
+    let doc: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("`tapgate stats --json` printed no JSON: {e}"))?;
+    let field = |k: &str| {
+        doc.get(k)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("`tapgate stats --json` has no number {k:?}"))
+    };
+    Ok((field("fastpath_packets")?, field("slowpath_packets")?))
+}
+
+/// Waits until something listens on TCP `port` in `ns`.
+fn wait_listening(ns: &Netns, server: &mut Child, port: u16) -> Result<()> {
+    let deadline = Instant::now() + LISTEN_TIMEOUT;
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = ns.output_timeout(&["ss", "-Hltn", &filter], Duration::from_secs(5))?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if let Some(status) = server.try_wait()? {
+            bail!("iperf3 server exited ({status}): {}", server.stderr());
+        }
+        if Instant::now() >= deadline {
+            bail!("iperf3 server not listening after {LISTEN_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One bounded iperf3 run in direction `d`.
+fn iperf(topo: &Topology, d: Direction, seconds: u32) -> Measurement {
+    iperf_inner(topo, d, seconds).unwrap_or_else(|e| Err(format!("{e:#}")))
+}
+
+fn iperf_inner(topo: &Topology, d: Direction, seconds: u32) -> Result<Measurement> {
+    let port = IPERF_PORT.to_string();
+    let mut server_cmd = topo.world().cmd("iperf3");
+    server_cmd.args(["-s", "-1", "-B", WORLD_ADDR, "-p", &port]);
+    let mut server = Child::spawn(server_cmd, "iperf3 server")?;
+    wait_listening(topo.world(), &mut server, IPERF_PORT)?;
+    let secs = seconds.to_string();
+    let mut argv = vec![
+        "iperf3",
+        "-c",
+        WORLD_ADDR,
+        "-p",
+        &port,
+        "-t",
+        &secs,
+        "-J",
+        "--connect-timeout",
+        CONNECT_TIMEOUT_MS,
+    ];
+    if d == Direction::WorldToGuest {
+        argv.push("-R");
+    }
+    let limit = Duration::from_secs(u64::from(seconds)) + RUN_SLACK;
+    let out = match topo.guest().output_timeout(&argv, limit) {
+        Ok(out) => out,
+        Err(e) => return Ok(Err(format!("iperf3 did not finish: {e:#}"))),
+    };
+    drop(server);
+    Ok(parse_iperf(&out.stdout, &out.stderr))
+}
+
+/// Extracts `end.sum_received.bits_per_second` from iperf3's JSON.
+fn parse_iperf(stdout: &[u8], stderr: &[u8]) -> Measurement {
+    let doc: Value = match serde_json::from_slice(stdout) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return Err(format!(
+                "iperf3 printed no JSON ({e}); stderr: {}",
+                String::from_utf8_lossy(stderr).trim()
+            ));
+        }
+    };
+    if let Some(err) = doc.get("error").and_then(Value::as_str) {
+        return Err(if err.contains("unable to connect") {
+            format!("no connection (iperf3 error: {err})")
+        } else {
+            format!("iperf3 error: {err}")
+        });
+    }
+    doc.pointer("/end/sum_received/bits_per_second")
+        .and_then(Value::as_f64)
+        .filter(|bps| *bps > 0.0)
+        .ok_or_else(|| "iperf3 reported no end.sum_received.bits_per_second".to_owned())
+}
+
+fn gbits(bps: f64) -> String {
+    format!("{:.1} Gbit/s", bps / 1e9)
+}
+
+fn ratio(kernel: Option<&Measurement>, tapgate: Option<&Measurement>) -> Option<f64> {
+    match (kernel, tapgate) {
+        (Some(Ok(k)), Some(Ok(t))) if *k > 0.0 => Some(t / k),
+        _ => None,
+    }
+}
+
+fn share_of(s: &Share) -> Option<f64> {
+    let total = s.fast.saturating_add(s.slow);
+    (total > 0).then(|| s.fast as f64 / total as f64)
+}
+
+fn measurement_json(m: Option<&Measurement>) -> Value {
+    match m {
+        None => Value::Null,
+        Some(Ok(bps)) => json!({ "bits_per_second": bps }),
+        Some(Err(e)) => json!({ "error": e }),
+    }
+}
+
+/// Left-aligns `s` in `width` characters (not bytes: `→` is one).
+fn pad(s: &str, width: usize) -> String {
+    let len = s.chars().count();
+    format!("{s}{}", " ".repeat(width.saturating_sub(len)))
+}
+
+/// The human-readable report.
+fn table(
+    header: &str,
+    kernel: Option<&PeerResults>,
+    tapgate: Option<&PeerResults>,
+    share: Option<&std::result::Result<Share, String>>,
+) -> String {
+    let cell = |m: Option<&Measurement>| match m {
+        None => "skipped".to_owned(),
+        Some(Ok(bps)) => gbits(*bps),
+        Some(Err(_)) => "failed".to_owned(),
+    };
+    let mut lines = vec![
+        header.to_owned(),
+        format!(
+            "{}{}{}ratio",
+            pad("direction", 17),
+            pad("kernel+nft", 14),
+            pad("tapgate", 14)
+        ),
+    ];
+    let mut notes = Vec::new();
+    for d in Direction::ALL {
+        let k = kernel.and_then(|r| r.get(d));
+        let t = tapgate.and_then(|r| r.get(d));
+        let r = ratio(k, t).map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
+        lines.push(format!(
+            "{}{}{}{r}",
+            pad(d.label(), 17),
+            pad(&cell(k), 14),
+            pad(&cell(t), 14)
+        ));
+        for (peer, m) in [("kernel+nft", k), ("tapgate", t)] {
+            if let Some(Err(e)) = m {
+                notes.push(format!("{peer} {}: {e}", d.label()));
+            }
+        }
+    }
+    match share {
+        None => {}
+        Some(Ok(s)) => match share_of(s) {
+            Some(f) => lines.push(format!(
+                "fast-path share: {:.2}% of {} packets",
+                f * 100.0,
+                s.fast + s.slow
+            )),
+            None => lines.push("fast-path share: no packets counted".to_owned()),
+        },
+        Some(Err(e)) => lines.push(format!("fast-path share: unavailable ({e})")),
+    }
+    lines.extend(notes);
+    lines.join("\n")
+}
+
+/// The first line of a command's output, or `?`.
+fn command_line(program: &str, args: &[&str]) -> String {
+    run_with_timeout(Command::new(program).args(args), Duration::from_secs(5))
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// Where the JSON report goes under the target directory.
+pub fn report_path(target: &Path) -> PathBuf {
+    target.join("bench").join("latest.json")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_iperf_json() {
+        let ok = br#"{"end":{"sum_received":{"bits_per_second":1.25e10}}}"#;
+        assert_eq!(parse_iperf(ok, b""), Ok(1.25e10));
+        let err = br#"{"start":{},"error":"unable to connect to server: Connection timed out"}"#;
+        let e = parse_iperf(err, b"").unwrap_err();
+        assert!(e.starts_with("no connection (iperf3 error: unable"), "{e}");
+        assert!(
+            parse_iperf(b"garbage", b"boom")
+                .unwrap_err()
+                .contains("boom")
+        );
+    }
+
+    #[test]
+    fn table_layout() {
+        let kernel = PeerResults {
+            up: Some(Ok(13.1e9)),
+            down: Some(Ok(10.2e9)),
+        };
+        let tapgate = PeerResults {
+            up: Some(Ok(12.0e9)),
+            down: Some(Err("no connection (iperf3 error: x)".to_owned())),
+        };
+        let share = Ok(Share {
+            fast: 9997,
+            slow: 3,
+        });
+        let t = table("h", Some(&kernel), Some(&tapgate), Some(&share));
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[1],
+            "direction        kernel+nft    tapgate       ratio"
+        );
+        assert_eq!(
+            lines[2],
+            "guest→world      13.1 Gbit/s   12.0 Gbit/s   0.92"
+        );
+        assert_eq!(lines[3], "world→guest      10.2 Gbit/s   failed        -");
+        assert_eq!(lines[4], "fast-path share: 99.97% of 10000 packets");
+        assert_eq!(
+            lines[5],
+            "tapgate world→guest: no connection (iperf3 error: x)"
+        );
+    }
+}
