@@ -5,8 +5,10 @@
 //! Builds throwaway namespaces with the test harness — a guest behind a
 //! *real tap* whose file descriptor a relay holds (as a hypervisor would), a
 //! host namespace running tapgate on that tap, and a world namespace behind
-//! the host's uplink — then shows the guest getting its address by DHCP and
-//! pinging the gateway. Every namespace and process is owned by a guard, so
+//! the host's uplink — then shows the guest getting its address by DHCP,
+//! pinging the gateway, fetching a page from an HTTP server in the world
+//! through the NAT fast path, and `tapgate flows` / `tapgate stats` while a
+//! download runs. Every namespace and process is owned by a guard, so
 //! leaving this function for any reason (an error, Ctrl-C) removes them all.
 //! Ctrl-C also reaches the children (same process group); the handler only
 //! records it so the demo stops between steps and cleans up.
@@ -21,8 +23,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use tapgate_tests::{
+    child::Child,
     dhcp::DhcpClient,
-    topology::{DEFAULT_GATEWAY, GuestKind, Topology},
+    servers::HttpServer,
+    topology::{DEFAULT_GATEWAY, GuestKind, Topology, WORLD_ADDR},
 };
 
 fn step(stop: &AtomicBool, title: &str) -> Result<()> {
@@ -97,6 +101,64 @@ fn demo(stop: &AtomicBool) -> Result<()> {
 
     step(stop, &format!("guest: ping -c 3 {DEFAULT_GATEWAY}"))?;
     show("", &topo.ping_from_guest(DEFAULT_GATEWAY, 3)?);
+
+    step(
+        stop,
+        &format!("world: busybox httpd on {WORLD_ADDR}:80; guest: curl"),
+    )?;
+    let big = vec![b'x'; 2 << 20];
+    let http = HttpServer::start(
+        topo.world(),
+        format!("{WORLD_ADDR}:80").parse()?,
+        &[("hello", b"hello from the world\n"), ("big", &big)],
+    )?;
+    show(
+        "guest$ curl: ",
+        &topo
+            .guest()
+            .stdout(&["curl", "-sS", "--max-time", "10", &http.url("hello")])?,
+    );
+
+    step(
+        stop,
+        "guest: a slow 2 MiB download; meanwhile `tapgate flows` and `tapgate stats`",
+    )?;
+    let mut slow = topo.guest().cmd("curl");
+    slow.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "--limit-rate",
+        "1M",
+        "-o",
+        "/dev/null",
+    ])
+    .arg(http.url("big"));
+    let mut download = Child::spawn(slow, "curl")?;
+    std::thread::sleep(Duration::from_millis(800));
+    let socket = topo.control_socket();
+    let socket = socket
+        .to_str()
+        .context("control socket path is not UTF-8")?;
+    let bin = tapgate_tests::tapgate_bin()?;
+    for what in ["flows", "stats"] {
+        let out = std::process::Command::new(&bin)
+            .args([what, "--control-socket", socket])
+            .output()
+            .with_context(|| format!("running tapgate {what}"))?;
+        // The summary: everything before the per-reason breakdown.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary: Vec<&str> = text
+            .lines()
+            .take_while(|l| !l.starts_with("punts"))
+            .collect();
+        show(&format!("$ tapgate {what}: "), &summary.join("\n"));
+    }
+    let status = download.wait_exit(Duration::from_secs(25))?;
+    if !status.success() {
+        bail!("the download failed ({status}): {}", download.stderr());
+    }
+    println!("    download complete");
 
     step(
         stop,
