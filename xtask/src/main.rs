@@ -140,7 +140,8 @@ fn cargo() -> Command {
     cmd
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+/// Runs `cmd`, echoing it first; fails unless it exits successfully.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     eprintln!("xtask: running {shown}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;

@@ -13,6 +13,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+use crate::run;
+
 /// Debian packages: the eBPF toolchain (Debian's rustc carries `core` for
 /// bpfel-unknown-none; LLVM 22 for bpf-linker) and the tools the tests and
 /// the demo drive.
@@ -86,16 +88,6 @@ pub fn bpf_linker_ok() -> bool {
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    eprintln!("xtask: running {shown}");
-    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed ({status})");
-    }
-    Ok(())
 }
 
 /// Installs whatever is missing; does nothing (quickly) when all is there.
