@@ -31,6 +31,9 @@ pub const COUNTERS_MAP: &str = "TG_COUNTERS";
 pub const PROG_TAP_INGRESS: &str = "tg_tap_ingress";
 /// Name of the TC program attached to the uplink's ingress (packets from the world).
 pub const PROG_UPLINK_INGRESS: &str = "tg_uplink_ingress";
+/// Name of the TC program attached to the uplink's egress with
+/// `--allow-host`: the host's own replies to host-local flows.
+pub const PROG_UPLINK_EGRESS: &str = "tg_uplink_egress";
 
 /// Largest frame the kernel copies into a punt record: a 64 KiB IP packet
 /// plus its Ethernet header. Longer frames (GSO super-packets beyond that)
@@ -353,6 +356,13 @@ impl FlowState {
 /// Entry flag: emit an [`PuntReason::EventAck`] record for every forwarded
 /// packet (set by user space in LastAck, to see the final ACK).
 pub const FLOW_F_EVENTS: u8 = 1;
+/// Entry flag: the destination is one of the host's own addresses
+/// (`--allow-host`): the packet enters the host stack through the ingress
+/// of `out_ifindex` (loopback) instead of leaving through the uplink.
+pub const FLOW_F_LOCAL: u8 = 2;
+
+/// Index of the loopback device in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The complete rewrite for one direction of a flow, its state, its slot,
 /// and what the kernel last saw in that direction.

@@ -1,7 +1,13 @@
 //! Flow lookup and forwarding: the fast path proper.
 //!
 //! Parse → look up the directional key → check that the kernel may forward
-//! this packet as it is → account and emit events → rewrite → redirect.
+//! this packet as it is → account and emit events → rewrite → redirect:
+//! towards the guest to the tap; towards the world to the uplink, the next
+//! hop resolved by `bpf_redirect_neigh`; towards one of the host's own
+//! addresses ([`FLOW_F_LOCAL`], `--allow-host`) into loopback's ingress,
+//! where the host stack delivers it. Such flows use the gateway's address
+//! as their NAT source, so the host's replies are routed out of the uplink,
+//! where the egress program catches them before they leave.
 //! Anything the fast path does not handle leaves through the single punt
 //! exit with a reason; a packet on the uplink that matches no flow is
 //! returned untouched (`TCX_NEXT`).
@@ -12,13 +18,13 @@
 //! MTU cannot carry (`bpf_check_mtu`, segments of GSO packets included).
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use datapath_common::{
-    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FlowEntry, FlowKey,
-    FlowState, Origin, PuntReason, TAP_ACTIVE, ipv4_to_16,
+    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FLOW_F_LOCAL,
+    FlowEntry, FlowKey, FlowState, Origin, PuntReason, TAP_ACTIVE, ipv4_to_16,
 };
 
 use crate::{
@@ -119,7 +125,12 @@ fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i3
     );
 
     let towards_guest = origin == Origin::Uplink;
-    if nat::rewrite(ctx, p, e).is_err() || (towards_guest && nat::set_macs(ctx, e).is_err()) {
+    let local = !towards_guest && e.flags & FLOW_F_LOCAL != 0;
+    // Frames for the guest get its MACs; frames into loopback get the
+    // all-zero MACs loopback accepts as its own.
+    if nat::rewrite(ctx, p, e).is_err()
+        || ((towards_guest || local) && nat::set_macs(ctx, e).is_err())
+    {
         count(Counter::RedirectError, 1);
         return TC_ACT_SHOT;
     }
@@ -128,6 +139,8 @@ fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i3
     let rc = unsafe {
         if towards_guest {
             bpf_redirect(e.out_ifindex, 0)
+        } else if local {
+            bpf_redirect(e.out_ifindex, BPF_F_INGRESS as u64)
         } else {
             bpf_redirect_neigh(e.out_ifindex, core::ptr::null_mut(), 0, 0)
         }
@@ -154,8 +167,9 @@ pub fn from_tap(ctx: &TcContext) -> i32 {
     }
 }
 
-/// A packet from the world: forward or punt it if it belongs to one of our
-/// flows; anything else continues untouched, as if nothing were attached.
+/// A packet from the world (or, on the uplink's egress, from the host to a
+/// host-local flow): forward or punt it if it belongs to one of our flows;
+/// anything else continues untouched, as if nothing were attached.
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext) -> i32 {
     let Some(p) = crate::parse::ipv4_l4(ctx) else {

@@ -52,8 +52,21 @@ pub fn tg_tap_ingress(ctx: TcContext) -> i32 {
 /// Packets from the world.
 #[classifier]
 pub fn tg_uplink_ingress(ctx: TcContext) -> i32 {
-    match parse::ethertype(&ctx) {
-        Some(ETH_P_IP) => flow::from_uplink(&ctx),
+    uplink(&ctx)
+}
+
+/// Packets the host sends out of the uplink (attached with `--allow-host`
+/// only): replies of the host's own sockets to host-local flows are ours;
+/// everything else leaves untouched.
+#[classifier]
+pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
+    uplink(&ctx)
+}
+
+#[inline(always)]
+fn uplink(ctx: &TcContext) -> i32 {
+    match parse::ethertype(ctx) {
+        Some(ETH_P_IP) => flow::from_uplink(ctx),
         _ => {
             // TCX_NEXT (TC_ACT_UNSPEC) behaves exactly like no program.
             maps::count(Counter::UplinkNotOurs, 1);

@@ -588,11 +588,9 @@ fn host_unreachable_by_default() {
 }
 
 #[test]
-#[ignore = "known gap (issue 3): with --allow-host the handshake to a host address \
-            completes, but the host's replies are delivered over loopback, which \
-            the uplink program does not see; host-local flows need their own path"]
 fn host_reachable_with_allow_host() {
     let run = Running::with_lease(GuestKind::RealTap, &["--allow-host"]);
+    let (fast_before, _) = run.ok(control::fast_slow(&run.ok(control::stats(&run.topo))));
     let (code, body, took) = curl_host(&run);
     run.check(
         code == Some(0) && body == b"host-only\n",
@@ -600,5 +598,12 @@ fn host_reachable_with_allow_host() {
             "curl exit {code:?} after {took:?}, body {:?}",
             String::from_utf8_lossy(&body)
         ),
+    );
+    // After the handshake the exchange runs in the kernel: into the host
+    // through loopback, back through the uplink's egress program.
+    let (fast_after, _) = run.ok(control::fast_slow(&run.ok(control::stats(&run.topo))));
+    run.check(
+        fast_after >= fast_before + 4,
+        format!("only {} packets on the fast path", fast_after - fast_before),
     );
 }

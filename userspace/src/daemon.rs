@@ -150,7 +150,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         // Signal handlers go in before attaching, so no signal is missed.
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        datapath.attach(&tap, &uplink)?;
+        datapath.attach(&tap, &uplink, args.allow_host)?;
         info!(
             "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={} control={}",
             tap.name,

@@ -30,8 +30,8 @@ use aya::{
     util::KernelVersion,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, PROG_TAP_INGRESS, PROG_UPLINK_INGRESS,
-    PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS,
+    PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
 };
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -157,7 +157,7 @@ impl Datapath {
             .override_global(aya_log::LEVEL, &level, false)
             .load(object)
             .map_err(LoaderError::Object)?;
-        for name in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS] {
+        for name in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(LoaderError::MissingProgram(name))?
@@ -189,18 +189,38 @@ impl Datapath {
     }
 
     /// Attaches the tap program to `tap`'s ingress and the uplink program to
-    /// `uplink`'s ingress. On error, whatever was attached is detached again.
-    pub fn attach(&mut self, tap: &Iface, uplink: &Iface) -> Result<(), LoaderError> {
+    /// `uplink`'s ingress; with `host_egress` (`--allow-host`) also the
+    /// egress program to `uplink`'s egress, where the host's replies to
+    /// host-local flows pass. On error, whatever was attached is detached
+    /// again.
+    pub fn attach(
+        &mut self,
+        tap: &Iface,
+        uplink: &Iface,
+        host_egress: bool,
+    ) -> Result<(), LoaderError> {
         let res = self
-            .attach_one(PROG_TAP_INGRESS, tap)
-            .and_then(|()| self.attach_one(PROG_UPLINK_INGRESS, uplink));
+            .attach_one(PROG_TAP_INGRESS, tap, TcAttachType::Ingress)
+            .and_then(|()| self.attach_one(PROG_UPLINK_INGRESS, uplink, TcAttachType::Ingress))
+            .and_then(|()| {
+                if host_egress {
+                    self.attach_one(PROG_UPLINK_EGRESS, uplink, TcAttachType::Egress)
+                } else {
+                    Ok(())
+                }
+            });
         if res.is_err() {
             self.detach();
         }
         res
     }
 
-    fn attach_one(&mut self, program: &'static str, iface: &Iface) -> Result<(), LoaderError> {
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        iface: &Iface,
+        direction: TcAttachType,
+    ) -> Result<(), LoaderError> {
         let tcx = kernel_has_tcx();
         let mut added_qdisc = false;
         if !tcx {
@@ -227,7 +247,7 @@ impl Datapath {
             TcAttachOptions::Netlink(NlOptions::default())
         };
         let link = prog
-            .attach_with_options(&iface.name, TcAttachType::Ingress, options)
+            .attach_with_options(&iface.name, direction, options)
             .map_err(|source| LoaderError::Attach {
                 program,
                 iface: iface.name.clone(),
@@ -235,8 +255,13 @@ impl Datapath {
             })?;
         let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
         info!(
-            "attached {program} to {} ingress ({}, prog id {prog_id})",
+            "attached {program} to {} {} ({}, prog id {prog_id})",
             iface.name,
+            if direction == TcAttachType::Egress {
+                "egress"
+            } else {
+                "ingress"
+            },
             if tcx { "tcx" } else { "tc clsact" }
         );
         self.attached.push(Attachment {

@@ -24,7 +24,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use datapath_common::{ActivityWord, FlowEntry, FlowKey, FlowState};
+use datapath_common::{ActivityWord, FLOW_F_EVENTS, FlowEntry, FlowKey, FlowState};
 
 use crate::{
     flow::{FlowMaps, MapsError},
@@ -166,7 +166,7 @@ impl FlowMaps for KernelFlowMaps {
     ) -> Result<(), MapsError> {
         let mut e = self.flows.get(key, 0).map_err(|e| map_err("lookup", e))?;
         e.state = state as u8;
-        e.flags = flags;
+        e.flags = (e.flags & !FLOW_F_EVENTS) | (flags & FLOW_F_EVENTS);
         self.flows
             .insert(key, e, 0)
             .map_err(|e| map_err("update", e))

@@ -61,8 +61,10 @@ pub trait FlowMaps {
     /// Inserts or replaces the entry for `key`.
     fn insert(&mut self, key: &FlowKey, entry: &FlowEntry) -> Result<(), MapsError>;
 
-    /// Rewrites only the `state` and `flags` of the entry for `key`
-    /// (read-modify-write; the other fields stay as the kernel left them).
+    /// Rewrites the `state` of the entry for `key` and its
+    /// [`FLOW_F_EVENTS`](datapath_common::FLOW_F_EVENTS) bit from `flags`
+    /// (read-modify-write; other flag bits and the other fields stay as
+    /// they are).
     fn update_state(&mut self, key: &FlowKey, state: FlowState, flags: u8)
     -> Result<(), MapsError>;
 

@@ -78,8 +78,8 @@ use std::{
 };
 
 use datapath_common::{
-    ACTIVE, DEFAULT_MAX_FLOWS, FLOW_F_EVENTS, FlowState, Origin, PROTO_TCP, PROTO_UDP, PuntReason,
-    TAP_ACTIVE,
+    ACTIVE, DEFAULT_MAX_FLOWS, FLOW_F_EVENTS, FLOW_F_LOCAL, FlowState, LOOPBACK_IFINDEX, Origin,
+    PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE,
 };
 use log::{debug, warn};
 use smoltcp::wire::EthernetAddress;
@@ -683,10 +683,22 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return Err(DropReason::TableFull);
         }
         let proto = pkt.proto();
-        let src = self.ports.source_for(*world.ip()).map_err(|e| {
+        let routed_src = self.ports.source_for(*world.ip()).map_err(|e| {
             debug!("flow: no source address towards {world}: {e}");
             DropReason::NoRoute
         })?;
+        // The host routes its own addresses locally (source == destination).
+        // Such a flow (allowed by --allow-host) enters the host stack through
+        // loopback with the gateway's address as source: a local source
+        // there would be a martian, and the host's replies to the gateway's
+        // address leave through the uplink, where the egress program takes
+        // them.
+        let local = routed_src == *world.ip();
+        let src = if local {
+            self.guest.gateway
+        } else {
+            routed_src
+        };
         let lease = self.ports.reserve(proto, src).map_err(|e| {
             warn!("flow: reserving a NAT port on {src}: {e}");
             DropReason::PortExhausted
@@ -727,7 +739,11 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.table.release_slot(slot);
             return Err(DropReason::NatCollision);
         }
-        let te = flow.tap_entry(self.uplink_ifindex, 0);
+        let te = if local {
+            flow.tap_entry(LOOPBACK_IFINDEX, FLOW_F_LOCAL)
+        } else {
+            flow.tap_entry(self.uplink_ifindex, 0)
+        };
         let ue = flow.uplink_entry(self.tap_ifindex, self.guest.gateway_mac, 0);
         self.maps.clear_activity(slot, ACTIVE | TAP_ACTIVE);
         // The return direction first: once the guest's direction forwards,

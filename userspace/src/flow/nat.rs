@@ -141,6 +141,11 @@ impl NatPorts for SocketPorts {
                     source,
                 }
             })?;
+        // Host-local flows use the gateway's address, which the host does
+        // not own, as their NAT source: allow binding it.
+        if let Err(e) = setsockopt(&fd, sockopt::IpFreebind, &true) {
+            log::debug!("nat: IP_FREEBIND: {e}");
+        }
         if ty == SockType::Datagram {
             // Nobody reads this socket: keep what strays into it small (the
             // kernel rounds 0 up to its minimum).
@@ -300,13 +305,15 @@ mod tests {
     }
 
     #[test]
-    fn binding_a_foreign_address_fails() {
+    fn a_foreign_address_can_be_reserved_and_is_held() {
+        // Host-local flows use the gateway's address, which no interface
+        // here has (TEST-NET-3 stands in for it): IP_FREEBIND lets the
+        // reservation bind it, and the port is then held like any other.
+        let foreign = Ipv4Addr::new(203, 0, 113, 77);
         let mut p = SocketPorts::new();
-        // TEST-NET-3 is not configured on any interface here.
-        assert!(
-            p.reserve(PROTO_TCP, Ipv4Addr::new(203, 0, 113, 77))
-                .is_err()
-        );
+        let lease = p.reserve(PROTO_TCP, foreign).unwrap();
+        let again = std::net::TcpListener::bind(SocketAddrV4::new(foreign, lease.port()));
+        assert!(again.is_err(), "port {} not held", lease.port());
     }
 
     #[test]

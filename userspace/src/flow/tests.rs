@@ -12,8 +12,8 @@ use std::{
 };
 
 use datapath_common::{
-    ACTIVE, FLOW_F_EVENTS, FlowEntry, FlowKey, FlowState, Origin, PROTO_TCP, PROTO_UDP, PuntReason,
-    TAP_ACTIVE, ipv4_to_16,
+    ACTIVE, FLOW_F_EVENTS, FLOW_F_LOCAL, FlowEntry, FlowKey, FlowState, LOOPBACK_IFINDEX, Origin,
+    PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_from_16, ipv4_to_16,
 };
 use smoltcp::{
     phy::ChecksumCapabilities,
@@ -62,7 +62,7 @@ impl FlowMaps for FakeMaps {
     ) -> Result<(), MapsError> {
         let e = self.entries.get_mut(key).ok_or(MapsError::NotFound)?;
         e.state = state as u8;
-        e.flags = flags;
+        e.flags = (e.flags & !FLOW_F_EVENTS) | (flags & FLOW_F_EVENTS);
         Ok(())
     }
 
@@ -136,7 +136,11 @@ struct FakePorts {
 
 impl NatPorts for FakePorts {
     fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
-        assert_eq!(local, HOST);
+        // The routed source, or the gateway's address for host-local flows.
+        assert!(
+            local == HOST || local == GuestNetConfig::default().gateway,
+            "{local}"
+        );
         if self.exhausted {
             return Err(NatError::Exhausted(local));
         }
@@ -1268,8 +1272,27 @@ fn allow_host_lets_the_guest_reach_the_host() {
         &Seg::new(guest(40000), host).syn(1).guest_frame(),
         PuntReason::Ipv4NoFlow,
     );
-    let (r, _) = check_tcp(&to_world(out));
+    let (r, tcp) = check_tcp(&to_world(out));
     assert_eq!(r.dst_addr, HOST);
+    // A host-local flow: the gateway's address is the NAT source, and the
+    // guest's direction enters the host stack through loopback.
+    let gateway = GuestNetConfig::default().gateway;
+    assert_eq!(r.src_addr, gateway);
+    let te =
+        t.m.maps()
+            .entry(&maps::tap_key(GUEST, HOST, 40000, 22, PROTO_TCP));
+    assert_eq!(te.out_ifindex, LOOPBACK_IFINDEX);
+    assert_eq!(te.flags & FLOW_F_LOCAL, FLOW_F_LOCAL);
+    assert_eq!(ipv4_from_16(&te.new_src), gateway.octets());
+    // Its return entry is keyed on the gateway's address.
+    let ue = t.m.maps().entry(&maps::uplink_key(
+        HOST,
+        gateway,
+        22,
+        tcp.src_port,
+        PROTO_TCP,
+    ));
+    assert_eq!(ipv4_from_16(&ue.new_dst), GUEST.octets());
     // Loopback stays closed.
     let out = t.guest(
         &Seg::new(guest(40001), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22))
