@@ -211,6 +211,100 @@ fn tcp_bulk_transfer_mostly_on_fast_path() {
     );
 }
 
+#[test]
+fn tcp_gso_super_packets_on_the_fast_path() {
+    // A veth guest sends TSO super-packets (up to 64 KiB) unless told not
+    // to; the fast path must rewrite and forward them whole (checksums of
+    // CHECKSUM_PARTIAL skbs, MTU checked per segment), never punt them.
+    let run = Running::with_lease(GuestKind::Veth, &[]);
+    let features = run.ok(run.topo.guest().stdout(&["ethtool", "-k", "eth0"]));
+    run.check(
+        features.contains("tcp-segmentation-offload: on"),
+        format!("the guest's veth does not do TSO:\n{features}"),
+    );
+    let before = run.ok(control::stats(&run.topo));
+    let (f0, _) = run.ok(control::fast_slow(&before));
+    let b0 = before["fastpath_bytes"].as_u64().unwrap_or(0);
+    bulk(&run, Direction::GuestToWorld, 128 << 20, 9003);
+    let after = run.ok(control::stats(&run.topo));
+    let (f1, _) = run.ok(control::fast_slow(&after));
+    let b1 = after["fastpath_bytes"].as_u64().unwrap_or(0);
+    let (packets, bytes) = (f1.saturating_sub(f0), b1.saturating_sub(b0));
+    run.check(
+        packets > 0 && bytes / packets > 1514,
+        format!(
+            "{bytes} bytes in {packets} fast-path packets: no super-packets forwarded \
+             ({before} -> {after})"
+        ),
+    );
+    let exceptions = after["punts"]["exception"].as_u64().unwrap_or(0);
+    run.check(
+        exceptions == 0,
+        format!("{exceptions} packets punted as exceptions"),
+    );
+}
+
+#[test]
+fn tcp_rst_for_unknown_segment_from_the_world() {
+    // A non-SYN segment from the world to a NAT port that matches no flow
+    // (here: the right port, the wrong remote port) gets an RST from the
+    // host — the port is held by tapgate's bound socket, which neither
+    // listens nor is connected — and the real flow is not disturbed.
+    let run = Running::with_lease(GuestKind::RealTap, &[]);
+    let _server = run.ok(TcpEchoServer::start(run.topo.world(), world(7011)));
+    let (port_tx, port_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let guest = run.ok(nsthread::spawn_in(run.topo.guest(), "guest", move || {
+        let mut s = connect(world(7011))?;
+        s.write_all(b"hi")?;
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf)?;
+        let _ = port_tx.send(s.local_addr()?.port());
+        let _ = release_rx.recv_timeout(THREAD_TIMEOUT);
+        // Still usable after the stray segment.
+        s.write_all(b"ok")?;
+        s.read_exact(&mut buf)?;
+        if &buf != b"ok" {
+            bail!("echo after the stray segment: {buf:?}");
+        }
+        Ok(())
+    }));
+    let (port, guest) = run.recv(&port_rx, guest, "the guest did not connect");
+    let guest_addr = format!("{DEFAULT_GUEST_ADDR}:{port}");
+    let flow = run.ok(control::wait_flow(&run.topo, FLOW_VISIBLE, |f| {
+        flow_matches(f, "tcp", &guest_addr, &world(7011).to_string())
+    }));
+    let nat: std::net::SocketAddrV4 = field(&flow, "nat")
+        .parse()
+        .unwrap_or_else(|_| run.fail(format!("nat is not ip:port: {flow}")));
+    let probe = rawtcp::Probe {
+        src_mac: run.ok(rawtcp::iface_mac(run.topo.world(), "wan0")),
+        dst_mac: run.ok(rawtcp::iface_mac(run.topo.host(), "uplink0")),
+        src: std::net::SocketAddrV4::new(WORLD_ADDR.parse().unwrap(), 7012),
+        dst: nat,
+        seq: 1000,
+        ack: 2000,
+        flags: rawtcp::Flags {
+            ack: true,
+            ..rawtcp::Flags::default()
+        },
+        payload: b"stray".to_vec(),
+    };
+    let seen = run.ok(rawtcp::exchange(
+        run.topo.world(),
+        "wan0",
+        &probe,
+        Duration::from_secs(2),
+    ));
+    run.check(
+        seen.iter()
+            .any(|s| s.flags.rst && s.src == nat && s.seq == 2000),
+        format!("no RST (seq = the probe's ACK) from {nat}: {seen:?}"),
+    );
+    let _ = release_tx.send(());
+    run.ok(guest.join(THREAD_TIMEOUT));
+}
+
 fn many(shape: Shape, n: usize) {
     let run = Running::with_lease(GuestKind::RealTap, &[]);
     let server = run.ok(TcpEchoServer::start(run.topo.world(), world(7000)));

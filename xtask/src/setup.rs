@@ -42,6 +42,7 @@ pub const PACKAGES: &[&str] = &[
     "iputils-arping",
     "netcat-openbsd",
     "util-linux",
+    "ethtool",
 ];
 
 /// The bpf-linker release that builds against LLVM 22 here.
