@@ -582,6 +582,53 @@ fn same_tap_name_in_two_namespaces() {
 }
 
 #[test]
+fn default_control_sockets_of_two_namespaces_do_not_collide() {
+    // Two daemons on taps called tap0 in two namespaces, both with the
+    // default control socket; each namespace's client reaches its own.
+    let topos = [topology(GuestKind::Veth), topology(GuestKind::Veth)];
+    let mut daemons = Vec::new();
+    for topo in &topos {
+        let mut d = topo
+            .spawn_tapgate(&["run", "--tap", TAP_NAME, "--uplink", UPLINK_NAME])
+            .unwrap();
+        d.wait_stderr_contains(topology::READY_MARKER, topology::READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        daemons.push(d);
+    }
+    let bin = tapgate_tests::tapgate_bin().unwrap();
+    let bin = bin.to_str().unwrap();
+    let mut paths = Vec::new();
+    for (topo, d) in topos.iter().zip(&daemons) {
+        let out = topo
+            .host()
+            .stdout(&[bin, "stats", "--json", "--tap", TAP_NAME]);
+        let out = out.unwrap_or_else(|e| panic!("{e:#}\n{}", d.stderr()));
+        assert!(out.contains("fastpath_packets"), "{out}");
+        let line = d.stderr();
+        let path = line
+            .split("control=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no control= in the ready line:\n{line}"))
+            .to_owned();
+        paths.push(path);
+    }
+    assert_ne!(paths[0], paths[1], "both daemons use {}", paths[0]);
+    for mut d in daemons {
+        assert!(d.stop().unwrap().success(), "{}", d.stderr());
+    }
+    for p in &paths {
+        let p = std::path::Path::new(p);
+        assert!(!p.exists(), "{} left behind", p.display());
+        assert!(
+            !p.parent().unwrap().exists(),
+            "{} left behind",
+            p.parent().unwrap().display()
+        );
+    }
+}
+
+#[test]
 fn veth_guest_dhcp_and_ping() {
     let run = dhcp_defaults(GuestKind::Veth);
     ping_gateway_and_dns(&run);

@@ -396,7 +396,7 @@ mod tests {
         let r = run_args(&[]).unwrap();
         assert_eq!(
             r.control_socket_path(),
-            PathBuf::from("/run/tapgate/tap0.sock")
+            control::default_socket_path("tap0")
         );
         let r = run_args(&["--control-socket", "/tmp/x.sock"]).unwrap();
         assert_eq!(r.control_socket_path(), PathBuf::from("/tmp/x.sock"));
@@ -414,10 +414,7 @@ mod tests {
     fn query_commands() {
         let (stats, q) = query_args(&["tapgate", "stats", "--tap", "tap7"]).unwrap();
         assert!(stats && !q.json);
-        assert_eq!(
-            q.target.socket_path(),
-            PathBuf::from("/run/tapgate/tap7.sock")
-        );
+        assert_eq!(q.target.socket_path(), control::default_socket_path("tap7"));
         let (stats, q) = query_args(&[
             "tapgate",
             "flows",

@@ -196,9 +196,38 @@ pub enum ControlError {
 }
 
 /// The default control socket of the daemon serving `tap`:
-/// `/run/tapgate/<tap>.sock`.
+/// `/run/tapgate/<tap>.sock` in the host's initial network namespace, and
+/// `/run/tapgate/netns-<inode>/<tap>.sock` in any other one (or where the
+/// initial one cannot be identified). Tap names are
+/// per namespace, so the same name can serve two guests in two namespaces;
+/// `/run` is usually shared between them, so the namespace goes into the
+/// path. A client run in the same namespace (`ip netns exec NS tapgate
+/// stats --tap TAP`) computes the same path.
 pub fn default_socket_path(tap: &str) -> PathBuf {
-    Path::new(CONTROL_DIR).join(format!("{tap}.sock"))
+    default_socket_path_in(
+        tap,
+        netns_id("/proc/self/ns/net"),
+        netns_id("/proc/1/ns/net"),
+    )
+}
+
+/// The inode of a network namespace file, `None` if it cannot be read.
+fn netns_id(path: &str) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// [`default_socket_path`] given this process's and init's namespace ids.
+/// Only a namespace known to be init's gets the short path: where init's
+/// cannot be read (a sandbox may hide it even from root), the namespaced
+/// path is used, which never collides.
+fn default_socket_path_in(tap: &str, own: Option<u64>, init: Option<u64>) -> PathBuf {
+    let dir = Path::new(CONTROL_DIR);
+    match own {
+        Some(own) if init != Some(own) => {
+            dir.join(format!("netns-{own}")).join(format!("{tap}.sock"))
+        }
+        _ => dir.join(format!("{tap}.sock")),
+    }
 }
 
 fn check_path_len(path: &Path) -> Result<(), ControlError> {
@@ -331,6 +360,15 @@ impl Drop for ControlSocket {
             match fs::remove_file(&self.path) {
                 Ok(()) => debug!("removed control socket {}", self.path.display()),
                 Err(e) => warn!("removing control socket {}: {e}", self.path.display()),
+            }
+            // A per-namespace default directory goes when its last socket
+            // does (remove_dir refuses a directory that is not empty).
+            if let Some(dir) = self.path.parent().filter(|d| {
+                d.parent() == Some(Path::new(CONTROL_DIR))
+                    && d.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("netns-"))
+            }) {
+                let _ = fs::remove_dir(dir);
             }
         }
     }
@@ -1153,7 +1191,19 @@ mod tests {
         );
         assert_eq!(ControlCommand::parse("STATS"), None);
         assert_eq!(
-            default_socket_path("tap0"),
+            default_socket_path_in("tap0", Some(7), Some(7)),
+            Path::new("/run/tapgate/tap0.sock")
+        );
+        assert_eq!(
+            default_socket_path_in("tap0", Some(9), Some(7)),
+            Path::new("/run/tapgate/netns-9/tap0.sock")
+        );
+        assert_eq!(
+            default_socket_path_in("tap0", Some(9), None),
+            Path::new("/run/tapgate/netns-9/tap0.sock")
+        );
+        assert_eq!(
+            default_socket_path_in("tap0", None, None),
             Path::new("/run/tapgate/tap0.sock")
         );
     }
