@@ -1,5 +1,7 @@
 //! Atomic add and or on map memory.
 //!
+//! # Theory of operation
+//!
 //! The BPF target has no compare-and-swap, so `core::sync::atomic` offers
 //! loads and stores but no read-modify-write. The compiler intrinsics lower
 //! to BPF's own atomic instructions (`lock xadd`, `atomic or`; the build

@@ -1,5 +1,7 @@
 //! Flow lookup and forwarding: the fast path proper.
 //!
+//! # Theory of operation
+//!
 //! Parse → look up the directional key → check that the kernel may forward
 //! this packet as it is → account and emit events → rewrite → redirect:
 //! towards the guest to the tap; towards the world to the uplink, the next

@@ -1,5 +1,7 @@
 //! Every map the programs use, defined in one place.
 //!
+//! # Theory of operation
+//!
 //! Names and sizes come from `datapath-common` so user space opens exactly
 //! these. The scratch array is sized to one entry here; the loader resizes it
 //! to the number of possible CPUs before loading (a per-CPU array cannot hold

@@ -1,5 +1,7 @@
 //! Rewriting a packet for the other side: addresses, ports, TTL, MACs.
 //!
+//! # Theory of operation
+//!
 //! Every field change goes through the kernel's incremental checksum
 //! helpers: `bpf_l3_csum_replace` for the IPv4 header and
 //! `bpf_l4_csum_replace` for TCP/UDP, with `BPF_F_PSEUDO_HDR` for address

@@ -1,5 +1,7 @@
 //! Bounds-checked header parsing.
 //!
+//! # Theory of operation
+//!
 //! Headers are copied out of the skb with `bpf_skb_load_bytes` (through
 //! `TcContext::load`), which checks the offset against the packet and works
 //! for non-linear (GSO) skbs; nothing here dereferences packet memory

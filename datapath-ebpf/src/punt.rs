@@ -1,6 +1,8 @@
 //! The single punt exit — copy a frame to user space and drop it here — and
 //! flow events, which copy the first bytes of a packet that is forwarded.
 //!
+//! # Theory of operation
+//!
 //! The frame (linear part and fragments alike, via `bpf_skb_load_bytes`) is
 //! copied into this CPU's scratch record behind a [`PuntHeader`], and the
 //! header plus the real length is handed to the ring buffer with one

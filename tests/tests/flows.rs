@@ -352,12 +352,43 @@ fn tcp_burst_of_2000_new_connections() {
 fn tcp_half_close_guest_first() {
     let run = Running::with_lease(GuestKind::RealTap, &[]);
     run.ok(scenarios::half_close_guest_first(&run.topo, 7001));
+    closed_in_the_kernel(&run, 7001);
 }
 
 #[test]
 fn tcp_half_close_server_first() {
     let run = Running::with_lease(GuestKind::RealTap, &[]);
     run.ok(scenarios::half_close_server_first(&run.topo, 7002));
+    closed_in_the_kernel(&run, 7002);
+}
+
+/// After a clean close of the only connection to `port`: the flow is reaped
+/// on the final ACK (seconds, not the 60 s LastAck timeout), both FINs
+/// were forwarded by the fast path (the slow path sent only the handshake
+/// to the world), and the close counted as clean.
+fn closed_in_the_kernel(run: &Running, port: u16) {
+    let remote = world(port).to_string();
+    run.ok(control::wait_flow_gone(
+        &run.topo,
+        Duration::from_secs(3),
+        |f| field(f, "remote") == remote,
+    ));
+    let st = run.ok(control::stats(&run.topo));
+    let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
+    run.check(
+        n(&st["flows"]["tcp_closed_cleanly"]) == 1 && n(&st["flows"]["last_ack_timeouts"]) == 0,
+        format!("not closed cleanly on the final ACK: {st}"),
+    );
+    run.check(
+        n(&st["punts"]["event_fin"]) >= 2,
+        format!("the kernel reported fewer than two FINs: {st}"),
+    );
+    // The SYN (and at most the guest's ACK racing the SYN-ACK's state
+    // update): no data, no FIN went through user space.
+    run.check(
+        n(&st["flows"]["slow_to_world"]) <= 2 && n(&st["flows"]["slow_to_guest"]) <= 2,
+        format!("the slow path carried more than the handshake: {st}"),
+    );
 }
 
 #[test]
@@ -557,6 +588,13 @@ fn tcp_rst_for_unknown_non_syn_segment() {
 fn udp_request_response_both_ways() {
     let run = Running::with_lease(GuestKind::RealTap, &[]);
     let outcome = run.ok(scenarios::udp_round_trips(&run.topo, 7007));
+    // 5 datagrams out, 10 back: only the first went through user space.
+    let st = run.ok(control::stats(&run.topo));
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    run.check(
+        n(&st["flows"]["slow_to_world"]) == 1 && n(&st["fastpath_packets"]) >= 14,
+        format!("UDP after the first datagram should run in the kernel: {st}"),
+    );
     let guest_addr = format!("{DEFAULT_GUEST_ADDR}:{}", outcome.guest.port());
     let flow = run.ok(control::wait_flow(&run.topo, FLOW_VISIBLE, |f| {
         flow_matches(f, "udp", &guest_addr, &world(7007).to_string())
