@@ -151,6 +151,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
     pub udp_timeout: u64,
 
+    /// Seconds between keepalive scans: a TCP flow the guest sent nothing
+    /// on since the last scan gets a keepalive towards the guest (0: off).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub keepalive_interval: u64,
+
+    /// Seconds between inactivity scans: a TCP flow with no packet at all
+    /// since the last scan is reset on both sides (0: off).
+    #[arg(long, value_name = "SECS", default_value_t = 7200)]
+    pub inactivity_interval: u64,
+
+    /// Reset a TCP flow on both sides once the guest has answered none of
+    /// this many consecutive keepalives (0: off).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keepalive_probes: u32,
+
     /// Maximum number of concurrent flows (kernel map and port budget).
     #[arg(long, value_name = "N", default_value_t = datapath_common::DEFAULT_MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(16..=(1 << 22)))]

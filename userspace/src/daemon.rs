@@ -13,7 +13,8 @@
 //!   packets from the world and flow events go to the flow manager; their
 //!   outputs go to the guest (tap) or the world (raw socket);
 //! * a one-second tick drives the flow manager's timers (LastAck and
-//!   handshake timeouts, UDP expiry);
+//!   handshake timeouts, UDP expiry, the clock algorithm's keepalives and
+//!   inactivity/dead-guest resets, whose segments it sends);
 //! * the control socket answers `tapgate stats` and `tapgate flows`;
 //! * the aya-log forwarder copies the programs' log records into our log;
 //! * SIGINT/SIGTERM end the loop, and everything attached is detached.
@@ -124,6 +125,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut fcfg = FlowConfig::new(cfg.clone(), tap.index, uplink.index);
     fcfg.last_ack_timeout = Duration::from_secs(args.last_ack_timeout);
     fcfg.udp_timeout = Duration::from_secs(args.udp_timeout);
+    fcfg.keepalive_interval = Duration::from_secs(args.keepalive_interval);
+    fcfg.inactivity_interval = Duration::from_secs(args.inactivity_interval);
+    fcfg.keepalive_probes = args.keepalive_probes;
     fcfg.max_flows = max_flows;
     fcfg.allow_host = args.allow_host;
     fcfg.dns_upstream = flow::resolv::resolve_upstream(args.dns_upstream);
@@ -275,6 +279,10 @@ impl ControlSource for State {
             "slowpath_packets": c.get(Counter::PuntPackets),
             "punts": punts,
             "flows_active": f.flows_active,
+            "keepalives_sent": f.keepalives_sent,
+            "inactivity_resets": f.inactivity_resets,
+            "probe_resets": f.probe_resets,
+            "rst_answer_resets": f.rst_answer_resets,
             "flows": {
                 "tcp_active": f.tcp_active,
                 "udp_active": f.udp_active,

@@ -194,4 +194,8 @@ impl FlowMaps for KernelFlowMaps {
     fn clear_activity(&mut self, slot: u32, bits: u64) {
         self.activity.take(slot, bits);
     }
+
+    fn take_activity(&mut self, slot: u32, bits: u64) -> u64 {
+        self.activity.take(slot, bits)
+    }
 }

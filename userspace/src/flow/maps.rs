@@ -81,6 +81,16 @@ pub trait FlowMaps {
 
     /// Clears `bits` in the activity word of `slot`.
     fn clear_activity(&mut self, slot: u32, bits: u64);
+
+    /// Clears `bits` in the activity word of `slot` and returns which of
+    /// them were set. The real maps do this in one atomic operation, so a
+    /// bit the kernel sets concurrently is either returned or stays set —
+    /// never lost; the default (read, then clear) is for fakes.
+    fn take_activity(&mut self, slot: u32, bits: u64) -> u64 {
+        let set = self.activity(slot) & bits;
+        self.clear_activity(slot, bits);
+        set
+    }
 }
 
 /// The key the tap program looks up for a packet from the guest.

@@ -42,7 +42,11 @@
 //!   reads each UDP flow's activity word every `udp_timeout / 4`, clears
 //!   it, and removes flows whose `ACTIVE` bit stayed clear for
 //!   `udp_timeout`. A flow therefore expires between 1× and 1.25× the
-//!   timeout after its last packet (plus the tick's granularity).
+//!   timeout after its last packet (plus the tick's granularity). The
+//!   tick also runs the clock algorithm (`clock.rs`): keepalives to guests
+//!   idle for a `keepalive_interval`, both-sided resets of TCP flows idle
+//!   for an `inactivity_interval` or whose guest answered none of
+//!   `keepalive_probes` keepalives.
 //!
 //! Removing a flow removes both map entries, drops its NAT lease (releasing
 //! the port) and frees its slot. Slots are bounded by `max_flows`, which
@@ -60,6 +64,7 @@
 //! [`FlowMaps`] and [`NatPorts`] traits, so all of this is unit-tested
 //! with in-memory fakes (`tests.rs`).
 
+mod clock;
 pub mod maps;
 pub mod nat;
 pub mod packet;
@@ -81,7 +86,7 @@ use datapath_common::{
     ACTIVE, DEFAULT_MAX_FLOWS, FLOW_F_EVENTS, FLOW_F_LOCAL, FlowState, LOOPBACK_IFINDEX, Origin,
     PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE,
 };
-use log::{debug, warn};
+use log::{debug, info, warn};
 use smoltcp::wire::EthernetAddress;
 
 use crate::config::GuestNetConfig;
@@ -101,6 +106,10 @@ pub const LAST_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const UDP_TIMEOUT: Duration = Duration::from_secs(180);
 /// Default time a TCP handshake may take before the flow is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(75);
+/// Default interval of the clock's keepalive scan (the passt seed's).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
+/// Default interval of the clock's inactivity scan (the passt seed's).
+pub const INACTIVITY_INTERVAL: Duration = Duration::from_secs(7200);
 
 pub use crate::inject::Output;
 
@@ -128,6 +137,13 @@ pub struct FlowConfig {
     /// The upstream resolver of the DNS forwarder; `None` makes DNS
     /// unavailable. See [`resolv::resolve_upstream`].
     pub dns_upstream: Option<Ipv4Addr>,
+    /// Interval of the keepalive scan; zero turns keepalives off.
+    pub keepalive_interval: Duration,
+    /// Interval of the inactivity scan; zero turns inactivity resets off.
+    pub inactivity_interval: Duration,
+    /// Unanswered keepalives after which a flow is reset on both sides;
+    /// zero turns dead-guest detection off.
+    pub keepalive_probes: u32,
 }
 
 impl FlowConfig {
@@ -146,6 +162,9 @@ impl FlowConfig {
             allow_host: false,
             host_addrs: HostAddrs::system(),
             dns_upstream: None,
+            keepalive_interval: KEEPALIVE_INTERVAL,
+            inactivity_interval: INACTIVITY_INTERVAL,
+            keepalive_probes: 0,
         }
     }
 }
@@ -338,6 +357,16 @@ pub struct FlowStats {
     pub events_unknown: u64,
     /// Failed flow map operations.
     pub map_errors: u64,
+    /// Keepalives sent to guests by the clock.
+    pub keepalives_sent: u64,
+    /// TCP flows reset on both sides by the inactivity scan.
+    pub inactivity_resets: u64,
+    /// TCP flows reset on both sides after `keepalive_probes` unanswered
+    /// keepalives.
+    pub probe_resets: u64,
+    /// TCP flows removed because the guest answered a keepalive with an
+    /// RST (also counted in `resets`).
+    pub rst_answer_resets: u64,
     /// Dropped packets, by reason.
     pub drops: DropCounts,
 }
@@ -365,6 +394,7 @@ pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     policy: Policy,
     stats: FlowStats,
     last_udp_scan: Option<Instant>,
+    clock: clock::Clock,
 }
 
 impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
@@ -381,6 +411,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             allow_host,
             host_addrs,
             dns_upstream,
+            keepalive_interval,
+            inactivity_interval,
+            keepalive_probes,
         } = cfg;
         let dns_upstream = dns_upstream.filter(|ip| {
             let ok = resolv::is_usable_upstream(*ip);
@@ -404,6 +437,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             table: FlowTable::new(max_flows),
             stats: FlowStats::default(),
             last_udp_scan: None,
+            clock: clock::Clock::new(keepalive_interval, inactivity_interval, keepalive_probes),
         }
     }
 
@@ -487,10 +521,10 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     }
 
     /// Runs the timers; call about once a second. Reaps `LastAck` flows
-    /// whose final ACK never came, drops handshakes that never completed
-    /// and expires idle UDP flows. Nothing is emitted today (`out` is for
-    /// the keepalives of the clock algorithm).
-    pub fn tick(&mut self, now: Instant, _out: &mut Vec<Output>) {
+    /// whose final ACK never came, drops handshakes that never completed,
+    /// expires idle UDP flows and runs the clock algorithm ([`clock`]),
+    /// whose keepalives and RSTs are queued on `out`.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Output>) {
         for slot in self.table.take_due(now) {
             let Some(flow) = self.table.get(slot) else {
                 continue;
@@ -516,6 +550,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             }
         }
         self.scan_udp(now);
+        self.run_clock(now, out);
     }
 
     /// All flows, for reports (ages relative to the current time).
@@ -660,6 +695,16 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         };
         if reason == PuntReason::EventRst {
             self.stats.resets += 1;
+            if side == Side::Guest
+                && self
+                    .table
+                    .get(slot)
+                    .is_some_and(|f| f.keepalives_unanswered > 0)
+            {
+                // The guest's answer to a keepalive: it forgot the flow.
+                self.stats.rst_answer_resets += 1;
+                info!("flow: slot {slot}: the guest answered a keepalive with an RST");
+            }
             self.remove_flow(slot, "rst");
             return Ok(());
         }
@@ -729,6 +774,8 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             guest_fin_acked: false,
             world_fin_acked: false,
             deadline,
+            world_isn: None,
+            keepalives_unanswered: 0,
         };
         let (tk, uk) = (flow.tap_key(), flow.uplink_key());
         if self.table.by_uplink(&uk).is_some() || self.table.by_tap(&tk).is_some() {

@@ -355,14 +355,39 @@ pub fn ethernet_frame(src: EthernetAddress, dst: EthernetAddress, ip: &[u8]) -> 
 /// An IPv4 packet carrying a bare TCP RST from `src` to `dst`: flags RST,
 /// plus ACK when `ack` is given.
 pub fn tcp_rst(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: Option<u32>) -> Vec<u8> {
+    tcp_segment(src, dst, TcpControl::Rst, seq, ack, 0)
+}
+
+/// An IPv4 packet carrying a TCP keepalive from `src` to `dst`: a bare ACK
+/// with `seq` (one below what the receiver expects, so it must answer),
+/// `ack` and `window`, and no data.
+pub fn tcp_keepalive(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    seq: u32,
+    ack: u32,
+    window: u16,
+) -> Vec<u8> {
+    tcp_segment(src, dst, TcpControl::None, seq, Some(ack), window)
+}
+
+/// An IPv4 packet carrying a TCP segment without options or data.
+fn tcp_segment(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    control: TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    window: u16,
+) -> Vec<u8> {
     let caps = ChecksumCapabilities::default();
     let tcp = TcpRepr {
         src_port: src.port(),
         dst_port: dst.port(),
-        control: TcpControl::Rst,
+        control,
         seq_number: seq_num(seq),
         ack_number: ack.map(seq_num),
-        window_len: 0,
+        window_len: window,
         window_scale: None,
         max_seg_size: None,
         sack_permitted: false,

@@ -76,6 +76,11 @@ pub struct Flow {
     pub world_fin_acked: bool,
     /// The pending deadline in the table's timer set, if any.
     pub deadline: Option<Instant>,
+    /// The world's initial sequence number, from its SYN-ACK (TCP).
+    pub world_isn: Option<u32>,
+    /// Keepalives sent since the guest last sent anything (the clock's
+    /// dead-guest probe count).
+    pub keepalives_unanswered: u32,
 }
 
 impl Flow {
@@ -378,6 +383,8 @@ mod tests {
             guest_fin_acked: false,
             world_fin_acked: false,
             deadline: None,
+            world_isn: None,
+            keepalives_unanswered: 0,
         }
     }
 

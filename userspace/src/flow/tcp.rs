@@ -199,6 +199,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if flow.state == FlowState::Handshake && seg.syn && seg.ack.is_some() && !seg.rst {
             // Established in the kernel before the guest sees the SYN-ACK.
             let next = closing_state(flow);
+            if let Some(f) = self.table.get_mut(slot) {
+                f.world_isn = Some(seg.seq);
+            }
             self.set_state(slot, next, now);
         }
         self.forward_to_guest(slot, pkt, out)?;

@@ -200,6 +200,9 @@ fn config() -> FlowConfig {
         max_flows: 16,
         host_addrs: HostAddrs::fixed(vec![HOST]),
         dns_upstream: Some(UPSTREAM),
+        // The clock has tests of its own (end of file).
+        keepalive_interval: Duration::ZERO,
+        inactivity_interval: Duration::ZERO,
         ..FlowConfig::new(GuestNetConfig::default(), TAP_IF, UPLINK_IF)
     }
 }
@@ -1583,4 +1586,339 @@ fn the_manager_can_move_between_threads() {
     assert_send::<FlowManager<FakeMaps, SocketPorts>>();
     assert_send::<FlowConfig>();
     assert_send::<Output>();
+}
+
+// ---------------------------------------------------------------------------
+// Clock algorithm
+// ---------------------------------------------------------------------------
+
+fn clock_config(keepalive: u64, inactivity: u64, probes: u32) -> FlowConfig {
+    FlowConfig {
+        keepalive_interval: Duration::from_secs(keepalive),
+        inactivity_interval: Duration::from_secs(inactivity),
+        keepalive_probes: probes,
+        ..config()
+    }
+}
+
+impl T {
+    /// One tick; returns what it emitted.
+    fn tick_out(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.m.tick(self.now, &mut out);
+        out
+    }
+
+    /// Advances one second and ticks, `n` times, calling `each(t, second)`
+    /// before every tick; returns the outputs with the second they came in.
+    fn run(&mut self, n: u64, mut each: impl FnMut(&mut T, u64)) -> Vec<(u64, Output)> {
+        let mut all = Vec::new();
+        for s in 1..=n {
+            self.advance(Duration::from_secs(1));
+            each(self, s);
+            for o in self.tick_out() {
+                all.push((s, o));
+            }
+        }
+        all
+    }
+
+    /// An established flow from guest port 40000 (guest ISN 1000, world
+    /// ISN 5000) that exchanged data on the fast path: the guest's last
+    /// ACK 6000, the remote's last ACK 2000 and window 501. The clock is
+    /// started (first tick) at the current time.
+    fn clock_flow(&mut self) -> u16 {
+        let natp = self.establish(40000, 1000, 5000);
+        self.maps().forwarded(&tap_k(40000), 6000);
+        self.maps().forwarded(&uplink_k(natp), 2000);
+        self.maps()
+            .entries
+            .get_mut(&uplink_k(natp))
+            .unwrap()
+            .last_win = 501;
+        assert!(self.tick_out().is_empty());
+        natp
+    }
+}
+
+/// The TCP segment of a frame for the guest, checked down to the checksums.
+fn guest_tcp(o: &Output) -> (Ipv4Repr, smoltcp::wire::TcpRepr<'static>) {
+    match o {
+        Output::ToGuest(f) => {
+            let eth = EthernetFrame::new_checked(&f[..]).unwrap();
+            let r = EthernetRepr::parse(&eth).unwrap();
+            assert_eq!(r.src_addr, GW_MAC);
+            assert_eq!(r.dst_addr, GUEST_MAC);
+            check_tcp(&f[14..])
+        }
+        other => panic!("expected a frame to the guest, got {other:?}"),
+    }
+}
+
+/// Checks a keepalive for guest port 40000 from the remote.
+fn assert_keepalive(o: &Output, seq_: u32, ack: u32, win: u16) {
+    let (ip, tcp) = guest_tcp(o);
+    assert_eq!((ip.src_addr, ip.dst_addr), (REMOTE_IP, GUEST));
+    assert_eq!((tcp.src_port, tcp.dst_port), (80, 40000));
+    assert_eq!(tcp.control, TcpControl::None);
+    assert_eq!(tcp.seq_number, seq(seq_));
+    assert_eq!(tcp.ack_number, Some(seq(ack)));
+    assert_eq!(tcp.window_len, win);
+    assert!(tcp.payload.is_empty());
+}
+
+/// Checks the two RSTs of a both-sided reset: to the guest with `guest_seq`,
+/// to the world from the NAT port with `world_seq`.
+fn assert_reset_both(out: &[Output], natp: u16, guest_seq: u32, world_seq: u32) {
+    assert_eq!(out.len(), 2, "{out:?}");
+    let (ip, tcp) = guest_tcp(&out[0]);
+    assert_eq!((ip.src_addr, ip.dst_addr), (REMOTE_IP, GUEST));
+    assert_eq!((tcp.src_port, tcp.dst_port), (80, 40000));
+    assert_eq!(tcp.control, TcpControl::Rst);
+    assert_eq!(tcp.seq_number, seq(guest_seq));
+    let Output::ToWorld(p) = &out[1] else {
+        panic!("expected an RST to the world, got {:?}", out[1]);
+    };
+    let (ip, tcp) = check_tcp(p);
+    assert_eq!((ip.src_addr, ip.dst_addr), (HOST, REMOTE_IP));
+    assert_eq!((tcp.src_port, tcp.dst_port), (natp, 80));
+    assert_eq!(tcp.control, TcpControl::Rst);
+    assert_eq!(tcp.seq_number, seq(world_seq));
+}
+
+#[test]
+fn keepalive_goes_to_an_idle_guest_with_exact_numbers() {
+    let mut t = T::with(clock_config(10, 0, 0));
+    t.clock_flow();
+    // The scan at 10 consumes the guest's bit from clock_flow's packets;
+    // the one at 20 finds it clear.
+    let out = t.run(20, |_, _| {});
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].0, 20);
+    assert_keepalive(&out[0].1, 5999, 2000, 501);
+    assert_eq!(t.m.stats().keepalives_sent, 1);
+    assert_eq!(t.m.stats().flows_active, 1);
+}
+
+#[test]
+fn activity_bits_over_ticks() {
+    let mut t = T::with(clock_config(10, 30, 0));
+    let natp = t.clock_flow();
+    let (tk, uk) = (tap_k(40000), uplink_k(natp));
+    // The first keepalive scan consumes the guest's bit from clock_flow,
+    // leaving ACTIVE to the inactivity scan.
+    assert!(t.run(10, |_, _| {}).is_empty());
+    assert_eq!(t.maps().activity(0), ACTIVE);
+    // Only the world talks: the guest's bit stays clear, so a keepalive.
+    let out = t.run(10, |t, s| {
+        if s == 5 {
+            t.maps().forwarded(&uk, 2000);
+        }
+    });
+    assert_eq!(out.len(), 1);
+    assert_keepalive(&out[0].1, 5999, 2000, 501);
+    // The guest answers (a duplicate ACK through the fast path): no
+    // keepalive at the next scan, and the bit is consumed.
+    let out = t.run(10, |t, s| {
+        if s == 1 {
+            t.maps().forwarded(&tk, 6000);
+        }
+    });
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(t.maps().activity(0) & TAP_ACTIVE, 0);
+    // At 30 s the inactivity scan consumed ACTIVE; the flow lives on.
+    assert_eq!(t.m.stats().flows_active, 1);
+    assert_eq!(t.m.stats().keepalives_sent, 1);
+}
+
+#[test]
+fn keepalive_without_fast_path_packets_uses_the_handshake() {
+    let mut t = T::with(clock_config(5, 0, 0));
+    t.establish(40000, 1000, 5000);
+    assert!(t.tick_out().is_empty());
+    let out = t.run(5, |_, _| {});
+    assert_eq!(out.len(), 1);
+    // The guest's last ACK is world ISN + 1, the remote's guest ISN + 1.
+    assert_keepalive(&out[0].1, 5000, 1001, 0);
+}
+
+#[test]
+fn rst_answer_to_a_keepalive_removes_the_flow() {
+    let mut t = T::with(clock_config(10, 0, 0));
+    t.clock_flow();
+    assert_eq!(t.run(20, |_, _| {}).len(), 1);
+    // The guest forgot the flow: RST with seq = the keepalive's ACK,
+    // forwarded by the kernel, reported as an event.
+    let rst = Seg::new(guest(40000), remote())
+        .ctl(TcpControl::Rst)
+        .seq(2000);
+    t.event(PuntReason::EventRst, Origin::Tap, &rst.guest_frame());
+    let s = t.m.stats();
+    assert_eq!((s.flows_active, s.resets, s.rst_answer_resets), (0, 1, 1));
+    assert!(t.maps().entries.is_empty());
+    assert_eq!(t.live_ports(), 0);
+    // Nothing more from the clock.
+    assert!(t.run(30, |_, _| {}).is_empty());
+}
+
+#[test]
+fn rst_without_a_keepalive_is_not_an_answer() {
+    let mut t = T::with(clock_config(10, 0, 0));
+    t.clock_flow();
+    let rst = Seg::new(guest(40000), remote())
+        .ctl(TcpControl::Rst)
+        .seq(2000);
+    t.event(PuntReason::EventRst, Origin::Tap, &rst.guest_frame());
+    let s = t.m.stats();
+    assert_eq!((s.resets, s.rst_answer_resets), (1, 0));
+}
+
+#[test]
+fn inactivity_resets_both_sides_between_one_and_two_intervals() {
+    let mut t = T::with(clock_config(0, 100, 0));
+    let natp = t.clock_flow();
+    // The last packet was at 0 (clock_flow); the scan at 100 consumes its
+    // bit, the one at 200 finds it clear.
+    let out = t.run(250, |_, _| {});
+    assert!(out.iter().all(|(s, _)| *s == 200), "{out:?}");
+    let out: Vec<Output> = out.into_iter().map(|(_, o)| o).collect();
+    assert_reset_both(&out, natp, 6000, 2000);
+    let s = t.m.stats();
+    assert_eq!(
+        (s.inactivity_resets, s.flows_active, s.rsts_sent),
+        (1, 0, 2)
+    );
+    assert!(t.maps().entries.is_empty());
+    assert_eq!(t.live_ports(), 0);
+}
+
+#[test]
+fn inactivity_with_the_last_packet_just_after_a_scan() {
+    let mut t = T::with(clock_config(0, 100, 0));
+    let natp = t.clock_flow();
+    // Consume the initial bit, then a packet right after the scan at 100:
+    // it dies at 300, two intervals later; one just before the scan at 200
+    // dies at 300 too, one interval later.
+    let out = t.run(350, |t, s| {
+        if s == 101 || s == 199 {
+            t.maps().forwarded(&uplink_k(natp), 2000);
+        }
+    });
+    assert!(out.iter().all(|(s, _)| *s == 300), "{out:?}");
+    assert_eq!(out.len(), 2);
+}
+
+#[test]
+fn traffic_every_interval_is_never_reset() {
+    let mut t = T::with(clock_config(0, 10, 0));
+    let natp = t.clock_flow();
+    let out = t.run(1000, |t, s| {
+        if s % 10 == 3 {
+            t.maps().forwarded(&uplink_k(natp), 2000);
+        }
+    });
+    assert!(out.is_empty());
+    assert_eq!(t.m.stats().flows_active, 1);
+    assert_eq!(t.m.stats().inactivity_resets, 0);
+}
+
+#[test]
+fn a_live_guest_answering_keepalives_stays() {
+    let mut t = T::with(clock_config(10, 25, 0));
+    t.clock_flow();
+    // The guest answers each keepalive one second later.
+    let mut sent = 0;
+    for _ in 0..20 {
+        let out = t.run(10, |_, _| {});
+        for (_, o) in &out {
+            assert_keepalive(o, 5999, 2000, 501);
+            sent += 1;
+        }
+        if !out.is_empty() {
+            t.maps().forwarded(&tap_k(40000), 6000);
+        }
+    }
+    assert!(sent >= 9, "{sent}");
+    let s = t.m.stats();
+    assert_eq!((s.flows_active, s.inactivity_resets), (1, 0));
+}
+
+#[test]
+fn unanswered_probes_reset_the_flow() {
+    let mut t = T::with(clock_config(10, 0, 2));
+    let natp = t.clock_flow();
+    let out = t.run(40, |_, _| {});
+    // Keepalives at 20 and 30, the reset at 40.
+    let times: Vec<u64> = out.iter().map(|(s, _)| *s).collect();
+    assert_eq!(times, vec![20, 30, 40, 40]);
+    assert_keepalive(&out[0].1, 5999, 2000, 501);
+    assert_keepalive(&out[1].1, 5999, 2000, 501);
+    let out: Vec<Output> = out.into_iter().skip(2).map(|(_, o)| o).collect();
+    assert_reset_both(&out, natp, 6000, 2000);
+    let s = t.m.stats();
+    assert_eq!(
+        (s.keepalives_sent, s.probe_resets, s.flows_active),
+        (2, 1, 0)
+    );
+    assert_eq!(t.live_ports(), 0);
+}
+
+#[test]
+fn an_answer_restarts_the_probe_count() {
+    let mut t = T::with(clock_config(10, 0, 2));
+    t.clock_flow();
+    let out = t.run(70, |t, s| {
+        // The guest answers the second keepalive only.
+        if s == 35 {
+            t.maps().forwarded(&tap_k(40000), 6000);
+        }
+    });
+    // Keepalives at 20 and 30; 40 hears the answer; keepalives at 50 and
+    // 60; reset at 70.
+    let times: Vec<u64> = out.iter().map(|(s, _)| *s).collect();
+    assert_eq!(times, vec![20, 30, 50, 60, 70, 70]);
+    assert_eq!(t.m.stats().probe_resets, 1);
+}
+
+#[test]
+fn zero_intervals_turn_the_clock_off() {
+    let mut t = T::with(clock_config(0, 0, 3));
+    t.clock_flow();
+    assert!(t.run(20_000, |_, _| {}).is_empty());
+    assert_eq!(t.m.stats().flows_active, 1);
+    assert_eq!(t.maps().activity(0), ACTIVE | TAP_ACTIVE);
+}
+
+#[test]
+fn the_clock_skips_handshakes_last_ack_and_udp() {
+    let mut t = T::with(FlowConfig {
+        handshake_timeout: Duration::from_secs(1000),
+        last_ack_timeout: Duration::from_secs(1000),
+        udp_timeout: Duration::from_secs(1000),
+        ..clock_config(10, 20, 0)
+    });
+    // A handshake, a UDP flow, and a flow in LastAck.
+    t.open(40001, 1);
+    t.guest(
+        &udp_frame(guest(5000), udp_remote(), b"x"),
+        PuntReason::Ipv4NoFlow,
+    );
+    let natp = t.establish(40000, 1000, 5000);
+    let (tk, uk) = (tap_k(40000), uplink_k(natp));
+    let fin = Seg::new(guest(40000), remote())
+        .ctl(TcpControl::Fin)
+        .seq(1001)
+        .ack(5001);
+    t.maps().forwarded(&tk, 5001);
+    t.event(PuntReason::EventFin, Origin::Tap, &fin.guest_frame());
+    let wfin = Seg::new(remote(), nat(natp))
+        .ctl(TcpControl::Fin)
+        .seq(5001)
+        .ack(1002);
+    t.maps().forwarded(&uk, 1002);
+    t.event(PuntReason::EventFin, Origin::Uplink, &wfin.world_frame());
+    assert_eq!(t.m.flows()[2].state, "last_ack");
+    assert!(t.tick_out().is_empty());
+    assert!(t.run(100, |_, _| {}).is_empty());
+    assert_eq!(t.m.stats().flows_active, 3);
 }
