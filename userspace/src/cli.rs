@@ -129,7 +129,8 @@ pub struct RunArgs {
     pub ebpf_object: Option<PathBuf>,
 
     /// The control socket answering `tapgate stats` and `tapgate flows`
-    /// (default: /run/tapgate/TAP.sock).
+    /// (default: /run/tapgate/TAP.sock, or /run/tapgate/netns-INODE/TAP.sock
+    /// outside the host's initial network namespace).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
 
@@ -200,7 +201,8 @@ pub struct QueryArgs {
 #[group(required = true, multiple = false)]
 pub struct ControlTarget {
     /// The tap the daemon serves (its control socket is
-    /// /run/tapgate/TAP.sock).
+    /// /run/tapgate/TAP.sock, or /run/tapgate/netns-INODE/TAP.sock outside the
+    /// host's initial network namespace).
     #[arg(long, value_name = "TAP", value_parser = parse_ifname)]
     pub tap: Option<String>,
 

@@ -180,9 +180,20 @@ pub fn run(args: RunArgs) -> Result<()> {
         let ticker = async {
             let mut interval = tokio::time::interval(TICK);
             let mut out = Vec::new();
+            let mut busy = false;
             loop {
-                interval.tick().await;
-                state.manager.borrow_mut().tick(Instant::now(), &mut out);
+                // A scan in progress goes on in small chunks with short
+                // pauses, so punted packets never wait long behind it.
+                if busy {
+                    tokio::time::sleep(flow::clock::SCAN_PAUSE).await;
+                } else {
+                    interval.tick().await;
+                }
+                busy = {
+                    let mut manager = state.manager.borrow_mut();
+                    manager.tick(Instant::now(), &mut out);
+                    manager.clock_busy()
+                };
                 for o in out.drain(..) {
                     if let Err(e) = injectors.send(&o).await {
                         warn!("{e}");

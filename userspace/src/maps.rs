@@ -95,6 +95,14 @@ impl ActivityMap {
         self.word(slot).map_or(0, |w| w.load(Ordering::Relaxed))
     }
 
+    /// Sets `bits` of `slot`, as the kernel does for a forwarded packet
+    /// (for benchmarks and tests; in production only the kernel sets bits).
+    pub fn set(&self, slot: u32, bits: ActivityWord) {
+        if let Some(w) = self.word(slot) {
+            w.fetch_or(bits, Ordering::AcqRel);
+        }
+    }
+
     /// Clears `bits` of `slot`, returning the bits that were set before.
     pub fn take(&self, slot: u32, bits: ActivityWord) -> ActivityWord {
         self.word(slot)

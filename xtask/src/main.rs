@@ -74,6 +74,12 @@ enum Cmd {
         /// Same as `--only tapgate`.
         #[arg(long, conflicts_with = "only")]
         skip_kernel: bool,
+        /// Run only the clock benchmark (scan cost for 10k/100k/1M flows).
+        #[arg(long, conflicts_with_all = ["only", "skip_kernel", "no_clock"])]
+        clock: bool,
+        /// Skip the clock benchmark.
+        #[arg(long)]
+        no_clock: bool,
     },
 }
 
@@ -111,19 +117,29 @@ fn main() -> Result<()> {
             seconds,
             only,
             skip_kernel,
+            clock,
+            no_clock,
         } => {
             setup::ensure()?;
-            let bin = build(true)?;
-            let only = if skip_kernel {
-                Some(bench::Peer::Tapgate)
-            } else {
-                only
-            };
-            bench::run(
-                &bin,
-                &bench::Options { seconds, only },
-                &bench::report_path(&target_dir()),
-            )
+            if !clock {
+                let bin = build(true)?;
+                let only = if skip_kernel {
+                    Some(bench::Peer::Tapgate)
+                } else {
+                    only
+                };
+                bench::run(
+                    &bin,
+                    &bench::Options { seconds, only },
+                    &bench::report_path(&target_dir()),
+                )?;
+            }
+            if no_clock {
+                return Ok(());
+            }
+            // The clock benchmark: the daemon's scan on real kernel maps
+            // (userspace/benches/clock.rs); writes target/bench/clock.json.
+            run(cargo().args(["bench", "-p", "tapgate", "--bench", "clock"]))
         }
     }
 }

@@ -64,7 +64,7 @@
 //! [`FlowMaps`] and [`NatPorts`] traits, so all of this is unit-tested
 //! with in-memory fakes (`tests.rs`).
 
-mod clock;
+pub mod clock;
 pub mod maps;
 pub mod nat;
 pub mod packet;

@@ -1922,3 +1922,28 @@ fn the_clock_skips_handshakes_last_ack_and_udp() {
     assert!(t.run(100, |_, _| {}).is_empty());
     assert_eq!(t.m.stats().flows_active, 3);
 }
+
+#[test]
+fn a_scan_larger_than_a_chunk_is_spread_over_ticks() {
+    use crate::flow::clock::SCAN_CHUNK;
+    let n = SCAN_CHUNK + 100;
+    let mut t = T::with(FlowConfig {
+        max_flows: u32::try_from(n).unwrap() + 10,
+        ..clock_config(10, 0, 0)
+    });
+    for i in 0..n {
+        t.establish(20000 + u16::try_from(i).unwrap(), 1000, 5000);
+    }
+    assert!(t.tick_out().is_empty());
+    assert!(!t.m.clock_busy());
+    // Nobody sent anything on the fast path: every flow is idle. The due
+    // scan does one chunk a tick, and says so.
+    t.advance(Duration::from_secs(10));
+    assert_eq!(t.tick_out().len(), SCAN_CHUNK);
+    assert!(t.m.clock_busy());
+    assert_eq!(t.tick_out().len(), 100);
+    assert!(!t.m.clock_busy());
+    assert_eq!(t.m.stats().keepalives_sent, u64::try_from(n).unwrap());
+    // Nothing more until the next interval.
+    assert!(t.tick_out().is_empty());
+}
