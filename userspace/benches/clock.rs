@@ -233,33 +233,19 @@ fn bench(n: u32) -> Result<String> {
     let idle_scan = timed_scan(&mut m, start + Duration::from_secs(20), n, u64::from(n))?;
 
     let per = |d: Duration| d.as_nanos() as f64 / f64::from(n);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let longest = ms(active_scan.longest_tick.max(idle_scan.longest_tick));
+    let (install, active, idle) = (ms(install), ms(active_scan.total), ms(idle_scan.total));
+    let (active_per, idle_per) = (per(active_scan.total), per(idle_scan.total));
     println!(
-        "clock: {n:>8} flows: install {:>7.0} ms | active scan {:>7.1} ms ({:>5.0} ns/flow) \
-         | idle scan {:>7.1} ms ({:>6.0} ns/flow, a keepalive each) | longest tick {:>6.1} ms",
-        install.as_secs_f64() * 1e3,
-        active_scan.total.as_secs_f64() * 1e3,
-        per(active_scan.total),
-        idle_scan.total.as_secs_f64() * 1e3,
-        per(idle_scan.total),
-        active_scan
-            .longest_tick
-            .max(idle_scan.longest_tick)
-            .as_secs_f64()
-            * 1e3,
+        "clock: {n:>8} flows: install {install:>7.0} ms | active scan {active:>7.1} ms \
+         ({active_per:>5.0} ns/flow) | idle scan {idle:>7.1} ms ({idle_per:>6.0} ns/flow, a \
+         keepalive each) | longest tick {longest:>6.1} ms"
     );
     Ok(format!(
-        "{{\"flows\":{n},\"install_ms\":{:.1},\"active_scan_ms\":{:.3},\"active_ns_per_flow\":{:.1},\
-         \"idle_scan_ms\":{:.3},\"idle_ns_per_flow\":{:.1},\"longest_tick_ms\":{:.3},\"ticks\":{}}}",
-        install.as_secs_f64() * 1e3,
-        active_scan.total.as_secs_f64() * 1e3,
-        per(active_scan.total),
-        idle_scan.total.as_secs_f64() * 1e3,
-        per(idle_scan.total),
-        active_scan
-            .longest_tick
-            .max(idle_scan.longest_tick)
-            .as_secs_f64()
-            * 1e3,
+        "{{\"flows\":{n},\"install_ms\":{install:.1},\"active_scan_ms\":{active:.3},\
+         \"active_ns_per_flow\":{active_per:.1},\"idle_scan_ms\":{idle:.3},\
+         \"idle_ns_per_flow\":{idle_per:.1},\"longest_tick_ms\":{longest:.3},\"ticks\":{}}}",
         active_scan.ticks + idle_scan.ticks,
     ))
 }
