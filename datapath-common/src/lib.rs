@@ -100,11 +100,14 @@ pub enum PuntReason {
     /// Event: a packet of a flow whose entry asks for events
     /// ([`FLOW_F_EVENTS`], set in LastAck) was forwarded.
     EventAck = 9,
+    /// A packet from the world that matched no flow but opens one to a
+    /// forwarded port ([`FWD_PORTS_MAP`]): a pure SYN, or a UDP datagram.
+    Forward = 10,
 }
 
 impl PuntReason {
     /// All reasons, for iterating counters and reports.
-    pub const ALL: [PuntReason; 9] = [
+    pub const ALL: [PuntReason; 10] = [
         Self::Arp,
         Self::Ipv4NoFlow,
         Self::Ipv6NoFlow,
@@ -114,6 +117,7 @@ impl PuntReason {
         Self::EventFin,
         Self::EventRst,
         Self::EventAck,
+        Self::Forward,
     ];
 
     /// Decodes the wire value, `None` for anything unknown.
@@ -128,6 +132,7 @@ impl PuntReason {
             7 => Some(Self::EventFin),
             8 => Some(Self::EventRst),
             9 => Some(Self::EventAck),
+            10 => Some(Self::Forward),
             _ => None,
         }
     }
@@ -144,6 +149,7 @@ impl PuntReason {
             Self::EventFin => "event_fin",
             Self::EventRst => "event_rst",
             Self::EventAck => "event_ack",
+            Self::Forward => "forward",
         }
     }
 
@@ -219,7 +225,7 @@ pub const COUNTER_SLOTS: u32 = 32;
 
 /// Index of the first per-reason punt counter in [`COUNTERS_MAP`].
 pub const PUNT_REASON_COUNTER_BASE: u32 = 16;
-const _: () = assert!(PUNT_REASON_COUNTER_BASE + 10 <= COUNTER_SLOTS);
+const _: () = assert!(PUNT_REASON_COUNTER_BASE + (PuntReason::ALL.len() as u32) < COUNTER_SLOTS);
 
 impl Counter {
     /// All counters, for reports.
@@ -291,6 +297,31 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 /// UDP.
 pub const PROTO_UDP: u8 = 17;
+
+/// Name of the forwarded-ports map: `FwdPortKey` → `u8` (1), the host
+/// ports whose new connections (TCP SYN) and datagrams (UDP) from the world
+/// are punted with [`PuntReason::Forward`]. User space fills it from its
+/// forwarding rules.
+pub const FWD_PORTS_MAP: &str = "TG_FWD_PORTS";
+/// Capacity of [`FWD_PORTS_MAP`]: every port of both protocols.
+pub const FWD_PORTS_MAX: u32 = 2 * 65536;
+
+/// Key of [`FWD_PORTS_MAP`]: a host address (all-zero: any), a protocol
+/// and a host port. The programs look up the packet's destination address
+/// first, then the wildcard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
+pub struct FwdPortKey {
+    /// The host (destination) IPv4 address, or all-zero for any.
+    pub addr: [u8; 4],
+    /// The host (destination) port.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Reserved, zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FwdPortKey>() == 8);
 
 /// A directional 5-tuple as the packet carries it on arrival. IPv4
 /// addresses occupy the first four bytes of the 16-byte fields, the rest is
@@ -423,4 +454,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: repr(C), Pod, no padding (asserted above).
     unsafe impl aya::Pod for super::FlowEntry {}
+    // SAFETY: repr(C), Pod, no padding (asserted above).
+    unsafe impl aya::Pod for super::FwdPortKey {}
 }

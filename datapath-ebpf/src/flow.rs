@@ -12,7 +12,12 @@
 //! where the egress program catches them before they leave.
 //! Anything the fast path does not handle leaves through the single punt
 //! exit with a reason; a packet on the uplink that matches no flow is
-//! returned untouched (`TCX_NEXT`).
+//! returned untouched (`TCX_NEXT`), unless it opens a connection to a
+//! forwarded host port (a pure SYN, or any UDP datagram, to a port in
+//! `TG_FWD_PORTS`): that one is punted (`Forward`) for user space to
+//! install the inbound flow. Other segments to a forwarded port without a
+//! flow reach the host stack, whose bound-but-not-listening socket on the
+//! port answers them with an RST.
 //!
 //! The checks that send a packet of a known flow to user space instead:
 //! the flow is still in its handshake; a SYN on an established flow; IP
@@ -26,11 +31,12 @@ use aya_ebpf::{
 };
 use datapath_common::{
     ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FLOW_F_LOCAL,
-    FlowEntry, FlowKey, FlowState, Origin, PuntReason, TAP_ACTIVE, ipv4_to_16,
+    FlowEntry, FlowKey, FlowState, FwdPortKey, Origin, PROTO_TCP, PROTO_UDP, PuntReason,
+    TAP_ACTIVE, ipv4_to_16,
 };
 
 use crate::{
-    maps::{TG_FLOWS, count, mark_active},
+    maps::{TG_FLOWS, TG_FWD_PORTS, count, mark_active},
     nat,
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     punt::{event, punt},
@@ -182,9 +188,36 @@ pub fn from_uplink(ctx: &TcContext) -> i32 {
     match TG_FLOWS.get_ptr_mut(&key) {
         // SAFETY: as in from_tap.
         Some(e) => forward(ctx, &p, unsafe { &mut *e }, Origin::Uplink),
+        None if opens_forward(&p) => punt(ctx, Origin::Uplink, PuntReason::Forward),
         None => {
             count(Counter::UplinkNotOurs, 1);
             TC_ACT_UNSPEC
         }
     }
+}
+
+/// Whether a packet that matched no flow opens one to a forwarded port: a
+/// pure SYN (TCP) or any datagram (UDP) to a port in `TG_FWD_PORTS` (for its
+/// destination address, or for any address).
+#[inline(always)]
+fn opens_forward(p: &Packet) -> bool {
+    let opening = match p.ip.proto {
+        PROTO_TCP => p.tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
+        PROTO_UDP => true,
+        _ => false,
+    };
+    if !opening {
+        return false;
+    }
+    let mut key = FwdPortKey {
+        addr: p.ip.dst,
+        port: u16::from_be_bytes(p.dport),
+        proto: p.ip.proto,
+        _pad: 0,
+    };
+    if TG_FWD_PORTS.get_ptr(&key).is_some() {
+        return true;
+    }
+    key.addr = [0; 4];
+    TG_FWD_PORTS.get_ptr(&key).is_some()
 }

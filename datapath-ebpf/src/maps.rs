@@ -15,8 +15,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use datapath_common::{
-    ActivityWord, COUNTER_SLOTS, Counter, DEFAULT_MAX_FLOWS, FlowEntry, FlowKey, PUNT_RING_BYTES,
-    PuntScratch,
+    ActivityWord, COUNTER_SLOTS, Counter, DEFAULT_MAX_FLOWS, FWD_PORTS_MAX, FlowEntry, FlowKey,
+    FwdPortKey, PUNT_RING_BYTES, PuntScratch,
 };
 
 /// Punted frames and events for user space.
@@ -42,6 +42,12 @@ pub static TG_FLOWS: HashMap<FlowKey, FlowEntry> =
 #[map(name = "TG_ACTIVITY")]
 pub static TG_ACTIVITY: Array<ActivityWord> =
     Array::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_MMAPABLE);
+
+/// Host ports forwarded to the guest, by protocol: new connections and
+/// datagrams to them are punted. Filled by user space from its rules.
+#[map(name = "TG_FWD_PORTS")]
+pub static TG_FWD_PORTS: HashMap<FwdPortKey, u8> =
+    HashMap::with_max_entries(FWD_PORTS_MAX, BPF_F_NO_PREALLOC);
 
 /// Adds `n` to counter slot `idx` on this CPU.
 #[inline(always)]

@@ -10,13 +10,14 @@
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use smoltcp::wire::EthernetAddress;
 use thiserror::Error;
 
 use crate::{
     config::{self, GuestNetConfig},
-    control,
+    control::{self, ControlCommand, RulesRequest},
+    fwd::{FwdTable, PortRange, Proto, SpecError},
 };
 
 /// tapgate: user-mode-style networking for a guest behind a tap device,
@@ -40,6 +41,102 @@ pub enum Command {
     Stats(QueryArgs),
     /// List a running daemon's flows, read from its control socket.
     Flows(QueryArgs),
+    /// List or change a running daemon's port forwarding rules.
+    #[command(subcommand)]
+    Rules(RulesAction),
+}
+
+/// `tapgate rules ...`.
+#[derive(Debug, Subcommand)]
+pub enum RulesAction {
+    /// List the rules with the number of flows each has opened.
+    List(QueryArgs),
+    /// Add rules (`-t SPEC` or `-u SPEC`); they apply from the next
+    /// connection on. The ports are reserved like at startup.
+    Add(RulesChange),
+    /// Remove the rules a SPEC added (`-t SPEC` or `-u SPEC`, as given to
+    /// `add` or `run`); their flows stay unless `--reset-flows`.
+    Del(RulesDel),
+}
+
+impl RulesAction {
+    /// The control request.
+    pub fn command(&self) -> ControlCommand {
+        let request = match self {
+            Self::List(_) => RulesRequest::List,
+            Self::Add(c) => {
+                let (proto, spec) = c.proto_spec();
+                RulesRequest::Add { proto, spec }
+            }
+            Self::Del(d) => {
+                let (proto, spec) = d.change.proto_spec();
+                RulesRequest::Del {
+                    proto,
+                    spec,
+                    reset_flows: d.reset_flows,
+                }
+            }
+        };
+        ControlCommand::Rules(request)
+    }
+
+    /// Which daemon, and how to print.
+    pub fn query(&self) -> &QueryArgs {
+        match self {
+            Self::List(q) => q,
+            Self::Add(c) => &c.query,
+            Self::Del(d) => &d.change.query,
+        }
+    }
+}
+
+/// One SPEC for `rules add` / `rules del`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("spec").required(true).args(["tcp", "udp"])))]
+pub struct RulesChange {
+    /// TCP ports, in `--tcp-ports` syntax.
+    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC", value_parser = parse_spec_word)]
+    pub tcp: Option<String>,
+    /// UDP ports, in `--udp-ports` syntax.
+    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC", value_parser = parse_spec_word)]
+    pub udp: Option<String>,
+    /// Which daemon, and how to print.
+    #[command(flatten)]
+    pub query: QueryArgs,
+}
+
+impl RulesChange {
+    /// The protocol and the SPEC.
+    pub fn proto_spec(&self) -> (Proto, String) {
+        match (&self.tcp, &self.udp) {
+            (Some(t), _) => (Proto::Tcp, t.clone()),
+            (None, Some(u)) => (Proto::Udp, u.clone()),
+            // clap's group requires one of them.
+            (None, None) => (Proto::Tcp, String::new()),
+        }
+    }
+}
+
+/// `rules del`.
+#[derive(Debug, Args)]
+pub struct RulesDel {
+    /// The SPEC.
+    #[command(flatten)]
+    pub change: RulesChange,
+    /// Also reset (TCP: RST to both sides) the flows opened through the
+    /// removed rules.
+    #[arg(long)]
+    pub reset_flows: bool,
+}
+
+/// A SPEC travels as one word of the control protocol.
+fn parse_spec_word(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains(char::is_whitespace) {
+        return Err(format!(
+            "{s:?}: a SPEC has no spaces (separate items with commas)"
+        ));
+    }
+    Ok(s.to_owned())
 }
 
 /// Log verbosity, for the daemon and for the eBPF programs alike.
@@ -171,9 +268,32 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = datapath_common::DEFAULT_MAX_FLOWS,
           value_parser = clap::value_parser!(u32).range(16..=(1 << 22)))]
     pub max_flows: u32,
+
+    /// Forward host TCP ports to the guest, passt's syntax (repeatable):
+    /// `[ADDR[%IFACE]/]FIRST[-LAST][:TOFIRST[-TOLAST]]`, `~FIRST[-LAST]`
+    /// exclusions, `all`, `none`, comma-separated; e.g. `8080:80`,
+    /// `10000-10100`, `1-1024,~22`.
+    #[arg(short = 't', long = "tcp-ports", value_name = "SPEC")]
+    pub tcp_ports: Vec<String>,
+
+    /// Forward host UDP ports to the guest, same syntax as `--tcp-ports`.
+    #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
+    pub udp_ports: Vec<String>,
 }
 
 impl RunArgs {
+    /// The forwarding rules of `-t` and `-u`, in one table; `ephemeral` is
+    /// the host's ephemeral port range (left out of `all`).
+    pub fn forwards(&self, ephemeral: PortRange) -> Result<FwdTable, SpecError> {
+        let mut table = FwdTable::new();
+        for (proto, specs) in [(Proto::Tcp, &self.tcp_ports), (Proto::Udp, &self.udp_ports)] {
+            for spec in specs {
+                table.add_spec(proto, spec, ephemeral)?;
+            }
+        }
+        Ok(table)
+    }
+
     /// The control socket's path: `--control-socket`, or the default for
     /// the tap.
     pub fn control_socket_path(&self) -> PathBuf {
@@ -349,6 +469,67 @@ mod tests {
             Command::Run(r) => r,
             other => panic!("not a run command: {other:?}"),
         })
+    }
+
+    #[test]
+    fn rules_commands() {
+        let parse = |argv: &[&str]| {
+            let mut v = vec!["tapgate", "rules"];
+            v.extend_from_slice(argv);
+            Cli::try_parse_from(v).map(|c| match c.command {
+                Command::Rules(r) => r,
+                other => panic!("not a rules command: {other:?}"),
+            })
+        };
+        let r = parse(&["list", "--tap", "tap0", "--json"]).unwrap();
+        assert_eq!(r.command(), ControlCommand::Rules(RulesRequest::List));
+        assert!(r.query().json);
+        let r = parse(&["add", "-t", "8080:80", "--tap", "tap0"]).unwrap();
+        assert_eq!(
+            r.command(),
+            ControlCommand::Rules(RulesRequest::Add {
+                proto: Proto::Tcp,
+                spec: "8080:80".into()
+            })
+        );
+        let r = parse(&["del", "-u", "5353", "--reset-flows", "--tap", "tap0"]).unwrap();
+        assert_eq!(
+            r.command(),
+            ControlCommand::Rules(RulesRequest::Del {
+                proto: Proto::Udp,
+                spec: "5353".into(),
+                reset_flows: true
+            })
+        );
+        // Exactly one SPEC, without spaces, and a target.
+        assert!(parse(&["add", "--tap", "tap0"]).is_err());
+        assert!(parse(&["add", "-t", "80", "-u", "80", "--tap", "tap0"]).is_err());
+        assert!(parse(&["add", "-t", "80, 81", "--tap", "tap0"]).is_err());
+        assert!(parse(&["add", "-t", "80"]).is_err());
+    }
+
+    #[test]
+    fn forwarding_options() {
+        let eph = PortRange::LINUX_EPHEMERAL;
+        let r = run_args(&[]).unwrap();
+        assert!(r.forwards(eph).unwrap().is_empty());
+        let r = run_args(&["-t", "8080:80", "--tcp-ports", "1-1024,~22", "-u", "5353"]).unwrap();
+        assert_eq!(r.tcp_ports, ["8080:80", "1-1024,~22"]);
+        let t = r.forwards(eph).unwrap();
+        let any = std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        assert_eq!(t.lookup(Proto::Tcp, any, 8080), Some(80));
+        assert_eq!(t.lookup(Proto::Tcp, any, 22), None);
+        assert_eq!(t.lookup(Proto::Tcp, any, 23), Some(23));
+        assert_eq!(t.lookup(Proto::Udp, any, 5353), Some(5353));
+        assert_eq!(t.lookup(Proto::Udp, any, 8080), None);
+        // Errors name the token; overlaps across options are caught.
+        let r = run_args(&["-t", "80", "-t", "70-90"]).unwrap();
+        assert!(matches!(r.forwards(eph), Err(SpecError::Overlap { .. })));
+        let r = run_args(&["-u", "5353,0"]).unwrap();
+        assert_eq!(
+            r.forwards(eph).unwrap_err().to_string(),
+            "\"0\": port 0 cannot be forwarded"
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! The control socket: `tapgate stats` and `tapgate flows`.
+//! The control socket: `tapgate stats`, `tapgate flows` and `tapgate rules`.
 //!
 //! # Theory of operation
 //!
 //! A running daemon listens on a UNIX stream socket (`--control-socket`,
 //! default `/run/tapgate/<tap>.sock`, mode 0600 in a 0755 directory). The
 //! protocol is one request per connection: the client writes one line
-//! (`stats\n` or `flows\n`), the daemon writes one JSON document followed by
-//! a newline and closes. An unknown command gets `{"error": "..."}`.
+//! (`stats\n`, `flows\n`, `rules list\n`, `rules add tcp|udp SPEC\n` or
+//! `rules del tcp|udp SPEC [reset-flows]\n`), the daemon writes one JSON
+//! document followed by a newline and closes. An unknown command, or a
+//! rules change the daemon refuses, gets `{"error": "..."}`.
 //!
 //! The daemon side is [`serve`], a future that never completes and that the
 //! daemon polls next to its other work (in its `select!`). What it reports
@@ -64,6 +66,8 @@ use nix::{
     sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket},
 };
 use serde_json::{Value, json};
+
+use crate::fwd::Proto;
 use thiserror::Error;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -92,7 +96,7 @@ const MAX_PATH: usize = 107;
 
 /// What the daemon reports on its control socket.
 ///
-/// Both methods are called on the daemon's own thread, one request at a
+/// All methods are called on the daemon's own thread, one request at a
 /// time, so an implementation may keep its state in a `RefCell`. They should
 /// be quick: they run on the daemon's event loop.
 ///
@@ -104,36 +108,102 @@ const MAX_PATH: usize = 107;
 /// * [`flows`](Self::flows): an array of objects with `proto` (`"tcp"`,
 ///   `"udp"`, ...), `guest`, `remote` and `nat` (each `"ip:port"`), `state`
 ///   and `fastpath_packets`.
+/// * [`rules`](Self::rules): for `List`, `{"rules": [...]}`, each rule an
+///   object with `proto`, `spec` (the SPEC item it came from), `addr`
+///   (or null), `host` and `guest` (port ranges) and `hits` (flows opened
+///   through it); for `Add`, `{"added": [...]}`; for `Del`,
+///   `{"removed": [...], "flows_reset": N}`; or `{"error": "..."}`.
 pub trait ControlSource {
     /// The daemon's counters.
     fn stats(&self) -> Value;
     /// The daemon's flows.
     fn flows(&self) -> Value;
+    /// Lists or changes the forwarding rules.
+    fn rules(&self, request: &RulesRequest) -> Value;
+}
+
+/// A `rules` request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RulesRequest {
+    /// `rules list`.
+    List,
+    /// `rules add PROTO SPEC`: forward more ports (next connection on).
+    Add {
+        /// The protocol.
+        proto: Proto,
+        /// A `-t`/`-u` SPEC.
+        spec: String,
+    },
+    /// `rules del PROTO SPEC [reset-flows]`: remove the rules SPEC stands
+    /// for; their flows stay unless `reset_flows`.
+    Del {
+        /// The protocol.
+        proto: Proto,
+        /// The SPEC the rules were added with.
+        spec: String,
+        /// Reset the flows opened through the removed rules.
+        reset_flows: bool,
+    },
 }
 
 /// A request of the control protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlCommand {
     /// `stats`: the counters.
     Stats,
     /// `flows`: the flow list.
     Flows,
+    /// `rules ...`: the forwarding rules.
+    Rules(RulesRequest),
 }
 
 impl ControlCommand {
-    /// The command's word on the wire.
-    pub fn as_str(self) -> &'static str {
+    /// The request line on the wire (without the newline).
+    pub fn to_line(&self) -> String {
         match self {
-            Self::Stats => "stats",
-            Self::Flows => "flows",
+            Self::Stats => "stats".to_owned(),
+            Self::Flows => "flows".to_owned(),
+            Self::Rules(RulesRequest::List) => "rules list".to_owned(),
+            Self::Rules(RulesRequest::Add { proto, spec }) => format!("rules add {proto} {spec}"),
+            Self::Rules(RulesRequest::Del {
+                proto,
+                spec,
+                reset_flows,
+            }) => {
+                let reset = if *reset_flows { " reset-flows" } else { "" };
+                format!("rules del {proto} {spec}{reset}")
+            }
         }
     }
 
     /// Parses a request line (surrounding whitespace ignored).
     pub fn parse(line: &str) -> Option<Self> {
-        match line.trim() {
-            "stats" => Some(Self::Stats),
-            "flows" => Some(Self::Flows),
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let proto = |w: &str| match w {
+            "tcp" => Some(Proto::Tcp),
+            "udp" => Some(Proto::Udp),
+            _ => None,
+        };
+        match words.as_slice() {
+            ["stats"] => Some(Self::Stats),
+            ["flows"] => Some(Self::Flows),
+            ["rules", "list"] => Some(Self::Rules(RulesRequest::List)),
+            ["rules", "add", p, spec] => Some(Self::Rules(RulesRequest::Add {
+                proto: proto(p)?,
+                spec: (*spec).to_owned(),
+            })),
+            ["rules", "del", p, spec, rest @ ..] => {
+                let reset_flows = match rest {
+                    [] => false,
+                    ["reset-flows"] => true,
+                    _ => return None,
+                };
+                Some(Self::Rules(RulesRequest::Del {
+                    proto: proto(p)?,
+                    spec: (*spec).to_owned(),
+                    reset_flows,
+                }))
+            }
             _ => None,
         }
     }
@@ -403,9 +473,10 @@ pub fn respond<S: ControlSource + ?Sized>(source: &S, line: &str) -> Value {
     match ControlCommand::parse(line) {
         Some(ControlCommand::Stats) => source.stats(),
         Some(ControlCommand::Flows) => source.flows(),
+        Some(ControlCommand::Rules(r)) => source.rules(&r),
         None => {
             let shown: String = line.trim().chars().take(64).collect();
-            json!({ "error": format!("unknown command {shown:?} (expected \"stats\" or \"flows\")") })
+            json!({ "error": format!("unknown command {shown:?} (expected \"stats\", \"flows\" or \"rules list|add|del ...\")") })
         }
     }
 }
@@ -601,7 +672,11 @@ fn connect_bounded(
 /// Sends `command` to the daemon listening on `path` and returns its JSON
 /// document; the whole exchange is bounded by `limit`. A reply of the form
 /// `{"error": "..."}` becomes [`ControlError::Daemon`].
-pub fn query(path: &Path, command: ControlCommand, limit: Duration) -> Result<Value, ControlError> {
+pub fn query(
+    path: &Path,
+    command: &ControlCommand,
+    limit: Duration,
+) -> Result<Value, ControlError> {
     check_path_len(path)?;
     let started = Instant::now();
     let deadline = started + limit;
@@ -633,7 +708,7 @@ pub fn query(path: &Path, command: ControlCommand, limit: Duration) -> Result<Va
         .set_write_timeout(Some(remaining().ok_or_else(timed_out)?))
         .map_err(|e| io_err("configuring", e))?;
     stream
-        .write_all(format!("{}\n", command.as_str()).as_bytes())
+        .write_all(format!("{}\n", command.to_line()).as_bytes())
         .map_err(|e| io_err("sending the request to", e))?;
     let mut reply = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
@@ -724,6 +799,46 @@ fn push_flat(out: &mut String, key: &str, v: &Value) {
             let _ = writeln!(out, "{key}: {}", scalar(other));
         }
     }
+}
+
+/// Renders a `rules` document for people: one line per rule (`rules`,
+/// `added`, `removed`), then `flows_reset` if present.
+pub fn render_rules(doc: &Value) -> String {
+    let mut out = String::new();
+    for key in ["rules", "added", "removed"] {
+        let Some(rules) = doc.get(key).and_then(Value::as_array) else {
+            continue;
+        };
+        if key != "rules" {
+            let _ = writeln!(out, "{key}:");
+        } else if rules.is_empty() {
+            out.push_str("no forwarding rules\n");
+        }
+        for r in rules {
+            let field = |k: &str| r.get(k).map(scalar).unwrap_or_default();
+            let addr = r
+                .get("addr")
+                .and_then(Value::as_str)
+                .map(|a| format!("{a}/"))
+                .unwrap_or_default();
+            let _ = write!(
+                out,
+                "{:<4} {addr}{} -> {}  ({})",
+                field("proto"),
+                field("host"),
+                field("guest"),
+                field("spec"),
+            );
+            if let Some(h) = r.get("hits") {
+                let _ = write!(out, "  hits {}", scalar(h));
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(n) = doc.get("flows_reset") {
+        let _ = writeln!(out, "flows reset: {}", scalar(n));
+    }
+    out
 }
 
 /// Renders a `stats` document for people.
@@ -901,6 +1016,17 @@ mod tests {
             })
         }
 
+        fn rules(&self, request: &RulesRequest) -> Value {
+            match request {
+                RulesRequest::List => json!({ "rules": [{
+                    "proto": "tcp", "spec": "8080:80", "addr": null,
+                    "host": "8080", "guest": "80", "hits": 3,
+                }] }),
+                RulesRequest::Add { spec, .. } => json!({ "error": format!("{spec:?}: no") }),
+                RulesRequest::Del { .. } => json!({ "removed": [], "flows_reset": 0 }),
+            }
+        }
+
         fn flows(&self) -> Value {
             json!([{
                 "proto": "tcp",
@@ -944,9 +1070,9 @@ mod tests {
         let path = dir.sock();
         let (stats, stats2, flows) = with_server(&socket, Limits::default(), move || {
             (
-                query(&path, ControlCommand::Stats, CLIENT_TIMEOUT).unwrap(),
-                query(&path, ControlCommand::Stats, CLIENT_TIMEOUT).unwrap(),
-                query(&path, ControlCommand::Flows, CLIENT_TIMEOUT).unwrap(),
+                query(&path, &ControlCommand::Stats, CLIENT_TIMEOUT).unwrap(),
+                query(&path, &ControlCommand::Stats, CLIENT_TIMEOUT).unwrap(),
+                query(&path, &ControlCommand::Flows, CLIENT_TIMEOUT).unwrap(),
             )
         })
         .await;
@@ -1005,7 +1131,7 @@ mod tests {
             let handles: Vec<_> = (0..100)
                 .map(|_| {
                     let path = path.clone();
-                    std::thread::spawn(move || query(&path, ControlCommand::Stats, CLIENT_TIMEOUT))
+                    std::thread::spawn(move || query(&path, &ControlCommand::Stats, CLIENT_TIMEOUT))
                 })
                 .collect();
             handles
@@ -1027,7 +1153,7 @@ mod tests {
         let socket = bind_control_socket(&dir.sock()).unwrap();
         let path = dir.sock();
         let stats = with_server(&socket, Limits::default(), move || {
-            query(&path, ControlCommand::Stats, CLIENT_TIMEOUT)
+            query(&path, &ControlCommand::Stats, CLIENT_TIMEOUT)
         })
         .await
         .unwrap();
@@ -1091,14 +1217,14 @@ mod tests {
     #[test]
     fn client_errors() {
         let dir = TempDir::new();
-        let err = query(&dir.sock(), ControlCommand::Stats, CLIENT_TIMEOUT).unwrap_err();
+        let err = query(&dir.sock(), &ControlCommand::Stats, CLIENT_TIMEOUT).unwrap_err();
         assert!(matches!(err, ControlError::NoDaemon { .. }), "{err}");
         assert!(err.to_string().starts_with("no tapgate daemon answers on"));
         drop(StdUnixListener::bind(dir.sock()).unwrap());
-        let err = query(&dir.sock(), ControlCommand::Stats, CLIENT_TIMEOUT).unwrap_err();
+        let err = query(&dir.sock(), &ControlCommand::Stats, CLIENT_TIMEOUT).unwrap_err();
         assert!(matches!(err, ControlError::NoDaemon { .. }), "{err}");
         let long = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
-        let err = query(&long, ControlCommand::Stats, CLIENT_TIMEOUT).unwrap_err();
+        let err = query(&long, &ControlCommand::Stats, CLIENT_TIMEOUT).unwrap_err();
         assert!(matches!(err, ControlError::PathTooLong(_)), "{err}");
     }
 
@@ -1110,7 +1236,7 @@ mod tests {
         let started = Instant::now();
         let err = query(
             &dir.sock(),
-            ControlCommand::Stats,
+            &ControlCommand::Stats,
             Duration::from_millis(300),
         )
         .unwrap_err();
@@ -1141,7 +1267,7 @@ mod tests {
             // Another client is served while the idle one is connected.
             let p = path.clone();
             let stats = tokio::task::spawn_blocking(move || {
-                query(&p, ControlCommand::Stats, CLIENT_TIMEOUT)
+                query(&p, &ControlCommand::Stats, CLIENT_TIMEOUT)
             })
             .await
             .unwrap()
@@ -1190,6 +1316,40 @@ mod tests {
             Some(ControlCommand::Flows)
         );
         assert_eq!(ControlCommand::parse("STATS"), None);
+        for cmd in [
+            ControlCommand::Rules(RulesRequest::List),
+            ControlCommand::Rules(RulesRequest::Add {
+                proto: Proto::Tcp,
+                spec: "1-1024,~22".into(),
+            }),
+            ControlCommand::Rules(RulesRequest::Del {
+                proto: Proto::Udp,
+                spec: "5353".into(),
+                reset_flows: false,
+            }),
+            ControlCommand::Rules(RulesRequest::Del {
+                proto: Proto::Tcp,
+                spec: "8080:80".into(),
+                reset_flows: true,
+            }),
+        ] {
+            assert_eq!(ControlCommand::parse(&cmd.to_line()), Some(cmd.clone()));
+        }
+        assert_eq!(
+            cmd_line("rules del tcp 8080:80 reset-flows"),
+            "rules del tcp 8080:80 reset-flows"
+        );
+        for bad in [
+            "rules",
+            "rules add",
+            "rules add tcp",
+            "rules add sctp 80",
+            "rules add tcp 80 81",
+            "rules del tcp 80 now",
+            "rules list all",
+        ] {
+            assert_eq!(ControlCommand::parse(bad), None, "{bad:?}");
+        }
         assert_eq!(
             default_socket_path_in("tap0", Some(7), Some(7)),
             Path::new("/run/tapgate/tap0.sock")
@@ -1206,6 +1366,43 @@ mod tests {
             default_socket_path_in("tap0", None, None),
             Path::new("/run/tapgate/tap0.sock")
         );
+    }
+
+    fn cmd_line(line: &str) -> String {
+        ControlCommand::parse(line).unwrap().to_line()
+    }
+
+    #[tokio::test]
+    async fn rules_round_trip() {
+        let dir = TempDir::new();
+        let socket = bind_control_socket(&dir.sock()).unwrap();
+        let path = dir.sock();
+        let (list, add) = with_server(&socket, Limits::default(), move || {
+            (
+                query(
+                    &path,
+                    &ControlCommand::Rules(RulesRequest::List),
+                    CLIENT_TIMEOUT,
+                )
+                .unwrap(),
+                query(
+                    &path,
+                    &ControlCommand::Rules(RulesRequest::Add {
+                        proto: Proto::Tcp,
+                        spec: "0".into(),
+                    }),
+                    CLIENT_TIMEOUT,
+                ),
+            )
+        })
+        .await;
+        assert_eq!(list["rules"][0]["hits"], 3);
+        assert!(
+            matches!(add, Err(ControlError::Daemon { message, .. }) if message.contains("\"0\""))
+        );
+        let text = render_rules(&list);
+        assert!(text.contains("tcp"), "{text}");
+        assert!(text.contains("8080 -> 80"), "{text}");
     }
 
     #[test]

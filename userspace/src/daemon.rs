@@ -3,8 +3,10 @@
 //! # Theory of operation
 //!
 //! Start-up checks everything that can be checked before touching the
-//! kernel (privileges, arguments, interfaces, the per-tap lock, the control
-//! socket), then loads and verifies the programs, opens the writers and
+//! kernel (privileges, arguments and forwarding rules, interfaces, the
+//! per-tap lock, the control socket), reserves the forwarded ports (a port
+//! the host already uses is an error naming it; the sockets are held until
+//! exit), then loads and verifies the programs, opens the writers and
 //! only then attaches — so a failure leaves nothing behind. The daemon then
 //! runs on one tokio thread:
 //!
@@ -15,7 +17,10 @@
 //! * a one-second tick drives the flow manager's timers (LastAck and
 //!   handshake timeouts, UDP expiry, the clock algorithm's keepalives and
 //!   inactivity/dead-guest resets, whose segments it sends);
-//! * the control socket answers `tapgate stats` and `tapgate flows`;
+//! * the control socket answers `tapgate stats`, `tapgate flows` and
+//!   `tapgate rules` (a change reserves or releases ports, updates the
+//!   uplink program's forwarded-ports map and the manager's table; RSTs of
+//!   flows reset by `del --reset-flows` go out with the next tick);
 //! * the aya-log forwarder copies the programs' log records into our log;
 //! * SIGINT/SIGTERM end the loop, and everything attached is detached.
 //!
@@ -38,14 +43,15 @@ use serde_json::{Value, json};
 use smoltcp::wire::EthernetFrame;
 use tapgate::{
     cli::RunArgs,
-    control::{self, ControlSource},
+    control::{self, ControlSource, RulesRequest},
     flow::{self, FlowConfig, FlowManager, SocketPorts},
+    fwd::{self, PortReservations},
     guest::{Claim, GuestServices},
     iface::{self, Iface},
     inject::{Injectors, Output, TapWriter, WorldWriter},
     instance::InstanceLock,
     loader::{Datapath, EMBEDDED_OBJECT, KernelCounters, LoadOptions},
-    maps::KernelFlowMaps,
+    maps::{KernelFlowMaps, KernelFwdPorts},
     privileges,
     punt::{self, Punted, ReaderStats},
 };
@@ -75,13 +81,16 @@ pub fn run(args: RunArgs) -> Result<()> {
             tap.name
         );
     }
+    let ephemeral = fwd::host_ephemeral_range();
+    let forwards = args.forwards(ephemeral).context("port forwarding rules")?;
     let _lock = InstanceLock::acquire(&tap.name)?;
     let control_socket = control::bind_control_socket(&args.control_socket_path())?;
     let tap_mtu = tap.mtu().context("tap")?;
     cfg.mtu = u16::try_from(tap_mtu).unwrap_or(u16::MAX);
 
-    // One socket per flow holds its NAT port: make room for them.
-    let want_fds = u64::from(args.max_flows) + 1024;
+    // One socket per flow holds its NAT port, one per forwarded port holds
+    // that: make room for them.
+    let want_fds = u64::from(args.max_flows) + 1024 + forwards.port_count() as u64;
     let max_flows = match flow::nat::raise_nofile_limit(want_fds) {
         Ok(got) if got < want_fds => {
             let capped = u32::try_from(got.saturating_sub(1024).max(16)).unwrap_or(u32::MAX);
@@ -94,6 +103,13 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.max_flows
         }
     };
+
+    // The forwarded ports are taken before anything is loaded: a port the
+    // host already uses is a startup error naming it.
+    let reservations = PortReservations::reserve(&forwards).context("port forwarding")?;
+    for rule in forwards.rules() {
+        info!("forwarding {rule} (\"{}\")", rule.token);
+    }
 
     let object_file;
     let object: &[u8] = match &args.ebpf_object {
@@ -118,6 +134,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             None
         }
     };
+    let mut fwd_ports = datapath.take_fwd_ports()?;
+    let forwarded = fwd_ports
+        .insert(forwards.rules())
+        .context("filling the forwarded-ports map")?;
+    debug!(
+        "{forwarded} forwarded ports in the kernel, {} held",
+        reservations.len()
+    );
     let ring = datapath.take_punt_ring()?;
     let counters = datapath.take_counters()?;
     let flow_maps = datapath.take_flow_maps()?;
@@ -131,6 +155,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     fcfg.max_flows = max_flows;
     fcfg.allow_host = args.allow_host;
     fcfg.dns_upstream = flow::resolv::resolve_upstream(args.dns_upstream);
+    fcfg.forwards = forwards;
     match fcfg.dns_upstream {
         Some(ip) => info!("DNS forwarder {}:53 -> {ip}:53", cfg.dns),
         None => warn!(
@@ -173,6 +198,12 @@ pub fn run(args: RunArgs) -> Result<()> {
             reader: ReaderStats::default(),
             counters,
             tap_index: tap.index,
+            fwd: RefCell::new(FwdRuntime {
+                reservations,
+                kernel: fwd_ports,
+                ephemeral,
+            }),
+            pending: RefCell::new(Vec::new()),
         };
         let reader = punt::run(ring, &state.reader, &injectors, |p, out| {
             state.dispatch(&p, out)
@@ -194,6 +225,8 @@ pub fn run(args: RunArgs) -> Result<()> {
                     manager.tick(Instant::now(), &mut out);
                     manager.clock_busy()
                 };
+                // RSTs of flows reset by `tapgate rules del --reset-flows`.
+                out.append(&mut state.pending.borrow_mut());
                 for o in out.drain(..) {
                     if let Err(e) = injectors.send(&o).await {
                         warn!("{e}");
@@ -224,6 +257,97 @@ struct State {
     reader: ReaderStats,
     counters: KernelCounters,
     tap_index: u32,
+    fwd: RefCell<FwdRuntime>,
+    /// Segments queued outside the punt path (control requests), sent by
+    /// the ticker.
+    pending: RefCell<Vec<Output>>,
+}
+
+/// What `tapgate rules add|del` changes besides the manager's table.
+struct FwdRuntime {
+    reservations: PortReservations,
+    kernel: KernelFwdPorts,
+    ephemeral: fwd::PortRange,
+}
+
+/// A rule for the control protocol.
+fn rule_json(rule: &fwd::Rule, hits: Option<u64>) -> Value {
+    let mut v = json!({
+        "proto": rule.proto.to_string(),
+        "spec": rule.token,
+        "addr": rule.addr.map(|a| a.to_string()),
+        "host": rule.host.to_string(),
+        "guest": rule.guest().to_string(),
+    });
+    if let (Some(h), Some(obj)) = (hits, v.as_object_mut()) {
+        obj.insert("hits".to_owned(), json!(h));
+    }
+    v
+}
+
+impl State {
+    /// `tapgate rules ...`.
+    fn change_rules(&self, request: &RulesRequest) -> Result<Value> {
+        let mut manager = self.manager.borrow_mut();
+        let mut fwd = self.fwd.borrow_mut();
+        let fwd = &mut *fwd;
+        match request {
+            RulesRequest::List => {
+                let rules: Vec<Value> = manager
+                    .forwards()
+                    .rules_with_hits()
+                    .map(|(r, h)| rule_json(r, Some(h)))
+                    .collect();
+                Ok(json!({ "rules": rules }))
+            }
+            RulesRequest::Add { proto, spec } => {
+                let rules = manager
+                    .forwards()
+                    .prepare_add(*proto, spec, fwd.ephemeral)?;
+                // The ports first (a host user is the error), then the
+                // kernel, then the table the manager maps openings with.
+                fwd.reservations.add(&rules)?;
+                if let Err(e) = fwd.kernel.insert(&rules) {
+                    if let Err(e) = fwd.kernel.remove(&rules) {
+                        warn!("rules: undoing a partial add: {e}");
+                    }
+                    fwd.reservations.release(&rules);
+                    return Err(e).context("filling the forwarded-ports map");
+                }
+                for rule in &rules {
+                    info!("rules: added {rule} (\"{}\")", rule.token);
+                }
+                let added: Vec<Value> = rules.iter().map(|r| rule_json(r, None)).collect();
+                manager.forwards_mut().insert(rules);
+                Ok(json!({ "added": added }))
+            }
+            RulesRequest::Del {
+                proto,
+                spec,
+                reset_flows,
+            } => {
+                let rules = manager
+                    .forwards()
+                    .prepare_remove(*proto, spec, fwd.ephemeral)?;
+                // No new openings are punted once the kernel entries go.
+                fwd.kernel
+                    .remove(&rules)
+                    .context("updating the forwarded-ports map")?;
+                manager.forwards_mut().remove(&rules);
+                let reset = if *reset_flows {
+                    manager.reset_forwarded(&rules, &mut self.pending.borrow_mut())
+                } else {
+                    0
+                };
+                fwd.reservations.release(&rules);
+                for rule in &rules {
+                    info!("rules: removed {rule}, {reset} flows reset");
+                }
+                let removed: Vec<Value> = rules.iter().map(|r| rule_json(r, None)).collect();
+                Ok(json!({ "removed": removed, "flows_reset": reset }))
+            }
+        }
+    }
 }
 
 impl State {
@@ -236,7 +360,14 @@ impl State {
             return;
         }
         match p.origin {
-            Origin::Uplink => manager.from_world(p.frame, p.reason, now, out),
+            Origin::Uplink => {
+                if p.reason == PuntReason::Forward
+                    && let Some(mac) = self.services.borrow().guest_mac()
+                {
+                    manager.set_guest_mac(mac);
+                }
+                manager.from_world(p.frame, p.reason, now, out);
+            }
             Origin::Tap if p.ifindex != self.tap_index => {
                 debug!("ignoring a frame punted from ifindex {}", p.ifindex);
             }
@@ -307,6 +438,7 @@ impl ControlSource for State {
                 "rsts_sent": f.rsts_sent,
                 "icmp_sent": f.icmp_sent,
                 "policy_denied": f.policy_denied,
+                "forwards_accepted": f.forwards_accepted,
                 "slow_to_world": f.slow_to_world,
                 "slow_to_guest": f.slow_to_guest,
                 "events": f.events,
@@ -327,6 +459,11 @@ impl ControlSource for State {
             },
             "kernel": kernel,
         })
+    }
+
+    fn rules(&self, request: &RulesRequest) -> Value {
+        self.change_rules(request)
+            .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }))
     }
 
     fn flows(&self) -> Value {

@@ -11,6 +11,7 @@ pub mod control;
 pub mod dhcp;
 pub mod flow;
 pub mod frame;
+pub mod fwd;
 pub mod guest;
 pub mod icmp;
 pub mod iface;

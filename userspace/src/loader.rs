@@ -30,8 +30,9 @@ use aya::{
     util::KernelVersion,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS,
-    PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FWD_PORTS_MAP, PROG_TAP_INGRESS,
+    PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason,
+    SCRATCH_MAP,
 };
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -327,6 +328,15 @@ impl Datapath {
             .take_map(ACTIVITY_MAP)
             .ok_or(LoaderError::MissingMap(ACTIVITY_MAP))?;
         crate::maps::KernelFlowMaps::new(flows, activity)
+    }
+
+    /// Takes the forwarded-ports map out of the object.
+    pub fn take_fwd_ports(&mut self) -> Result<crate::maps::KernelFwdPorts, LoaderError> {
+        let map = self
+            .ebpf
+            .take_map(FWD_PORTS_MAP)
+            .ok_or(LoaderError::MissingMap(FWD_PORTS_MAP))?;
+        crate::maps::KernelFwdPorts::new(map)
     }
 
     /// The underlying aya object (for the log forwarder).

@@ -5,7 +5,7 @@
 //! The binary edge: parse the command line, set up logging, run the daemon
 //! and turn any error into one line on stderr (`tapgate: error: ...`) and
 //! exit status 1. A verifier rejection also prints the verifier's log.
-//! `stats` and `flows` are clients of a running daemon's control socket
+//! `stats`, `flows` and `rules` are clients of a running daemon's control socket
 //! (see `tapgate::control`); they print its JSON document as is (`--json`)
 //! or as text, and fail the same way.
 
@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         }
         Command::Stats(args) => query(ControlCommand::Stats, &args),
         Command::Flows(args) => query(ControlCommand::Flows, &args),
+        Command::Rules(action) => query(action.command(), action.query()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,11 +47,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// `tapgate stats` / `tapgate flows`: asks the daemon and prints the
+/// `tapgate stats` / `flows` / `rules ...`: asks the daemon and prints the
 /// answer.
 fn query(command: ControlCommand, args: &QueryArgs) -> anyhow::Result<()> {
     let path = args.target.socket_path();
-    let doc = control::query(&path, command, control::CLIENT_TIMEOUT)?;
+    let doc = control::query(&path, &command, control::CLIENT_TIMEOUT)?;
     let text = if args.json {
         let mut text = serde_json::to_string_pretty(&doc).context("encoding the reply")?;
         text.push('\n');
@@ -59,6 +60,7 @@ fn query(command: ControlCommand, args: &QueryArgs) -> anyhow::Result<()> {
         match command {
             ControlCommand::Stats => control::render_stats(&doc),
             ControlCommand::Flows => control::render_flows(&doc),
+            ControlCommand::Rules(_) => control::render_rules(&doc),
         }
     };
     let mut stdout = std::io::stdout().lock();

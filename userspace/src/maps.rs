@@ -10,6 +10,9 @@
 //! atomically, and user space reads and clears them with atomic
 //! operations on the same memory.
 //!
+//! The forwarded-ports map ([`KernelFwdPorts`]) is a plain hash map too,
+//! written at startup and by `tapgate rules add|del`.
+//!
 //! A state change rewrites the whole entry (hash maps have no partial
 //! update): counters or the last ACK the kernel wrote between the read and
 //! the write are overwritten with the values just read. The flow manager
@@ -24,7 +27,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use datapath_common::{ActivityWord, FLOW_F_EVENTS, FlowEntry, FlowKey, FlowState};
+use datapath_common::{
+    ActivityWord, FLOW_F_EVENTS, FWD_PORTS_MAP, FlowEntry, FlowKey, FlowState, FwdPortKey,
+};
 
 use crate::{
     flow::{FlowMaps, MapsError},
@@ -205,5 +210,50 @@ impl FlowMaps for KernelFlowMaps {
 
     fn take_activity(&mut self, slot: u32, bits: u64) -> u64 {
         self.activity.take(slot, bits)
+    }
+}
+
+/// The uplink program's forwarded-ports map (`FwdPortKey` → 1).
+pub struct KernelFwdPorts {
+    map: HashMap<MapData, FwdPortKey, u8>,
+}
+
+impl KernelFwdPorts {
+    pub(crate) fn new(map: Map) -> Result<Self, LoaderError> {
+        let map = HashMap::try_from(map).map_err(|source| LoaderError::Map {
+            name: FWD_PORTS_MAP,
+            source,
+        })?;
+        Ok(Self { map })
+    }
+
+    /// Adds every port of `rules`; returns how many entries were written.
+    pub fn insert(&mut self, rules: &[crate::fwd::Rule]) -> Result<usize, MapError> {
+        let mut n = 0;
+        for (proto, addr, port) in crate::fwd::kernel_keys(rules) {
+            self.map.insert(fwd_key(proto, addr, port), 1, 0)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Removes every port of `rules` (missing entries are fine).
+    pub fn remove(&mut self, rules: &[crate::fwd::Rule]) -> Result<(), MapError> {
+        for (proto, addr, port) in crate::fwd::kernel_keys(rules) {
+            match self.map.remove(&fwd_key(proto, addr, port)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fwd_key(proto: crate::fwd::Proto, addr: std::net::Ipv4Addr, port: u16) -> FwdPortKey {
+    FwdPortKey {
+        addr: addr.octets(),
+        port,
+        proto: proto.ip_proto(),
+        _pad: 0,
     }
 }

@@ -313,7 +313,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     /// Resets the flow in `slot` towards the guest and towards the world
     /// (each side only if its expected sequence number is known) and
     /// removes it.
-    fn reset_both_sides(&mut self, slot: u32, why: &str, out: &mut Vec<Output>) {
+    pub(super) fn reset_both_sides(&mut self, slot: u32, why: &str, out: &mut Vec<Output>) {
         let guest_ack = self.guest_last_ack(slot);
         let world_ack = self.world_last_ack(slot).map(|(ack, _)| ack);
         if let Some(flow) = self.table.get(slot) {

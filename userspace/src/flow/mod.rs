@@ -24,6 +24,14 @@
 //!   `Established` in both entries and goes to the guest; an RST during the
 //!   handshake goes to the guest and removes the flow. From then on the
 //!   kernel forwards the flow.
+//! * **Inbound forwards** (`inbound.rs`): a connection or datagram from
+//!   the world to a forwarded host port ([`crate::fwd`]) is the mirror
+//!   image: the kernel punts the opening (`PuntReason::Forward`), the rule
+//!   table gives the guest port, and the flow is installed with the world
+//!   client as `remote`/`world` (source unchanged) and the forwarded host
+//!   address and port as `nat`. From there on it is an ordinary flow; only
+//!   who sent the SYN differs, so the guest's SYN-ACK is what establishes
+//!   it.
 //! * **Events** ([`FlowManager::event`]): the kernel reports FINs and RSTs
 //!   it forwarded (and, for flows that ask, every packet). FINs drive the
 //!   half-close states of the seed PR, mirrored into both map entries
@@ -65,6 +73,7 @@
 //! with in-memory fakes (`tests.rs`).
 
 pub mod clock;
+mod inbound;
 pub mod maps;
 pub mod nat;
 pub mod packet;
@@ -89,7 +98,7 @@ use datapath_common::{
 use log::{debug, info, warn};
 use smoltcp::wire::EthernetAddress;
 
-use crate::config::GuestNetConfig;
+use crate::{config::GuestNetConfig, fwd::FwdTable};
 
 pub use maps::{FlowMaps, MapsError};
 pub use nat::{NatError, NatLease, NatPorts, SocketPorts, raise_nofile_limit};
@@ -144,6 +153,8 @@ pub struct FlowConfig {
     /// Unanswered keepalives after which a flow is reset on both sides;
     /// zero turns dead-guest detection off.
     pub keepalive_probes: u32,
+    /// Host ports forwarded to the guest (`-t`/`-u`).
+    pub forwards: FwdTable,
 }
 
 impl FlowConfig {
@@ -165,6 +176,7 @@ impl FlowConfig {
             keepalive_interval: KEEPALIVE_INTERVAL,
             inactivity_interval: INACTIVITY_INTERVAL,
             keepalive_probes: 0,
+            forwards: FwdTable::new(),
         }
     }
 }
@@ -229,11 +241,15 @@ pub enum DropReason {
     NatCollision,
     /// The DNS forwarder has no upstream.
     DnsUnavailable,
+    /// An opening from the world that no forwarding rule covers.
+    NoForward,
+    /// An inbound forward before the guest's MAC address is known.
+    GuestUnknown,
 }
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         Self::Malformed,
         Self::NotIpv4,
         Self::IpOptions,
@@ -250,6 +266,8 @@ impl DropReason {
         Self::MapError,
         Self::NatCollision,
         Self::DnsUnavailable,
+        Self::NoForward,
+        Self::GuestUnknown,
     ];
 
     /// Stable lower-case name for logs and reports.
@@ -271,6 +289,8 @@ impl DropReason {
             Self::MapError => "map_error",
             Self::NatCollision => "nat_collision",
             Self::DnsUnavailable => "dns_unavailable",
+            Self::NoForward => "no_forward",
+            Self::GuestUnknown => "guest_unknown",
         }
     }
 }
@@ -347,6 +367,8 @@ pub struct FlowStats {
     pub icmp_sent: u64,
     /// New flows refused by the policy.
     pub policy_denied: u64,
+    /// Inbound flows opened through a forwarding rule.
+    pub forwards_accepted: u64,
     /// Packets translated and sent by the slow path towards the world.
     pub slow_to_world: u64,
     /// Packets translated and sent by the slow path towards the guest.
@@ -395,6 +417,8 @@ pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     stats: FlowStats,
     last_udp_scan: Option<Instant>,
     clock: clock::Clock,
+    forwards: FwdTable,
+    guest_mac: Option<EthernetAddress>,
 }
 
 impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
@@ -414,6 +438,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             keepalive_interval,
             inactivity_interval,
             keepalive_probes,
+            forwards,
         } = cfg;
         let dns_upstream = dns_upstream.filter(|ip| {
             let ok = resolv::is_usable_upstream(*ip);
@@ -438,7 +463,28 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             stats: FlowStats::default(),
             last_udp_scan: None,
             clock: clock::Clock::new(keepalive_interval, inactivity_interval, keepalive_probes),
+            forwards,
+            guest_mac: None,
         }
+    }
+
+    /// Tells the manager the guest's MAC address (learnt by the gateway's
+    /// services), the destination of inbound forwards' frames.
+    pub fn set_guest_mac(&mut self, mac: EthernetAddress) {
+        if mac.is_unicast() {
+            self.guest_mac = Some(mac);
+        }
+    }
+
+    /// The forwarding rules.
+    pub fn forwards(&self) -> &FwdTable {
+        &self.forwards
+    }
+
+    /// The forwarding rules, to change at runtime (`tapgate rules`): an
+    /// added rule applies to the next opening, existing flows stay.
+    pub fn forwards_mut(&mut self) -> &mut FwdTable {
+        &mut self.forwards
     }
 
     /// The flow maps (for diagnostics and tests).
@@ -463,6 +509,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
+        if guest_mac.is_unicast() {
+            self.guest_mac = Some(guest_mac);
+        }
         if let Err(why) = self.guest_frame(frame, guest_mac, reason, now, out) {
             self.stats.drops.add(why);
             debug!(
@@ -631,14 +680,18 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     fn world_frame(
         &mut self,
         frame: &[u8],
-        _reason: PuntReason,
+        reason: PuntReason,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
         let pkt = packet::parse_frame(frame)?;
         let (sport, dport) = pkt.ports();
         let key = maps::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto());
-        let slot = self.table.by_uplink(&key).ok_or(DropReason::UnknownFlow)?;
+        let slot = match self.table.by_uplink(&key) {
+            Some(slot) => slot,
+            None if reason == PuntReason::Forward => return self.inbound(&pkt, now, out),
+            None => return Err(DropReason::UnknownFlow),
+        };
         if pkt.ttl <= 1 {
             // ICMP time exceeded towards the world: the ICMP issue.
             return Err(DropReason::TtlExpired);
@@ -777,6 +830,19 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             world_isn: None,
             keepalives_unanswered: 0,
         };
+        let (tk_out, tk_flags) = if local {
+            (LOOPBACK_IFINDEX, FLOW_F_LOCAL)
+        } else {
+            (self.uplink_ifindex, 0)
+        };
+        self.commit_flow(flow, tk_out, tk_flags)
+    }
+
+    /// Enters a new flow (slot already allocated) into the table and both
+    /// map entries; the tap-side entry leaves by `tap_out` with `tap_flags`.
+    /// On failure the slot is released.
+    fn commit_flow(&mut self, flow: Flow, tap_out: u32, tap_flags: u8) -> Result<u32, DropReason> {
+        let (slot, proto, state) = (flow.slot, flow.proto, flow.state);
         let (tk, uk) = (flow.tap_key(), flow.uplink_key());
         if self.table.by_uplink(&uk).is_some() || self.table.by_tap(&tk).is_some() {
             warn!(
@@ -786,11 +852,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.table.release_slot(slot);
             return Err(DropReason::NatCollision);
         }
-        let te = if local {
-            flow.tap_entry(LOOPBACK_IFINDEX, FLOW_F_LOCAL)
-        } else {
-            flow.tap_entry(self.uplink_ifindex, 0)
-        };
+        let te = flow.tap_entry(tap_out, tap_flags);
         let ue = flow.uplink_entry(self.tap_ifindex, self.guest.gateway_mac, 0);
         self.maps.clear_activity(slot, ACTIVE | TAP_ACTIVE);
         // The return direction first: once the guest's direction forwards,

@@ -12,6 +12,10 @@
 //! the state update, data, an RST) is translated by the slow path; an RST
 //! from either side removes the flow.
 //!
+//! An inbound forward (`inbound.rs`) is opened by the world's SYN instead;
+//! its handshake completes with the guest's SYN-ACK, which likewise moves
+//! both entries to `Established` before it is translated to the world.
+//!
 //! A pure SYN on a flow that is past its handshake (the kernel punts it as
 //! an exception) is either a late duplicate of the opening SYN (same ISN:
 //! forwarded, harmless) or a new connection reusing the guest's port after
@@ -84,6 +88,17 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 .get(slot)
                 .map(|f| (f.state, f.guest_isn))
                 .ok_or(DropReason::UnknownFlow)?;
+            if state == FlowState::Handshake && seg.syn && seg.ack.is_some() && !seg.rst {
+                // The guest accepted an inbound forward's SYN: established
+                // in the kernel before the world sees the SYN-ACK.
+                let next = self.table.get(slot).map(closing_state);
+                if let Some(f) = self.table.get_mut(slot) {
+                    f.guest_isn = seg.seq;
+                }
+                if let Some(next) = next {
+                    self.set_state(slot, next, now);
+                }
+            }
             if !seg.is_syn_only() {
                 if reason == PuntReason::Exception && state.forwards() && !seg.syn {
                     // Options and fragments were refused by the parser and

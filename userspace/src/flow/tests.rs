@@ -1947,3 +1947,336 @@ fn a_scan_larger_than_a_chunk_is_spread_over_ticks() {
     // Nothing more until the next interval.
     assert!(t.tick_out().is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Inbound forwards
+// ---------------------------------------------------------------------------
+
+/// A world client connecting to forwarded ports.
+fn client() -> SocketAddrV4 {
+    SocketAddrV4::new(REMOTE_IP, 41000)
+}
+
+/// A manager forwarding TCP 8080 → guest 80, TCP 9000-9010 except 9005 to
+/// themselves, UDP 5353; the guest's MAC is known.
+fn fwd_t() -> T {
+    let mut forwards = crate::fwd::FwdTable::new();
+    let eph = crate::fwd::PortRange::LINUX_EPHEMERAL;
+    forwards
+        .add_spec(crate::fwd::Proto::Tcp, "8080:80", eph)
+        .unwrap();
+    forwards
+        .add_spec(crate::fwd::Proto::Tcp, "9000-9010,~9005", eph)
+        .unwrap();
+    forwards
+        .add_spec(crate::fwd::Proto::Udp, "5353", eph)
+        .unwrap();
+    let mut t = T::with(FlowConfig {
+        forwards,
+        ..config()
+    });
+    t.m.set_guest_mac(GUEST_MAC);
+    t
+}
+
+fn fwd_tap_k(gport: u16, proto: u8) -> FlowKey {
+    maps::tap_key(GUEST, REMOTE_IP, gport, 41000, proto)
+}
+
+fn fwd_uplink_k(hport: u16, proto: u8) -> FlowKey {
+    maps::uplink_key(REMOTE_IP, HOST, 41000, hport, proto)
+}
+
+#[test]
+fn inbound_syn_installs_both_entries_and_reaches_the_guest() {
+    let mut t = fwd_t();
+    let syn = Seg::new(client(), nat(8080)).syn(7000);
+    let out = t.world(&syn.world_frame(), PuntReason::Forward);
+    let ip = to_guest(out);
+    let (r, tcp) = check_tcp(&ip);
+    // DNAT to the guest's port 80; the client's address is left alone.
+    assert_eq!((r.src_addr, r.dst_addr), (REMOTE_IP, GUEST));
+    assert_eq!((tcp.src_port, tcp.dst_port), (41000, 80));
+    assert_eq!(tcp.control, TcpControl::Syn);
+    assert_eq!(tcp.seq_number, seq(7000));
+
+    let ue = t.maps().entry(&fwd_uplink_k(8080, PROTO_TCP));
+    assert_eq!(state(&ue), FlowState::Handshake);
+    assert_eq!(ipv4_from_16(&ue.new_src), REMOTE_IP.octets());
+    assert_eq!(ipv4_from_16(&ue.new_dst), GUEST.octets());
+    assert_eq!((ue.new_sport, ue.new_dport), (41000, 80));
+    assert_eq!(ue.out_ifindex, TAP_IF);
+    let te = t.maps().entry(&fwd_tap_k(80, PROTO_TCP));
+    assert_eq!(state(&te), FlowState::Handshake);
+    assert_eq!(ipv4_from_16(&te.new_src), HOST.octets());
+    assert_eq!(ipv4_from_16(&te.new_dst), REMOTE_IP.octets());
+    assert_eq!((te.new_sport, te.new_dport), (8080, 41000));
+    assert_eq!(te.out_ifindex, UPLINK_IF);
+    assert_eq!(t.m.stats().forwards_accepted, 1);
+    // No NAT port: the forwarded port is held by the reservations.
+    assert_eq!(t.live_ports(), 0);
+    let info = &t.m.flows()[0];
+    assert_eq!(
+        (info.guest, info.remote, info.nat),
+        (guest(80), client(), nat(8080))
+    );
+
+    // A retransmitted SYN finds the flow and is translated again.
+    let out = t.world(&syn.world_frame(), PuntReason::Handshake);
+    assert_eq!(check_tcp(&to_guest(out)).1.dst_port, 80);
+    assert_eq!(t.m.stats().flows_created, 1);
+}
+
+#[test]
+fn guest_syn_ack_establishes_an_inbound_flow() {
+    let mut t = fwd_t();
+    t.world(
+        &Seg::new(client(), nat(8080)).syn(7000).world_frame(),
+        PuntReason::Forward,
+    );
+    let synack = Seg::new(guest(80), client()).syn(3000).ack(7001);
+    let out = t.guest(&synack.guest_frame(), PuntReason::Handshake);
+    let ip = to_world(out);
+    let (r, tcp) = check_tcp(&ip);
+    assert_eq!((r.src_addr, r.dst_addr), (HOST, REMOTE_IP));
+    assert_eq!((tcp.src_port, tcp.dst_port), (8080, 41000));
+    assert_eq!(tcp.control, TcpControl::Syn);
+    assert_eq!(tcp.ack_number, Some(seq(7001)));
+    for k in [fwd_tap_k(80, PROTO_TCP), fwd_uplink_k(8080, PROTO_TCP)] {
+        assert_eq!(state(&t.maps().entry(&k)), FlowState::Established);
+    }
+    // No handshake deadline any more.
+    t.advance(Duration::from_secs(1000));
+    t.tick();
+    assert_eq!(t.m.flows()[0].state, "established");
+
+    // Half-close runs the same machinery: the client closes first...
+    let fin = Seg::new(client(), nat(8080))
+        .ctl(TcpControl::Fin)
+        .seq(7001)
+        .ack(3001);
+    t.event(PuntReason::EventFin, Origin::Uplink, &fin.world_frame());
+    assert_eq!(t.m.flows()[0].state, "close_wait");
+    // ... the guest closes too and acknowledges the client's FIN ...
+    let gfin = Seg::new(guest(80), client())
+        .ctl(TcpControl::Fin)
+        .seq(3001)
+        .ack(7002);
+    t.event(PuntReason::EventFin, Origin::Tap, &gfin.guest_frame());
+    assert_eq!(t.m.flows()[0].state, "last_ack");
+    // ... and the client's final ACK reaps it.
+    let last = Seg::new(client(), nat(8080)).seq(7002).ack(3002);
+    t.event(PuntReason::EventAck, Origin::Uplink, &last.world_frame());
+    assert!(t.m.flows().is_empty());
+    assert_eq!(t.m.stats().tcp_closed_cleanly, 1);
+    assert!(t.maps().entries.is_empty());
+}
+
+#[test]
+fn guest_rst_to_an_inbound_syn_reaches_the_client_and_removes_the_flow() {
+    let mut t = fwd_t();
+    t.world(
+        &Seg::new(client(), nat(9001)).syn(7000).world_frame(),
+        PuntReason::Forward,
+    );
+    assert_eq!(t.m.flows()[0].guest, guest(9001));
+    let rst = Seg::new(guest(9001), client())
+        .ctl(TcpControl::Rst)
+        .seq(0)
+        .ack(7001);
+    let (r, tcp) = check_tcp(&to_world(
+        t.guest(&rst.guest_frame(), PuntReason::Handshake),
+    ));
+    assert_eq!((r.src_addr, tcp.src_port), (HOST, 9001));
+    assert_eq!(tcp.control, TcpControl::Rst);
+    assert!(t.m.flows().is_empty());
+    assert!(t.maps().entries.is_empty());
+}
+
+#[test]
+fn inbound_handshake_times_out() {
+    let mut t = fwd_t();
+    t.world(
+        &Seg::new(client(), nat(8080)).syn(7000).world_frame(),
+        PuntReason::Forward,
+    );
+    t.advance(HANDSHAKE_TIMEOUT + Duration::from_secs(1));
+    t.tick();
+    assert!(t.m.flows().is_empty());
+    assert_eq!(t.m.stats().handshake_timeouts, 1);
+}
+
+#[test]
+fn inbound_openings_without_a_rule_are_dropped() {
+    let mut t = fwd_t();
+    // An excluded port (the kernel would not punt it; defence in depth),
+    // a port of the other protocol, and a non-SYN segment.
+    for (frame, why) in [
+        (
+            Seg::new(client(), nat(9005)).syn(1).world_frame(),
+            DropReason::NoForward,
+        ),
+        (
+            world_udp_frame(client(), nat(8080), b"x"),
+            DropReason::NoForward,
+        ),
+        (
+            Seg::new(client(), nat(8080)).seq(1).ack(2).world_frame(),
+            DropReason::UnknownFlow,
+        ),
+    ] {
+        assert!(t.world(&frame, PuntReason::Forward).is_empty());
+        assert!(t.drops(why) > 0, "{why:?}");
+    }
+    assert!(t.m.flows().is_empty());
+    assert!(t.maps().entries.is_empty());
+    // Only `Forward` punts open flows.
+    let syn = Seg::new(client(), nat(8080)).syn(1).world_frame();
+    assert!(t.world(&syn, PuntReason::Exception).is_empty());
+    assert!(t.m.flows().is_empty());
+}
+
+#[test]
+fn inbound_needs_the_guest_mac() {
+    let mut forwards = crate::fwd::FwdTable::new();
+    forwards
+        .add_spec(
+            crate::fwd::Proto::Tcp,
+            "8080:80",
+            crate::fwd::PortRange::LINUX_EPHEMERAL,
+        )
+        .unwrap();
+    let mut t = T::with(FlowConfig {
+        forwards,
+        ..config()
+    });
+    let syn = Seg::new(client(), nat(8080)).syn(1).world_frame();
+    assert!(t.world(&syn, PuntReason::Forward).is_empty());
+    assert_eq!(t.drops(DropReason::GuestUnknown), 1);
+    assert_eq!(
+        t.m.forwards().rules_with_hits().next().map(|(_, h)| h),
+        Some(0)
+    );
+    // Any frame from the guest teaches it.
+    t.guest(
+        &udp_frame(guest(5000), udp_remote(), b"hi"),
+        PuntReason::Ipv4NoFlow,
+    );
+    assert_eq!(
+        check_tcp(&to_guest(t.world(&syn, PuntReason::Forward)))
+            .1
+            .dst_port,
+        80
+    );
+    assert_eq!(
+        t.m.forwards().rules_with_hits().next().map(|(_, h)| h),
+        Some(1)
+    );
+}
+
+#[test]
+fn inbound_udp_is_established_at_once() {
+    let mut t = fwd_t();
+    let out = t.world(
+        &world_udp_frame(client(), nat(5353), b"query"),
+        PuntReason::Forward,
+    );
+    let (r, sp, dp, payload) = check_udp(&to_guest(out));
+    assert_eq!((r.src_addr, r.dst_addr), (REMOTE_IP, GUEST));
+    assert_eq!((sp, dp), (41000, 5353));
+    assert_eq!(payload, b"query");
+    for k in [fwd_tap_k(5353, PROTO_UDP), fwd_uplink_k(5353, PROTO_UDP)] {
+        assert_eq!(state(&t.maps().entry(&k)), FlowState::Established);
+    }
+    // The guest's reply, if punted, goes back from the forwarded port.
+    let reply = udp_frame(guest(5353), client(), b"answer");
+    let (r, sp, dp, _) = check_udp(&to_world(t.guest(&reply, PuntReason::Ipv4NoFlow)));
+    assert_eq!((r.src_addr, r.dst_addr), (HOST, REMOTE_IP));
+    assert_eq!((sp, dp), (5353, 41000));
+    assert_eq!(t.m.stats().udp_active, 1);
+    // And it expires like any UDP flow.
+    t.advance(UDP_TIMEOUT * 2);
+    t.tick();
+    t.advance(UDP_TIMEOUT * 2);
+    t.tick();
+    assert!(t.m.flows().is_empty());
+}
+
+#[test]
+fn removed_rule_resets_only_its_inbound_flows() {
+    let mut t = fwd_t();
+    // An established inbound TCP flow through 8080, one through 9001, an
+    // inbound UDP flow and an ordinary outbound flow.
+    t.world(
+        &Seg::new(client(), nat(8080)).syn(7000).world_frame(),
+        PuntReason::Forward,
+    );
+    t.guest(
+        &Seg::new(guest(80), client())
+            .syn(3000)
+            .ack(7001)
+            .guest_frame(),
+        PuntReason::Handshake,
+    );
+    let k = fwd_uplink_k(8080, PROTO_TCP);
+    t.maps().forwarded(&k, 3001);
+    t.maps().forwarded(&fwd_tap_k(80, PROTO_TCP), 7001);
+    t.world(
+        &Seg::new(client(), nat(9001)).syn(1).world_frame(),
+        PuntReason::Forward,
+    );
+    t.world(
+        &world_udp_frame(client(), nat(5353), b"q"),
+        PuntReason::Forward,
+    );
+    t.establish(40000, 100, 200);
+    assert_eq!(t.m.flows().len(), 4);
+
+    let eph = crate::fwd::PortRange::LINUX_EPHEMERAL;
+    let gone =
+        t.m.forwards()
+            .prepare_remove(crate::fwd::Proto::Tcp, "8080:80", eph)
+            .unwrap();
+    t.m.forwards_mut().remove(&gone);
+    let mut out = Vec::new();
+    assert_eq!(t.m.reset_forwarded(&gone, &mut out), 1);
+    // RSTs to both sides of the established flow.
+    assert_eq!(out.len(), 2);
+    let mut saw = (false, false);
+    for o in out {
+        match o {
+            Output::ToGuest(f) => {
+                let (r, tcp) = check_tcp(&f[14..]);
+                assert_eq!((r.dst_addr, tcp.dst_port), (GUEST, 80));
+                assert_eq!(tcp.control, TcpControl::Rst);
+                saw.0 = true;
+            }
+            Output::ToWorld(ip) => {
+                let (r, tcp) = check_tcp(&ip);
+                assert_eq!((r.src_addr, tcp.src_port), (HOST, 8080));
+                assert_eq!(tcp.seq_number, seq(3001));
+                assert_eq!(tcp.control, TcpControl::Rst);
+                saw.1 = true;
+            }
+        }
+    }
+    assert_eq!(saw, (true, true));
+    let left: Vec<SocketAddrV4> = t.m.flows().iter().map(|f| f.nat).collect();
+    assert_eq!(left.len(), 3);
+    assert!(!left.contains(&nat(8080)));
+    // A new SYN to the removed port opens nothing.
+    let syn = Seg::new(client(), nat(8080)).syn(1).world_frame();
+    assert!(t.world(&syn, PuntReason::Forward).is_empty());
+    assert_eq!(t.drops(DropReason::NoForward), 1);
+
+    // UDP flows of a removed rule simply go.
+    let gone =
+        t.m.forwards()
+            .prepare_remove(crate::fwd::Proto::Udp, "5353", eph)
+            .unwrap();
+    let mut out = Vec::new();
+    assert_eq!(t.m.reset_forwarded(&gone, &mut out), 1);
+    assert!(out.is_empty());
+    assert_eq!(t.m.flows().len(), 2);
+    assert_eq!(t.m.forwards().rules_with_hits().count(), 3);
+}

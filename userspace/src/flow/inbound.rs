@@ -1,0 +1,147 @@
+//! Inbound port forwards: connections and datagrams from the world to a
+//! forwarded host port.
+//!
+//! # Theory of operation
+//!
+//! The uplink program punts, with `PuntReason::Forward`, a packet that
+//! matches no flow and opens one to a forwarded port: a pure SYN, or any
+//! UDP datagram (`datapath-ebpf/src/flow.rs`). Here the rule table
+//! ([`crate::fwd::FwdTable::lookup`]) gives the guest port, and the flow is
+//! built as the mirror image of a guest-initiated one:
+//!
+//! | field    | guest-initiated           | inbound forward              |
+//! |----------|---------------------------|------------------------------|
+//! | `guest`  | guest socket              | guest address : guest port   |
+//! | `remote` | what the guest addressed  | the world client             |
+//! | `world`  | real destination          | the world client             |
+//! | `nat`    | host address : NAT port   | forwarded host address:port  |
+//!
+//! so the world → guest entry DNATs to the guest (the client's address and
+//! port are left alone: the guest sees the real client), and the guest →
+//! world entry SNATs the guest's replies to the forwarded address and
+//! port. The host port is held for the daemon's life by
+//! [`crate::fwd::PortReservations`], so the flow's lease holds nothing.
+//!
+//! A TCP flow starts in `Handshake` with the world's SYN translated to the
+//! guest; the guest's SYN-ACK (punted: handshake) moves both entries to
+//! `Established` before it is sent on (`tcp.rs`), and from then on the
+//! flow runs in the kernel with the same half-close, clock and RST rules as
+//! any other. A guest RST (nothing listening on the guest port) goes back
+//! to the client and removes the flow; a world SYN retransmission is
+//! translated again. A UDP flow is `Established` at once.
+//!
+//! **Runtime rule changes** (`tapgate rules`): an added rule takes effect
+//! for the next opening; a removed rule leaves its flows alone unless
+//! asked to reset them ([`FlowManager::reset_forwarded`]): an inbound flow
+//! is recognised by its `nat` side being a forwarded port of the rule (an
+//! outbound flow's NAT port is never one: forwarded ports are held by
+//! their reservations, so the host cannot hand them out).
+
+use std::{net::SocketAddrV4, time::Instant};
+
+use datapath_common::FlowState;
+use log::debug;
+
+use super::{
+    DropReason, FlowManager, FlowMaps, NatLease, NatPorts, Output,
+    packet::{L4, Packet},
+    table::Flow,
+};
+use crate::fwd::{Proto, Rule};
+
+impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
+    /// An opening from the world for no known flow, punted as
+    /// `PuntReason::Forward`.
+    pub(super) fn inbound(
+        &mut self,
+        pkt: &Packet<'_>,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) -> Result<(), DropReason> {
+        let (sport, dport) = pkt.ports();
+        let (proto, state, world_isn) = match pkt.l4 {
+            L4::Tcp(seg) if seg.is_syn_only() => (Proto::Tcp, FlowState::Handshake, Some(seg.seq)),
+            // Only pure SYNs are punted for TCP; anything else is stale.
+            L4::Tcp(_) => return Err(DropReason::UnknownFlow),
+            L4::Udp { .. } => (Proto::Udp, FlowState::Established, None),
+        };
+        let guest_port = self
+            .forwards
+            .lookup(proto, pkt.dst.into(), dport)
+            .ok_or(DropReason::NoForward)?;
+        if pkt.ttl <= 1 {
+            return Err(DropReason::TtlExpired);
+        }
+        if pkt.ip.len() > usize::from(self.guest.mtu) {
+            return Err(DropReason::TooBig);
+        }
+        let guest_mac = self.guest_mac.ok_or(DropReason::GuestUnknown)?;
+        if !self.table.has_room() {
+            return Err(DropReason::TableFull);
+        }
+        let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
+        let client = SocketAddrV4::new(pkt.src, sport);
+        let flow = Flow {
+            slot,
+            proto: proto.ip_proto(),
+            guest: SocketAddrV4::new(self.guest.guest_addr, guest_port),
+            remote: client,
+            world: client,
+            nat: SocketAddrV4::new(pkt.dst, dport),
+            guest_mac,
+            // The forwarded port is held by the port reservations.
+            lease: NatLease::new(dport, ()),
+            state,
+            created: now,
+            state_since: now,
+            last_seen: now,
+            guest_isn: 0,
+            guest_fin: None,
+            world_fin: None,
+            guest_fin_acked: false,
+            world_fin_acked: false,
+            deadline: if state == FlowState::Handshake {
+                now.checked_add(self.handshake_timeout)
+            } else {
+                None
+            },
+            world_isn,
+            keepalives_unanswered: 0,
+        };
+        debug!(
+            "flow: inbound {proto} {client} -> {}:{dport} forwarded to guest port {guest_port}",
+            pkt.dst
+        );
+        let slot = self.commit_flow(flow, self.uplink_ifindex, 0)?;
+        // Counted once the flow exists: hits are flows opened.
+        self.forwards.hit(proto, pkt.dst.into(), dport);
+        self.stats.forwards_accepted += 1;
+        self.forward_to_guest(slot, pkt, out)
+    }
+
+    /// Resets (TCP: RST to both sides) and removes every inbound flow
+    /// opened through one of `rules`; returns how many went.
+    pub fn reset_forwarded(&mut self, rules: &[Rule], out: &mut Vec<Output>) -> usize {
+        let doomed: Vec<(u32, bool)> = self
+            .table
+            .iter()
+            .filter(|f| {
+                rules.iter().any(|r| {
+                    r.proto.ip_proto() == f.proto
+                        && r.host.contains(f.nat.port())
+                        && r.addr
+                            .is_none_or(|a| a == std::net::IpAddr::V4(*f.nat.ip()))
+                })
+            })
+            .map(|f| (f.slot, f.is_tcp()))
+            .collect();
+        for &(slot, tcp) in &doomed {
+            if tcp {
+                self.reset_both_sides(slot, "forwarding rule removed", out);
+            } else {
+                self.remove_flow(slot, "forwarding rule removed");
+            }
+        }
+        doomed.len()
+    }
+}
