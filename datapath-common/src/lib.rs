@@ -303,16 +303,18 @@ pub const PROTO_UDP: u8 = 17;
 /// are punted with [`PuntReason::Forward`]. User space fills it from its
 /// forwarding rules.
 pub const FWD_PORTS_MAP: &str = "TG_FWD_PORTS";
-/// Capacity of [`FWD_PORTS_MAP`]: every port of both protocols.
-pub const FWD_PORTS_MAX: u32 = 2 * 65536;
+/// Capacity of [`FWD_PORTS_MAP`]: every port of both protocols on eight
+/// host addresses (entries are allocated on insert).
+pub const FWD_PORTS_MAX: u32 = 16 * 65536;
 
-/// Key of [`FWD_PORTS_MAP`]: a host address (all-zero: any), a protocol
-/// and a host port. The programs look up the packet's destination address
-/// first, then the wildcard.
+/// Key of [`FWD_PORTS_MAP`]: a host address, a protocol and a host port.
+/// Only exact keys exist: user space publishes a rule without an address
+/// once per address of the host, so traffic routed through the host, or to
+/// a multicast or broadcast address, never matches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
 pub struct FwdPortKey {
-    /// The host (destination) IPv4 address, or all-zero for any.
+    /// The host (destination) IPv4 address.
     pub addr: [u8; 4],
     /// The host (destination) port.
     pub port: u16,

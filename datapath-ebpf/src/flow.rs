@@ -209,15 +209,13 @@ fn opens_forward(p: &Packet) -> bool {
     if !opening {
         return false;
     }
-    let mut key = FwdPortKey {
+    // Exact keys only (see FwdPortKey): never a packet merely routed
+    // through the host, never multicast or broadcast.
+    let key = FwdPortKey {
         addr: p.ip.dst,
         port: u16::from_be_bytes(p.dport),
         proto: p.ip.proto,
         _pad: 0,
     };
-    if TG_FWD_PORTS.get_ptr(&key).is_some() {
-        return true;
-    }
-    key.addr = [0; 4];
     TG_FWD_PORTS.get_ptr(&key).is_some()
 }

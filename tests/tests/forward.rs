@@ -398,3 +398,54 @@ fn rules_added_and_removed_at_runtime() {
     let list = rules(&run, &["list"]);
     run.check(list["rules"] == serde_json::json!([]), format!("{list}"));
 }
+
+#[test]
+fn forwards_take_only_traffic_to_the_hosts_addresses() {
+    // `-t 8080` has no address: it covers the host's own addresses, never a
+    // packet merely routed through the host (the uplink program must leave
+    // that alone). A SYN from the world to port 8080 of an address that is
+    // not the host's is not punted and opens no flow; one to the host's
+    // address is.
+    let run = Running::with_lease(GuestKind::RealTap, &["-t", "8080"]);
+    let syn_to = |dst: std::net::Ipv4Addr| tapgate_tests::rawtcp::Probe {
+        src_mac: run.ok(tapgate_tests::rawtcp::iface_mac(run.topo.world(), "wan0")),
+        dst_mac: run.ok(tapgate_tests::rawtcp::iface_mac(run.topo.host(), "uplink0")),
+        src: std::net::SocketAddrV4::new("198.51.100.2".parse().unwrap(), 40123),
+        dst: std::net::SocketAddrV4::new(dst, 8080),
+        seq: 1,
+        ack: 0,
+        flags: tapgate_tests::rawtcp::Flags {
+            syn: true,
+            ..tapgate_tests::rawtcp::Flags::default()
+        },
+        payload: Vec::new(),
+    };
+    let forward_punts = |run: &Running| {
+        let st = run.ok(control::stats(&run.topo));
+        st["punts"]["forward"].as_u64().unwrap_or(u64::MAX)
+    };
+    let before = forward_punts(&run);
+    let transit: std::net::Ipv4Addr = "203.0.113.99".parse().unwrap();
+    run.ok(tapgate_tests::rawtcp::exchange(
+        run.topo.world(),
+        "wan0",
+        &syn_to(transit),
+        Duration::from_millis(500),
+    ));
+    let after_transit = forward_punts(&run);
+    run.check(
+        after_transit == before,
+        format!("a SYN to {transit}:8080 was taken ({before} -> {after_transit} forward punts)"),
+    );
+    run.ok(tapgate_tests::rawtcp::exchange(
+        run.topo.world(),
+        "wan0",
+        &syn_to(HOST_UPLINK_ADDR.parse().unwrap()),
+        Duration::from_millis(500),
+    ));
+    let after_host = forward_punts(&run);
+    run.check(
+        after_host == before + 1,
+        format!("a SYN to the host's :8080 was not punted ({before} -> {after_host})"),
+    );
+}

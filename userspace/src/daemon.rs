@@ -59,6 +59,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// How often the flow manager's timers run.
 const TICK: Duration = Duration::from_secs(1);
+/// How often forwards without an address are re-synced with the host's
+/// addresses.
+const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(5);
 
 type Manager = FlowManager<KernelFlowMaps, SocketPorts>;
 
@@ -135,6 +138,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     };
     let mut fwd_ports = datapath.take_fwd_ports()?;
+    fwd_ports
+        .set_host_addrs(&flow::policy::system_host_addrs().context("reading the host's addresses")?)
+        .context("filling the forwarded-ports map")?;
     let forwarded = fwd_ports
         .insert(forwards.rules())
         .context("filling the forwarded-ports map")?;
@@ -212,6 +218,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             let mut interval = tokio::time::interval(TICK);
             let mut out = Vec::new();
             let mut busy = false;
+            let mut addrs_checked = Instant::now();
             loop {
                 // A scan in progress goes on in small chunks with short
                 // pauses, so punted packets never wait long behind it.
@@ -220,11 +227,23 @@ pub fn run(args: RunArgs) -> Result<()> {
                 } else {
                     interval.tick().await;
                 }
+                let now = Instant::now();
                 busy = {
                     let mut manager = state.manager.borrow_mut();
-                    manager.tick(Instant::now(), &mut out);
+                    manager.tick(now, &mut out);
                     manager.clock_busy()
                 };
+                // Forwards without an address follow the host's addresses.
+                if now.duration_since(addrs_checked) >= HOST_ADDRS_REFRESH {
+                    addrs_checked = now;
+                    let addrs = flow::policy::system_host_addrs();
+                    let synced = addrs
+                        .map_err(anyhow::Error::from)
+                        .and_then(|a| Ok(state.fwd.borrow_mut().kernel.set_host_addrs(&a)?));
+                    if let Err(e) = synced {
+                        warn!("updating forwarded ports for the host's addresses: {e:#}");
+                    }
+                }
                 // RSTs of flows reset by `tapgate rules del --reset-flows`.
                 out.append(&mut state.pending.borrow_mut());
                 for o in out.drain(..) {

@@ -214,8 +214,18 @@ impl FlowMaps for KernelFlowMaps {
 }
 
 /// The uplink program's forwarded-ports map (`FwdPortKey` → 1).
+///
+/// The kernel matches exact (address, protocol, port) keys only, so a rule
+/// without an address is published once per IPv4 address of the host:
+/// a packet merely routed through the host, or sent to a multicast or
+/// broadcast address, never matches a forward. The published rules and the
+/// host's addresses are kept here, and [`Self::set_host_addrs`] re-syncs
+/// the map when the addresses change.
 pub struct KernelFwdPorts {
     map: HashMap<MapData, FwdPortKey, u8>,
+    rules: Vec<crate::fwd::Rule>,
+    host_addrs: Vec<std::net::Ipv4Addr>,
+    published: std::collections::HashSet<FwdPortKey>,
 }
 
 impl KernelFwdPorts {
@@ -224,28 +234,68 @@ impl KernelFwdPorts {
             name: FWD_PORTS_MAP,
             source,
         })?;
-        Ok(Self { map })
+        Ok(Self {
+            map,
+            rules: Vec::new(),
+            host_addrs: Vec::new(),
+            published: std::collections::HashSet::new(),
+        })
     }
 
-    /// Adds every port of `rules`; returns how many entries were written.
+    /// Publishes `rules` too; returns how many map entries exist now. On
+    /// error the rules stay recorded: the caller removes them again.
     pub fn insert(&mut self, rules: &[crate::fwd::Rule]) -> Result<usize, MapError> {
-        let mut n = 0;
-        for (proto, addr, port) in crate::fwd::kernel_keys(rules) {
-            self.map.insert(fwd_key(proto, addr, port), 1, 0)?;
-            n += 1;
-        }
-        Ok(n)
+        self.rules.extend_from_slice(rules);
+        self.sync()
     }
 
-    /// Removes every port of `rules` (missing entries are fine).
+    /// Withdraws `rules` (rules not published are fine).
     pub fn remove(&mut self, rules: &[crate::fwd::Rule]) -> Result<(), MapError> {
-        for (proto, addr, port) in crate::fwd::kernel_keys(rules) {
-            match self.map.remove(&fwd_key(proto, addr, port)) {
+        self.rules.retain(|r| !rules.contains(r));
+        self.sync().map(drop)
+    }
+
+    /// Sets the host's IPv4 addresses (loopback is left out: nothing
+    /// arrives on the uplink for it) and re-syncs the map if they changed.
+    pub fn set_host_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<(), MapError> {
+        let mut addrs: Vec<_> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        if addrs == self.host_addrs {
+            return Ok(());
+        }
+        self.host_addrs = addrs;
+        self.sync().map(drop)
+    }
+
+    /// Brings the map to exactly the keys the rules and addresses call for.
+    fn sync(&mut self) -> Result<usize, MapError> {
+        let mut want = std::collections::HashSet::new();
+        for (proto, addr, port) in crate::fwd::kernel_keys(&self.rules) {
+            if addr.is_unspecified() {
+                want.extend(self.host_addrs.iter().map(|a| fwd_key(proto, *a, port)));
+            } else {
+                want.insert(fwd_key(proto, addr, port));
+            }
+        }
+        for key in self.published.difference(&want) {
+            match self.map.remove(key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        self.published.retain(|k| want.contains(k));
+        for key in want {
+            if !self.published.contains(&key) {
+                self.map.insert(key, 1, 0)?;
+                self.published.insert(key);
+            }
+        }
+        Ok(self.published.len())
     }
 }
 
