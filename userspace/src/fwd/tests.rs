@@ -604,3 +604,34 @@ fn kernel_keys_cover_every_port() {
     // IPv6 rules have no IPv4 kernel key.
     assert_eq!(tcp("2001:db8::1/80").kernel_keys().count(), 0);
 }
+
+#[test]
+fn held_ports_cannot_be_taken_by_the_host() {
+    // A free port to forward: ask the kernel for one, then let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let held = PortReservations::reserve(&tcp(&format!("127.0.0.1/{port}"))).unwrap();
+    assert_eq!(held.len(), 1);
+    // Neither a listener nor a plain bind can take it while it is held.
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let listen = std::net::TcpListener::bind(addr);
+    assert!(listen.is_err(), "port {port} taken by a listener");
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&sock, sockopt::ReuseAddr, &true).unwrap();
+    assert_eq!(
+        bind(sock.as_raw_fd(), &SockaddrIn::from(addr)),
+        Err(Errno::EADDRINUSE)
+    );
+    // Released, the host may use it again.
+    drop(held);
+    std::net::TcpListener::bind(addr).unwrap();
+}
