@@ -55,6 +55,7 @@ pub mod netns;
 pub mod nsthread;
 pub mod rawtcp;
 pub mod relay;
+pub mod running;
 pub mod scenarios;
 pub mod scratch;
 pub mod servers;

@@ -18,7 +18,6 @@
 //! `--keepalive-probes N`.
 #![allow(clippy::unwrap_used)]
 
-use std::fmt::Display;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
@@ -26,63 +25,32 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::Value;
+use tapgate_tests::GuestKind;
 use tapgate_tests::child::Child;
 use tapgate_tests::control::{self, flow_matches};
-use tapgate_tests::dhcp::DhcpClient;
 use tapgate_tests::nsthread;
+use tapgate_tests::running::Running;
 use tapgate_tests::scenarios::{NFT_TABLE, THREAD_TIMEOUT, connect, nft_rule, world};
 use tapgate_tests::servers::serve_once;
 use tapgate_tests::topology::{DEFAULT_GUEST_ADDR, WORLD_ADDR};
-use tapgate_tests::{GuestKind, Topology, require_root};
 
 /// How long a flow may take to show up in `tapgate flows`.
 const FLOW_VISIBLE: Duration = Duration::from_secs(5);
 /// Slack on top of documented bounds: the one-second tick and polling.
 const SLACK: Duration = Duration::from_millis(2500);
 
-/// A topology with tapgate running in it (tapgate stops first on drop).
-struct Running {
-    tapgate: Child,
-    topo: Topology,
-}
-
-impl Running {
-    /// A real-tap topology, tapgate started with `args`, a DHCP lease.
-    fn start(args: &[&str]) -> Running {
-        require_root().unwrap_or_else(|e| panic!("{e}"));
-        let topo = Topology::new(GuestKind::RealTap)
-            .unwrap_or_else(|e| panic!("cannot build topology: {e:#}"));
-        let tapgate = topo
-            .start_tapgate(args)
-            .unwrap_or_else(|e| panic!("cannot start tapgate {args:?}: {e:#}"));
-        let run = Running { tapgate, topo };
-        let client = run.ok(DhcpClient::new(run.topo.guest(), "eth0"));
-        let lease = run.ok(client.run_once());
-        run.check(lease.ip == DEFAULT_GUEST_ADDR, "unexpected DHCP lease");
-        run
-    }
-
-    /// Panics with `what`, the relay counters and tapgate's stderr.
-    fn fail(&self, what: impl Display) -> ! {
-        panic!(
-            "{what}\n{}\n--- tapgate stderr ---\n{}",
-            self.topo.relay_summary(),
-            self.tapgate.stderr()
-        )
-    }
-
-    fn ok<T>(&self, result: Result<T>) -> T {
-        result.unwrap_or_else(|e| self.fail(format!("{e:#}")))
-    }
-
-    fn check(&self, cond: bool, what: impl Display) {
-        if !cond {
-            self.fail(what);
-        }
-    }
-
+/// This file's helpers on the shared fixture.
+trait ClockRun {
     /// A connection from the guest to `198.51.100.2:port`, both ends, after
     /// one round trip (so both directions went through the fast path).
+    fn pair(&self, port: u16) -> Pair;
+    /// Whether `tapgate flows` lists the pair's flow.
+    fn listed(&self, p: &Pair) -> bool;
+    /// A top-level counter of `tapgate stats`.
+    fn stat(&self, key: &str) -> u64;
+}
+
+impl ClockRun for Running {
     fn pair(&self, port: u16) -> Pair {
         let server = self.ok(serve_once(
             self.topo.world(),
@@ -173,7 +141,10 @@ fn wait_reset(s: &mut TcpStream) -> Result<Duration> {
 
 #[test]
 fn keepalives_reach_an_idle_live_guest() {
-    let run = Running::start(&["--keepalive-interval", "1", "--inactivity-interval", "0"]);
+    let run = Running::with_lease(
+        GuestKind::RealTap,
+        &["--keepalive-interval", "1", "--inactivity-interval", "0"],
+    );
     let mut p = run.pair(7401);
     // A keepalive: from the remote's port, no SYN/FIN/RST, no payload
     // (the connection is idle, so nothing else matches).
@@ -201,7 +172,10 @@ fn keepalives_reach_an_idle_live_guest() {
 
 #[test]
 fn a_guest_that_forgot_the_connection_resets_it() {
-    let run = Running::start(&["--keepalive-interval", "1", "--inactivity-interval", "0"]);
+    let run = Running::with_lease(
+        GuestKind::RealTap,
+        &["--keepalive-interval", "1", "--inactivity-interval", "0"],
+    );
     let mut p = run.pair(7402);
     // Forget the socket without telling anyone: `ss -K` sends an RST,
     // which the guest's firewall drops while the socket is destroyed.
@@ -243,7 +217,10 @@ fn a_guest_that_forgot_the_connection_resets_it() {
 
 #[test]
 fn inactivity_resets_idle_connections_only() {
-    let run = Running::start(&["--keepalive-interval", "0", "--inactivity-interval", "2"]);
+    let run = Running::with_lease(
+        GuestKind::RealTap,
+        &["--keepalive-interval", "0", "--inactivity-interval", "2"],
+    );
     let mut idle = run.pair(7403);
     let mut busy = run.pair(7404);
     let idle_since = Instant::now();
@@ -275,14 +252,17 @@ fn inactivity_resets_idle_connections_only() {
 
 #[test]
 fn probes_reset_a_silent_guests_connections() {
-    let run = Running::start(&[
-        "--keepalive-interval",
-        "1",
-        "--keepalive-probes",
-        "2",
-        "--inactivity-interval",
-        "0",
-    ]);
+    let run = Running::with_lease(
+        GuestKind::RealTap,
+        &[
+            "--keepalive-interval",
+            "1",
+            "--keepalive-probes",
+            "2",
+            "--inactivity-interval",
+            "0",
+        ],
+    );
     let mut p = run.pair(7405);
     // The guest goes silent: nothing it sends leaves.
     run.ok(nft_rule(

@@ -19,27 +19,25 @@
 //! `--allow-host`.
 #![allow(clippy::unwrap_used)]
 
-use std::fmt::Display;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::bail;
 use serde_json::Value;
+use tapgate_tests::GuestKind;
 use tapgate_tests::bulk::{self, Direction, Hashes};
-use tapgate_tests::child::Child;
 use tapgate_tests::clients::{self, Shape};
 use tapgate_tests::control::{self, field, flow_matches};
-use tapgate_tests::dhcp::DhcpClient;
-use tapgate_tests::nsthread::{self, NsThread};
+use tapgate_tests::nsthread::{self};
 use tapgate_tests::rawtcp;
+use tapgate_tests::running::Running;
 use tapgate_tests::scenarios::{self, THREAD_TIMEOUT, connect, udp_echo, udp_socket, world};
 use tapgate_tests::servers::{DnsServer, HttpServer, TcpEchoServer, UdpEchoServer, serve_once};
 use tapgate_tests::topology::{
     DEFAULT_DNS, DEFAULT_GATEWAY_MAC, DEFAULT_GUEST_ADDR, HOST_UPLINK_ADDR, WORLD_ADDR,
 };
-use tapgate_tests::{GuestKind, Topology, require_root};
 
 /// Bound on a 1 GiB transfer (both ends, hashing included).
 const BULK_TIMEOUT: Duration = Duration::from_secs(240);
@@ -60,83 +58,6 @@ const UDP_EXPIRY_BOUND: Duration = Duration::from_millis(UDP_TIMEOUT_SECS * 1250
 /// the 1× lower bound; the test measures from the guest's receive, just
 /// after the flow's last packet).
 const UDP_STILL_LISTED: Duration = Duration::from_millis(UDP_TIMEOUT_SECS * 750);
-
-/// A topology with tapgate running in it. Fields drop in order: tapgate is
-/// stopped before the namespaces go.
-struct Running {
-    tapgate: Child,
-    topo: Topology,
-}
-
-impl Running {
-    /// Builds a topology of `kind` and starts tapgate with `args`.
-    fn start(kind: GuestKind, args: &[&str]) -> Running {
-        require_root().unwrap_or_else(|e| panic!("{e}"));
-        let topo = Topology::new(kind).unwrap_or_else(|e| panic!("cannot build topology: {e:#}"));
-        let tapgate = topo
-            .start_tapgate(args)
-            .unwrap_or_else(|e| panic!("cannot start tapgate {args:?}: {e:#}"));
-        Running { tapgate, topo }
-    }
-
-    /// Starts tapgate with `args` and takes a DHCP lease in the guest.
-    fn with_lease(kind: GuestKind, args: &[&str]) -> Running {
-        let run = Running::start(kind, args);
-        run.dhcp();
-        run
-    }
-
-    /// Panics with `what`, the relay counters and tapgate's stderr.
-    fn fail(&self, what: impl Display) -> ! {
-        panic!(
-            "{what}\n{}\n--- tapgate stderr ---\n{}",
-            self.topo.relay_summary(),
-            self.tapgate.stderr()
-        )
-    }
-
-    /// Unwraps `result` or fails with the context of [`Running::fail`].
-    fn ok<T>(&self, result: Result<T>) -> T {
-        result.unwrap_or_else(|e| self.fail(format!("{e:#}")))
-    }
-
-    /// Asserts `cond`, failing with `what` and the context.
-    fn check(&self, cond: bool, what: impl Display) {
-        if !cond {
-            self.fail(what);
-        }
-    }
-
-    /// DHCP in the guest; checks it got the default address.
-    fn dhcp(&self) {
-        let client = self.ok(DhcpClient::new(self.topo.guest(), "eth0"));
-        let lease = self.ok(client.run_once());
-        self.check(
-            lease.ip == DEFAULT_GUEST_ADDR,
-            format!("unexpected lease: {}", lease.line),
-        );
-    }
-
-    /// Waits for a message from a helper thread; if none comes, fails with
-    /// the thread's own error.
-    fn recv<T, U>(
-        &self,
-        rx: &mpsc::Receiver<T>,
-        thread: NsThread<U>,
-        what: &str,
-    ) -> (T, NsThread<U>) {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(v) => (v, thread),
-            Err(_) => {
-                let why = thread
-                    .join(Duration::from_secs(5))
-                    .err()
-                    .map_or_else(|| "it ended without error".to_owned(), |e| format!("{e:#}"));
-                self.fail(format!("{what}: {why}"))
-            }
-        }
-    }
-}
 
 fn host_addr() -> Ipv4Addr {
     HOST_UPLINK_ADDR.parse().unwrap()
@@ -665,7 +586,11 @@ fn dns_lookup_through_forwarder() {
         world(53),
         Ipv4Addr::new(192, 0, 2, 77),
     ));
-    run.dhcp();
+    let lease = run.dhcp();
+    run.check(
+        lease.ip == DEFAULT_GUEST_ADDR,
+        format!("unexpected lease: {}", lease.line),
+    );
     let answer = run.ok(scenarios::dig(&run.topo, DEFAULT_DNS, "example.test"));
     run.check(
         answer == "192.0.2.77",

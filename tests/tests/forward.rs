@@ -13,69 +13,30 @@
 //! `--control-socket`; `tapgate rules list|add|del [--reset-flows] --json`.
 #![allow(clippy::unwrap_used)]
 
-use std::fmt::Display;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::Result;
-use tapgate_tests::child::Child;
 use tapgate_tests::control;
-use tapgate_tests::dhcp::DhcpClient;
 use tapgate_tests::nsthread;
+use tapgate_tests::running::Running;
 use tapgate_tests::scenarios::{THREAD_TIMEOUT, connect, udp_echo, udp_socket};
 use tapgate_tests::servers::{HttpServer, TcpEchoServer, UdpEchoServer, serve_once};
-use tapgate_tests::topology::{DEFAULT_GUEST_ADDR, HOST_UPLINK_ADDR};
+use tapgate_tests::topology::HOST_UPLINK_ADDR;
 use tapgate_tests::{GuestKind, Topology, require_root};
 
 /// Bound on a curl run.
 const CURL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A topology with tapgate running in it (tapgate stops first).
-struct Running {
-    tapgate: Child,
-    topo: Topology,
+/// This file's helpers on the shared fixture.
+trait ForwardRun {
+    /// `curl URL` from the world namespace: (exit ok, stdout, stderr).
+    fn curl(&self, args: &[&str]) -> (bool, String, String);
 }
 
-impl Running {
-    /// Builds a topology of `kind`, starts tapgate with `args` and takes a
-    /// DHCP lease in the guest.
-    fn with_lease(kind: GuestKind, args: &[&str]) -> Running {
-        require_root().unwrap_or_else(|e| panic!("{e}"));
-        let topo = Topology::new(kind).unwrap_or_else(|e| panic!("cannot build topology: {e:#}"));
-        let tapgate = topo
-            .start_tapgate(args)
-            .unwrap_or_else(|e| panic!("cannot start tapgate {args:?}: {e:#}"));
-        let run = Running { tapgate, topo };
-        let client = run.ok(DhcpClient::new(run.topo.guest(), "eth0"));
-        let lease = run.ok(client.run_once());
-        run.check(
-            lease.ip == DEFAULT_GUEST_ADDR,
-            format!("unexpected lease: {}", lease.line),
-        );
-        run
-    }
-
-    fn fail(&self, what: impl Display) -> ! {
-        panic!(
-            "{what}\n{}\n--- tapgate stderr ---\n{}",
-            self.topo.relay_summary(),
-            self.tapgate.stderr()
-        )
-    }
-
-    fn ok<T>(&self, result: Result<T>) -> T {
-        result.unwrap_or_else(|e| self.fail(format!("{e:#}")))
-    }
-
-    fn check(&self, cond: bool, what: impl Display) {
-        if !cond {
-            self.fail(what);
-        }
-    }
-
-    /// `curl URL` from the world namespace: (exit ok, stdout, stderr).
+impl ForwardRun for Running {
     fn curl(&self, args: &[&str]) -> (bool, String, String) {
         let mut argv = vec!["curl", "-sS", "--max-time", "50"];
         argv.extend_from_slice(args);

@@ -6,12 +6,12 @@
 //! need root; run them with `cargo xtask test`.
 #![allow(clippy::unwrap_used)]
 
-use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tapgate_tests::child::Child;
 use tapgate_tests::dhcp::{DhcpClient, DhcpEvent};
+use tapgate_tests::running::Running;
 use tapgate_tests::scratch::ScratchDir;
 use tapgate_tests::tcx::{self, TcxDirection};
 use tapgate_tests::topology::{
@@ -23,61 +23,25 @@ use tapgate_tests::{GuestKind, Topology, fixtures, require_root};
 /// How long an erroring tapgate may take to exit.
 const ERROR_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A topology with tapgate running in it. Fields drop in order: tapgate is
-/// stopped before the namespaces go.
-struct Running {
-    tapgate: Child,
-    topo: Topology,
+/// This file's helpers on the shared fixture.
+trait FoundationRun {
+    /// Runs `argv` in the guest and returns stdout.
+    fn guest(&self, argv: &[&str]) -> String;
+    /// Runs `argv` in the host namespace and returns stdout.
+    fn host(&self, argv: &[&str]) -> String;
+    /// Asserts the guest's address and default route after DHCP.
+    fn check_guest_config(&self, cidr: &str, gateway: &str);
 }
 
-impl Running {
-    /// Builds a topology of `kind` and starts tapgate with `args`.
-    fn start(kind: GuestKind, args: &[&str]) -> Running {
-        let topo = topology(kind);
-        let tapgate = topo
-            .start_tapgate(args)
-            .unwrap_or_else(|e| panic!("cannot start tapgate: {e:#}"));
-        Running { tapgate, topo }
-    }
-
-    /// Panics with `what`, tapgate's stderr and the relay counters.
-    fn fail(&self, what: impl Display) -> ! {
-        panic!(
-            "{what}\n{}\n--- tapgate stderr ---\n{}",
-            self.topo.relay_summary(),
-            self.tapgate.stderr()
-        )
-    }
-
-    /// Unwraps `result` or fails with the context of [`Running::fail`].
-    fn ok<T>(&self, result: anyhow::Result<T>) -> T {
-        result.unwrap_or_else(|e| self.fail(format!("{e:#}")))
-    }
-
-    /// Asserts `cond`, failing with `what` and the context.
-    fn check(&self, cond: bool, what: impl Display) {
-        if !cond {
-            self.fail(what);
-        }
-    }
-
-    /// Runs a one-shot DHCP exchange in the guest.
-    fn dhcp(&self) -> DhcpEvent {
-        let client = self.ok(DhcpClient::new(self.topo.guest(), GUEST_IFACE));
-        self.ok(client.run_once())
-    }
-
-    /// Runs `argv` in the guest and returns stdout.
+impl FoundationRun for Running {
     fn guest(&self, argv: &[&str]) -> String {
         self.ok(self.topo.guest().stdout(argv))
     }
 
-    /// Runs `argv` in the host namespace and returns stdout.
     fn host(&self, argv: &[&str]) -> String {
         self.ok(self.topo.host().stdout(argv))
     }
 
-    /// Asserts the guest's address and default route after DHCP.
     fn check_guest_config(&self, cidr: &str, gateway: &str) {
         let addrs = self.guest(&["ip", "-4", "addr", "show", "dev", GUEST_IFACE]);
         self.check(
