@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod dhcp;
 pub mod flow;
+pub mod frag;
 pub mod frame;
 pub mod fwd;
 pub mod guest;
