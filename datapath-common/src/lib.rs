@@ -103,11 +103,18 @@ pub enum PuntReason {
     /// A packet from the world that matched no flow but opens one to a
     /// forwarded port ([`FWD_PORTS_MAP`]): a pure SYN, or a UDP datagram.
     Forward = 10,
+    /// An ICMP error from the world (destination unreachable, time
+    /// exceeded, parameter problem) whose quoted packet belongs to one of
+    /// our flows: user space translates it for the guest.
+    IcmpError = 11,
+    /// An IPv4 fragment of one of our flows (from the world), or any
+    /// fragment from the guest: user space reassembles the datagram.
+    Fragment = 12,
 }
 
 impl PuntReason {
     /// All reasons, for iterating counters and reports.
-    pub const ALL: [PuntReason; 10] = [
+    pub const ALL: [PuntReason; 12] = [
         Self::Arp,
         Self::Ipv4NoFlow,
         Self::Ipv6NoFlow,
@@ -118,6 +125,8 @@ impl PuntReason {
         Self::EventRst,
         Self::EventAck,
         Self::Forward,
+        Self::IcmpError,
+        Self::Fragment,
     ];
 
     /// Decodes the wire value, `None` for anything unknown.
@@ -133,6 +142,8 @@ impl PuntReason {
             8 => Some(Self::EventRst),
             9 => Some(Self::EventAck),
             10 => Some(Self::Forward),
+            11 => Some(Self::IcmpError),
+            12 => Some(Self::Fragment),
             _ => None,
         }
     }
@@ -150,6 +161,8 @@ impl PuntReason {
             Self::EventRst => "event_rst",
             Self::EventAck => "event_ack",
             Self::Forward => "forward",
+            Self::IcmpError => "icmp_error",
+            Self::Fragment => "fragment",
         }
     }
 
@@ -217,6 +230,12 @@ pub enum Counter {
     EventRingFull = 8,
     /// Redirects the kernel refused (the packet was dropped).
     RedirectError = 9,
+    /// ICMP errors on the uplink whose quoted packet could not be read
+    /// (left to the host stack, like anything not ours).
+    IcmpUnparsed = 10,
+    /// First fragments of our flows whose datagram the kernel now tracks
+    /// in [`FRAGS_MAP`].
+    FragsTracked = 11,
 }
 
 /// Number of entries in [`COUNTERS_MAP`]: the [`Counter`]s, then one
@@ -229,7 +248,7 @@ const _: () = assert!(PUNT_REASON_COUNTER_BASE + (PuntReason::ALL.len() as u32) 
 
 impl Counter {
     /// All counters, for reports.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 12] = [
         Self::PuntPackets,
         Self::PuntBytes,
         Self::PuntRingFull,
@@ -240,6 +259,8 @@ impl Counter {
         Self::FastBytes,
         Self::EventRingFull,
         Self::RedirectError,
+        Self::IcmpUnparsed,
+        Self::FragsTracked,
     ];
 
     /// Stable lower-case name used in logs and JSON output.
@@ -255,10 +276,12 @@ impl Counter {
             Self::FastBytes => "fastpath_bytes",
             Self::EventRingFull => "event_ring_full",
             Self::RedirectError => "redirect_error",
+            Self::IcmpUnparsed => "icmp_unparsed",
+            Self::FragsTracked => "frags_tracked",
         }
     }
 }
-const _: () = assert!((Counter::ALL.len() as u32) <= COUNTER_SLOTS);
+const _: () = assert!((Counter::ALL.len() as u32) <= PUNT_REASON_COUNTER_BASE);
 
 // ---------------------------------------------------------------------------
 // Flow table
@@ -325,6 +348,36 @@ pub struct FwdPortKey {
 }
 const _: () = assert!(core::mem::size_of::<FwdPortKey>() == 8);
 
+/// Name of the fragment-tracking map: [`FragKey`] → the time (ns,
+/// `bpf_ktime_get_ns`) the first fragment of a datagram of one of our flows
+/// arrived from the world. Later fragments carry no ports; the uplink
+/// program punts those whose datagram is here and younger than
+/// [`FRAG_TRACK_NS`]. An LRU map: the kernel evicts old entries itself.
+pub const FRAGS_MAP: &str = "TG_FRAGS";
+/// Capacity of [`FRAGS_MAP`].
+pub const FRAGS_MAX: u32 = 8192;
+/// How long a tracked datagram's later fragments are taken (the
+/// reassembly timeout of user space and of Linux, 30 s).
+pub const FRAG_TRACK_NS: u64 = 30_000_000_000;
+
+/// Key of [`FRAGS_MAP`]: what identifies the fragments of one datagram
+/// (RFC 791): addresses, protocol and identification, as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    /// Source address.
+    pub src: [u8; 4],
+    /// Destination address.
+    pub dst: [u8; 4],
+    /// Identification, network order as on the wire.
+    pub id: [u8; 2],
+    /// IP protocol.
+    pub proto: u8,
+    /// Reserved, zero.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+
 /// A directional 5-tuple as the packet carries it on arrival. IPv4
 /// addresses occupy the first four bytes of the 16-byte fields, the rest is
 /// zero, so both families share one map.
@@ -335,10 +388,11 @@ pub struct FlowKey {
     pub src: [u8; 16],
     /// Destination address.
     pub dst: [u8; 16],
-    /// Source port (or ICMP echo identifier), network byte order value
-    /// stored as a host-order `u16`.
+    /// Source port, host order. ICMP echo: the identifier of a request
+    /// (its "source port"), 0 for a reply.
     pub sport: u16,
-    /// Destination port (0 for ICMP echo).
+    /// Destination port, host order. ICMP echo: 0 for a request, the
+    /// identifier of a reply (the port the reply goes back to).
     pub dport: u16,
     /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`]).
     pub proto: u8,
@@ -458,4 +512,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowEntry {}
     // SAFETY: repr(C), Pod, no padding (asserted above).
     unsafe impl aya::Pod for super::FwdPortKey {}
+    // SAFETY: repr(C), Pod, no padding (asserted above).
+    unsafe impl aya::Pod for super::FragKey {}
 }

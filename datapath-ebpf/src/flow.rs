@@ -26,19 +26,19 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use datapath_common::{
     ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FLOW_F_LOCAL,
-    FlowEntry, FlowKey, FlowState, FwdPortKey, Origin, PROTO_TCP, PROTO_UDP, PuntReason,
-    TAP_ACTIVE, ipv4_to_16,
+    FRAG_TRACK_NS, FlowEntry, FlowKey, FlowState, FragKey, FwdPortKey, Origin, PROTO_TCP,
+    PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_to_16,
 };
 
 use crate::{
-    maps::{TG_FLOWS, TG_FWD_PORTS, count, mark_active},
+    maps::{TG_FLOWS, TG_FRAGS, TG_FWD_PORTS, count, mark_active},
     nat,
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     punt::{event, punt},
 };
 
@@ -161,11 +161,19 @@ fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i3
 
 /// A frame from the guest: forward it if it belongs to an established
 /// flow, punt it otherwise (the guest's frames never reach the host stack).
+/// Fragments go to user space's reassembly; of ICMP, only echo requests
+/// can belong to a flow (every other message is for user space).
 #[inline(always)]
 pub fn from_tap(ctx: &TcContext) -> i32 {
     let Some(p) = crate::parse::ipv4_l4(ctx) else {
         return punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow);
     };
+    if p.is_fragment() {
+        return punt(ctx, Origin::Tap, PuntReason::Fragment);
+    }
+    if p.is_icmp() && p.icmp_type != ICMP_ECHO_REQUEST {
+        return punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow);
+    }
     let key = key_of(&p, DIR_FROM_TAP);
     match TG_FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer comes from the map lookup and stays valid
@@ -178,22 +186,106 @@ pub fn from_tap(ctx: &TcContext) -> i32 {
 /// A packet from the world (or, on the uplink's egress, from the host to a
 /// host-local flow): forward or punt it if it belongs to one of our flows;
 /// anything else continues untouched, as if nothing were attached.
+/// Ours are: packets matching a flow entry (of ICMP, echo replies), ICMP
+/// errors quoting a packet of a flow (punted for translation), fragments
+/// of datagrams of a flow ([`uplink_fragment`]) and openings of forwarded
+/// ports.
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext) -> i32 {
     let Some(p) = crate::parse::ipv4_l4(ctx) else {
-        count(Counter::UplinkNotOurs, 1);
-        return TC_ACT_UNSPEC;
+        return not_ours();
     };
+    if p.is_fragment() {
+        return uplink_fragment(ctx, &p);
+    }
+    if p.is_icmp_error() {
+        return icmp_error(ctx, &p);
+    }
+    if p.is_icmp() && p.icmp_type != ICMP_ECHO_REPLY {
+        return not_ours();
+    }
     let key = key_of(&p, DIR_FROM_UPLINK);
     match TG_FLOWS.get_ptr_mut(&key) {
         // SAFETY: as in from_tap.
         Some(e) => forward(ctx, &p, unsafe { &mut *e }, Origin::Uplink),
         None if opens_forward(&p) => punt(ctx, Origin::Uplink, PuntReason::Forward),
-        None => {
-            count(Counter::UplinkNotOurs, 1);
-            TC_ACT_UNSPEC
-        }
+        None => not_ours(),
     }
+}
+
+/// The verdict for a packet that is not ours: continue as if no program
+/// were attached (`TCX_NEXT`).
+#[inline(always)]
+fn not_ours() -> i32 {
+    count(Counter::UplinkNotOurs, 1);
+    TC_ACT_UNSPEC
+}
+
+/// An ICMP error from the world: punted when the packet it quotes belongs
+/// to one of our flows (user space translates outer and inner headers for
+/// the guest), left alone otherwise. A quote too short to read cannot be
+/// ours to judge: it goes on to the host stack, counted.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, p: &Packet) -> i32 {
+    let Some(q) = crate::parse::icmp_quote(ctx, p) else {
+        count(Counter::IcmpUnparsed, 1);
+        return not_ours();
+    };
+    let key = FlowKey {
+        src: ipv4_to_16(q.dst),
+        dst: ipv4_to_16(q.src),
+        sport: u16::from_be_bytes(q.dport),
+        dport: u16::from_be_bytes(q.sport),
+        proto: q.proto,
+        family: FAMILY_IPV4,
+        dir: DIR_FROM_UPLINK,
+        _pad: 0,
+    };
+    if TG_FLOWS.get_ptr(&key).is_some() {
+        punt(ctx, Origin::Uplink, PuntReason::IcmpError)
+    } else {
+        not_ours()
+    }
+}
+
+/// A fragment arriving from the world. Only the first fragment of a
+/// datagram carries ports: if it belongs to a flow (or opens a forwarded
+/// port), the datagram is entered in `TG_FRAGS` and the fragment punted;
+/// later fragments are punted when their datagram is there and recent
+/// ([`FRAG_TRACK_NS`]). User space reassembles. A later fragment that
+/// overtakes its first fragment is not recognised and reaches the host
+/// stack, which discards it when its reassembly times out.
+#[inline(always)]
+fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
+    let fkey = FragKey {
+        src: p.ip.src,
+        dst: p.ip.dst,
+        id: p.ip.id,
+        proto: p.ip.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if p.is_later_fragment() {
+        return match TG_FRAGS.get_ptr(&fkey) {
+            // SAFETY: the pointer comes from the map lookup (RCU).
+            Some(t) if now.wrapping_sub(unsafe { *t }) < FRAG_TRACK_NS => {
+                punt(ctx, Origin::Uplink, PuntReason::Fragment)
+            }
+            _ => not_ours(),
+        };
+    }
+    if p.is_icmp() && p.icmp_type != ICMP_ECHO_REPLY {
+        return not_ours();
+    }
+    let key = key_of(p, DIR_FROM_UPLINK);
+    if TG_FLOWS.get_ptr(&key).is_none() && !opens_forward(p) {
+        return not_ours();
+    }
+    if TG_FRAGS.insert(&fkey, &now, 0).is_ok() {
+        count(Counter::FragsTracked, 1);
+    }
+    punt(ctx, Origin::Uplink, PuntReason::Fragment)
 }
 
 /// Whether a packet that matched no flow opens one to a forwarded port: a

@@ -12,11 +12,11 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use datapath_common::{
-    ActivityWord, COUNTER_SLOTS, Counter, DEFAULT_MAX_FLOWS, FWD_PORTS_MAX, FlowEntry, FlowKey,
-    FwdPortKey, PUNT_RING_BYTES, PuntScratch,
+    ActivityWord, COUNTER_SLOTS, Counter, DEFAULT_MAX_FLOWS, FRAGS_MAX, FWD_PORTS_MAX, FlowEntry,
+    FlowKey, FragKey, FwdPortKey, PUNT_RING_BYTES, PuntScratch,
 };
 
 /// Punted frames and events for user space.
@@ -48,6 +48,12 @@ pub static TG_ACTIVITY: Array<ActivityWord> =
 #[map(name = "TG_FWD_PORTS")]
 pub static TG_FWD_PORTS: HashMap<FwdPortKey, u8> =
     HashMap::with_max_entries(FWD_PORTS_MAX, BPF_F_NO_PREALLOC);
+
+/// Datagrams of our flows whose fragments arrive from the world: the time
+/// their first fragment was seen. Written and read by the kernel only; LRU,
+/// so old datagrams make room by themselves.
+#[map(name = "TG_FRAGS")]
+pub static TG_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::with_max_entries(FRAGS_MAX, 0);
 
 /// Adds `n` to counter slot `idx` on this CPU.
 #[inline(always)]

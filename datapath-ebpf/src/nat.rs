@@ -10,6 +10,12 @@
 //! guest carries only the pseudo-header sum, which they adjust correctly —
 //! and `BPF_F_MARK_MANGLED_0` keeps a UDP checksum of zero ("none") zero.
 //! Only fields that actually change are touched.
+//!
+//! ICMP echo differs in two ways: its checksum has no pseudo-header, so
+//! address changes touch only the IPv4 header checksum, and its one "port"
+//! is the identifier at offset 4 of the ICMP header — the source port of a
+//! request (towards the world) and the destination port of a reply
+//! (towards the guest) in the flow entry's terms.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
@@ -17,7 +23,7 @@ use aya_ebpf::{
 };
 use datapath_common::{FlowEntry, ipv4_from_16};
 
-use crate::parse::{IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, Packet};
+use crate::parse::{ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, Packet};
 
 /// Error from a checksum or store helper (the packet may be half-written
 /// and must be dropped).
@@ -45,12 +51,14 @@ fn set_addr(
         u32::from_ne_bytes(old) as u64,
         u32::from_ne_bytes(new) as u64,
     );
-    ok(ctx.l4_csum_replace(
-        p.l4_csum_off(),
-        from,
-        to,
-        l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
-    ))?;
+    if !p.is_icmp() {
+        ok(ctx.l4_csum_replace(
+            p.l4_csum_off(),
+            from,
+            to,
+            l4_flags | BPF_F_PSEUDO_HDR as u64 | 4,
+        ))?;
+    }
     ok(ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4))?;
     ok(ctx.store(off, &new, 0))
 }
@@ -101,22 +109,33 @@ pub fn rewrite(ctx: &TcContext, p: &Packet, e: &FlowEntry) -> Result<(), Rewrite
         ipv4_from_16(&e.new_dst),
         l4_flags,
     )?;
-    set_port(
-        ctx,
-        p,
-        p.l4_off,
-        p.sport,
-        e.new_sport.to_be_bytes(),
-        l4_flags,
-    )?;
-    set_port(
-        ctx,
-        p,
-        p.l4_off + 2,
-        p.dport,
-        e.new_dport.to_be_bytes(),
-        l4_flags,
-    )?;
+    if p.is_icmp() {
+        // The identifier: a request's "source port", a reply's
+        // "destination port" (the other one is zero in both).
+        let (old, new) = if p.icmp_type == ICMP_ECHO_REQUEST {
+            (p.sport, e.new_sport)
+        } else {
+            (p.dport, e.new_dport)
+        };
+        set_port(ctx, p, p.l4_off + 4, old, new.to_be_bytes(), 0)?;
+    } else {
+        set_port(
+            ctx,
+            p,
+            p.l4_off,
+            p.sport,
+            e.new_sport.to_be_bytes(),
+            l4_flags,
+        )?;
+        set_port(
+            ctx,
+            p,
+            p.l4_off + 2,
+            p.dport,
+            e.new_dport.to_be_bytes(),
+            l4_flags,
+        )?;
+    }
     // TTL and protocol share a 16-bit checksum word.
     let old = u16::from_ne_bytes([p.ip.ttl, p.ip.proto]) as u64;
     let new = u16::from_ne_bytes([p.ip.ttl - 1, p.ip.proto]) as u64;

@@ -10,7 +10,7 @@
 //! sits in the packet, converted only where a number is needed.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{PROTO_TCP, PROTO_UDP};
+use datapath_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 /// Length of an Ethernet header without VLAN tags.
 pub const ETH_HLEN: usize = 14;
@@ -78,19 +78,34 @@ pub struct TcpInfo {
     pub win: u16,
 }
 
-/// A parsed IPv4 TCP/UDP packet.
+/// ICMP types the fast path tells apart.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+/// Destination unreachable.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// Echo request.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// Time exceeded.
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Parameter problem.
+pub const ICMP_PARAM_PROBLEM: u8 = 12;
+/// Length of the ICMP header (type, code, checksum, 4 more bytes).
+pub const ICMP_HLEN: usize = 8;
+
+/// A parsed IPv4 TCP, UDP or ICMP packet.
 #[derive(Clone, Copy)]
 pub struct Packet {
     /// The IPv4 header.
     pub ip: Ipv4Hdr,
     /// Offset of the transport header from the start of the frame.
     pub l4_off: usize,
-    /// Source port as on the wire.
+    /// Source port as on the wire; an ICMP echo request's identifier.
     pub sport: [u8; 2],
-    /// Destination port as on the wire.
+    /// Destination port as on the wire; an ICMP echo reply's identifier.
     pub dport: [u8; 2],
-    /// TCP details (zero for UDP).
+    /// TCP details (zero for UDP and ICMP).
     pub tcp: TcpInfo,
+    /// ICMP type (0 for TCP and UDP: tell them apart by protocol).
+    pub icmp_type: u8,
 }
 
 impl Packet {
@@ -112,10 +127,48 @@ impl Packet {
         self.ip.proto == PROTO_TCP
     }
 
+    /// Whether the packet is ICMP.
+    #[inline(always)]
+    pub fn is_icmp(&self) -> bool {
+        self.ip.proto == PROTO_ICMP
+    }
+
+    /// Whether the packet is a fragment other than the first (no
+    /// transport header: ports are zero).
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        (u16::from_be_bytes(self.ip.frag) & 0x1fff) != 0
+    }
+
+    /// Whether the packet is an ICMP error that quotes a packet.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.is_icmp()
+            && !self.is_later_fragment()
+            && matches!(
+                self.icmp_type,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+            )
+    }
+
+    /// Whether the packet is an ICMP echo request or reply (the ICMP the
+    /// flow table carries).
+    #[inline(always)]
+    pub fn is_icmp_echo(&self) -> bool {
+        self.is_icmp()
+            && !self.is_later_fragment()
+            && matches!(self.icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
+    }
+
     /// Offset of the transport checksum from the start of the frame.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        self.l4_off + if self.is_tcp() { 16 } else { 6 }
+        self.l4_off
+            + match self.ip.proto {
+                PROTO_TCP => 16,
+                PROTO_UDP => 6,
+                _ => 2,
+            }
     }
 }
 
@@ -127,17 +180,20 @@ pub fn ethertype(ctx: &TcContext) -> Option<u16> {
         .map(u16::from_be_bytes)
 }
 
-/// Parses an IPv4 TCP or UDP packet after the Ethernet header. `None` for
-/// anything else (other protocols, truncated headers, not version 4). A
-/// non-first fragment has no ports: it parses with zero ports and
-/// [`Packet::is_fragment`] set.
+/// Parses an IPv4 TCP, UDP or ICMP packet after the Ethernet header.
+/// `None` for anything else (other protocols, truncated headers, not
+/// version 4). A non-first fragment has no transport header: it parses
+/// with zero ports and [`Packet::is_later_fragment`] set. ICMP: an echo
+/// request's identifier is its source port, an echo reply's its
+/// destination port (so a reply's key mirrors its request's); other ICMP
+/// types have zero ports.
 #[inline(always)]
 pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok()?;
     if ip.vihl >> 4 != 4 || (ip.vihl & 0x0f) < 5 {
         return None;
     }
-    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
+    if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return None;
     }
     let l4_off = ETH_HLEN + usize::from(ip.vihl & 0x0f) * 4;
@@ -147,8 +203,9 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         sport: [0; 2],
         dport: [0; 2],
         tcp: TcpInfo::default(),
+        icmp_type: 0,
     };
-    if u16::from_be_bytes(ip.frag) & 0x1fff != 0 {
+    if p.is_later_fragment() {
         return Some(p);
     }
     if ip.proto == PROTO_TCP {
@@ -160,10 +217,64 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
             flags: h[13],
             win: u16::from_be_bytes([h[14], h[15]]),
         };
-    } else {
+    } else if ip.proto == PROTO_UDP {
         let h: [u8; 4] = ctx.load(l4_off).ok()?;
         p.sport = [h[0], h[1]];
         p.dport = [h[2], h[3]];
+    } else {
+        let h: [u8; ICMP_HLEN] = ctx.load(l4_off).ok()?;
+        p.icmp_type = h[0];
+        match h[0] {
+            ICMP_ECHO_REQUEST => p.sport = [h[4], h[5]],
+            ICMP_ECHO_REPLY => p.dport = [h[4], h[5]],
+            _ => {}
+        }
     }
     Some(p)
+}
+
+/// The flow a quoted packet belongs to, read from an ICMP error: the
+/// quote is a packet we sent towards the world (source the NAT address),
+/// so its mirror image is the key of the flow's uplink-side entry: `(src,
+/// dst, sport, dport)` of the key are the quote's `(dst, src, dport,
+/// sport)`. `None` when the quote is too short to name a flow (the outer
+/// header must not be a fragment; the inner may be the first fragment of
+/// its datagram, never a later one).
+#[inline(always)]
+pub fn icmp_quote(ctx: &TcContext, p: &Packet) -> Option<Quote> {
+    let inner_off = p.l4_off + ICMP_HLEN;
+    let ip: Ipv4Hdr = ctx.load(inner_off).ok()?;
+    if ip.vihl >> 4 != 4 || (ip.vihl & 0x0f) < 5 || (u16::from_be_bytes(ip.frag) & 0x1fff) != 0 {
+        return None;
+    }
+    let l4_off = inner_off + usize::from(ip.vihl & 0x0f) * 4;
+    let h: [u8; ICMP_HLEN] = ctx.load(l4_off).ok()?;
+    let (sport, dport) = match ip.proto {
+        PROTO_TCP | PROTO_UDP => ([h[0], h[1]], [h[2], h[3]]),
+        // A quoted echo request: its identifier is its "source port".
+        PROTO_ICMP if h[0] == ICMP_ECHO_REQUEST => ([h[4], h[5]], [0, 0]),
+        _ => return None,
+    };
+    Some(Quote {
+        src: ip.src,
+        dst: ip.dst,
+        sport,
+        dport,
+        proto: ip.proto,
+    })
+}
+
+/// The addresses and ports of a packet quoted by an ICMP error, as quoted.
+#[derive(Clone, Copy)]
+pub struct Quote {
+    /// Source address of the quoted packet.
+    pub src: [u8; 4],
+    /// Destination address.
+    pub dst: [u8; 4],
+    /// Source port (echo request: identifier).
+    pub sport: [u8; 2],
+    /// Destination port.
+    pub dport: [u8; 2],
+    /// IP protocol.
+    pub proto: u8,
 }
