@@ -40,11 +40,12 @@ use aya_log::EbpfLogger;
 use datapath_common::{Counter, Origin, PuntReason};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
-use smoltcp::wire::EthernetFrame;
+use smoltcp::wire::{ETHERNET_HEADER_LEN, EthernetFrame};
 use tapgate::{
     cli::RunArgs,
     control::{self, ControlSource, RulesRequest},
     flow::{self, FlowConfig, FlowManager, SocketPorts},
+    frag::{self, Reassembler, ReassemblyLimits},
     fwd::{self, PortReservations},
     guest::{Claim, GuestServices},
     iface::{self, Iface},
@@ -153,6 +154,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let flow_maps = datapath.take_flow_maps()?;
 
     let mut fcfg = FlowConfig::new(cfg.clone(), tap.index, uplink.index);
+    fcfg.uplink_mtu = uplink_mtu(&uplink).context("uplink")?;
     fcfg.last_ack_timeout = Duration::from_secs(args.last_ack_timeout);
     fcfg.udp_timeout = Duration::from_secs(args.udp_timeout);
     fcfg.keepalive_interval = Duration::from_secs(args.keepalive_interval);
@@ -204,12 +206,15 @@ pub fn run(args: RunArgs) -> Result<()> {
             reader: ReaderStats::default(),
             counters,
             tap_index: tap.index,
+            guest_mtu: cfg.mtu,
             fwd: RefCell::new(FwdRuntime {
                 reservations,
                 kernel: fwd_ports,
                 ephemeral,
             }),
             pending: RefCell::new(Vec::new()),
+            frags_guest: RefCell::new(Reassembler::new(ReassemblyLimits::default())),
+            frags_world: RefCell::new(Reassembler::new(ReassemblyLimits::default())),
         };
         let reader = punt::run(ring, &state.reader, &injectors, |p, out| {
             state.dispatch(&p, out)
@@ -233,6 +238,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                     manager.tick(now, &mut out);
                     manager.clock_busy()
                 };
+                state.expire_fragments(now, &mut out);
                 // Forwards without an address follow the host's addresses.
                 if now.duration_since(addrs_checked) >= HOST_ADDRS_REFRESH {
                     addrs_checked = now;
@@ -242,6 +248,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                         .and_then(|a| Ok(state.fwd.borrow_mut().kernel.set_host_addrs(&a)?));
                     if let Err(e) = synced {
                         warn!("updating forwarded ports for the host's addresses: {e:#}");
+                    }
+                    // The uplink's MTU may change too (the kernel's MTU
+                    // check follows it by itself).
+                    match uplink_mtu(&uplink) {
+                        Ok(mtu) => state.manager.borrow_mut().set_uplink_mtu(mtu),
+                        Err(e) => warn!("reading the uplink's MTU: {e:#}"),
                     }
                 }
                 // RSTs of flows reset by `tapgate rules del --reset-flows`.
@@ -269,6 +281,39 @@ pub fn run(args: RunArgs) -> Result<()> {
     result
 }
 
+/// `frame` as it is if its IPv4 packet fits `mtu`, else the frames of its
+/// fragments (the Ethernet header copied onto each).
+fn frames_within(frame: Vec<u8>, mtu: usize) -> Vec<Vec<u8>> {
+    let Some(ip) = frame.get(ETHERNET_HEADER_LEN..) else {
+        return vec![frame];
+    };
+    if ip.len() <= mtu {
+        return vec![frame];
+    }
+    match frag::fragment(ip, mtu) {
+        Ok(pieces) => pieces
+            .into_iter()
+            .map(|p| {
+                let mut f = frame[..ETHERNET_HEADER_LEN].to_vec();
+                f.extend_from_slice(&p);
+                f
+            })
+            .collect(),
+        Err(e) => {
+            warn!("fragmenting a {}-byte reply for the guest: {e}", ip.len());
+            Vec::new()
+        }
+    }
+}
+
+/// The MTU of `uplink`, at most 65535.
+fn uplink_mtu(uplink: &Iface) -> Result<u16> {
+    let mtu = uplink
+        .mtu()
+        .with_context(|| format!("reading the MTU of {}", uplink.name))?;
+    Ok(u16::try_from(mtu).unwrap_or(u16::MAX))
+}
+
 /// Everything the event loop shares.
 struct State {
     services: RefCell<GuestServices>,
@@ -276,10 +321,16 @@ struct State {
     reader: ReaderStats,
     counters: KernelCounters,
     tap_index: u32,
+    /// The tap's MTU.
+    guest_mtu: u16,
     fwd: RefCell<FwdRuntime>,
     /// Segments queued outside the punt path (control requests), sent by
     /// the ticker.
     pending: RefCell<Vec<Output>>,
+    /// Reassembly of the guest's fragmented datagrams.
+    frags_guest: RefCell<Reassembler>,
+    /// Reassembly of fragmented datagrams from the world for our flows.
+    frags_world: RefCell<Reassembler>,
 }
 
 /// What `tapgate rules add|del` changes besides the manager's table.
@@ -370,8 +421,59 @@ impl State {
 }
 
 impl State {
-    /// Routes one punt record to its handler.
+    /// Routes one punt record to its handler; IPv4 fragments go through
+    /// reassembly first, and the whole datagram is dispatched once it is
+    /// complete (with the Ethernet header of its last fragment).
     fn dispatch(&self, p: &Punted<'_>, out: &mut Vec<Output>) {
+        if !p.reason.is_event()
+            && let Some(ip) = p.frame.get(ETHERNET_HEADER_LEN..)
+            && p.frame.get(12..14) == Some(&[0x08, 0x00][..])
+            && frag::is_fragment(ip)
+        {
+            let frags = match p.origin {
+                Origin::Tap => &self.frags_guest,
+                Origin::Uplink => &self.frags_world,
+            };
+            let outcome = frags.borrow_mut().push(ip, Instant::now());
+            let frag::FragOutcome::Complete(whole) = outcome else {
+                return;
+            };
+            let mut frame = p
+                .frame
+                .get(..ETHERNET_HEADER_LEN)
+                .unwrap_or_default()
+                .to_vec();
+            frame.extend_from_slice(&whole);
+            let q = Punted {
+                origin: p.origin,
+                reason: p.reason,
+                ifindex: p.ifindex,
+                frame: &frame,
+            };
+            return self.dispatch_whole(&q, out);
+        }
+        self.dispatch_whole(p, out);
+    }
+
+    /// Drops reassemblies that timed out; the guest hears of its own
+    /// ("fragment reassembly time exceeded").
+    fn expire_fragments(&self, now: Instant, out: &mut Vec<Output>) {
+        let mac = self.services.borrow().guest_mac();
+        for e in self.frags_guest.borrow_mut().expire(now) {
+            if let (Some(first), Some(mac)) = (e.first, mac) {
+                self.manager
+                    .borrow_mut()
+                    .reassembly_timeout_to_guest(&first, mac, out);
+            }
+        }
+        let lost = self.frags_world.borrow_mut().expire(now).len();
+        if lost > 0 {
+            debug!("{lost} datagrams from the world timed out in reassembly");
+        }
+    }
+
+    /// Routes one punt record (a whole packet, or an event) to its handler.
+    fn dispatch_whole(&self, p: &Punted<'_>, out: &mut Vec<Output>) {
         let now = Instant::now();
         let mut manager = self.manager.borrow_mut();
         if p.reason.is_event() {
@@ -395,10 +497,17 @@ impl State {
                 let claim = match p.reason {
                     // Frames of known flows skip the gateway's services.
                     PuntReason::Handshake | PuntReason::Exception => Claim::NotMine,
+                    // A reassembled datagram may be for the gateway (a
+                    // large ping) or for a flow.
                     _ => services.handle(p.frame, now),
                 };
                 match claim {
-                    Claim::Reply(frame) => out.push(Output::ToGuest(frame)),
+                    Claim::Reply(frame) => {
+                        // A reply to a reassembled request (a large ping
+                        // of the gateway) may need fragments of its own.
+                        let mtu = usize::from(self.guest_mtu);
+                        out.extend(frames_within(frame, mtu).into_iter().map(Output::ToGuest));
+                    }
                     Claim::Consumed => {}
                     Claim::NotMine => {
                         let mac = services.guest_mac().or_else(|| {
@@ -434,6 +543,46 @@ impl ControlSource for State {
             .map(|(r, n)| (r.name().to_owned(), json!(n)))
             .collect();
         let s = self.services.borrow().stats().clone();
+        let kinds = |c: &flow::IcmpCounts| -> Value {
+            Value::Object(
+                c.iter()
+                    .map(|(k, n)| (k.name().to_owned(), json!(n)))
+                    .collect(),
+            )
+        };
+        let fragments = {
+            let (g, w) = (self.frags_guest.borrow(), self.frags_world.borrow());
+            let (gs, ws) = (g.stats(), w.stats());
+            json!({
+                "from_guest": gs.fragments,
+                "from_world": ws.fragments,
+                "reassembled": gs.reassembled + ws.reassembled,
+                "sent": f.fragments_sent,
+                "timed_out": gs.timed_out + ws.timed_out,
+                "in_progress": g.in_progress() + w.in_progress(),
+                "bytes_held": g.bytes_held() + w.bytes_held(),
+                "duplicates": gs.duplicates + ws.duplicates,
+                "evicted": gs.evicted + ws.evicted,
+                "dropped": {
+                    "malformed": gs.dropped_malformed + ws.dropped_malformed,
+                    "overlap": gs.dropped_overlap + ws.dropped_overlap,
+                    "too_big": gs.dropped_too_big + ws.dropped_too_big,
+                    "no_room": gs.dropped_no_room + ws.dropped_no_room,
+                },
+            })
+        };
+        let icmp = json!({
+            "sent_to_guest": kinds(&f.icmp.sent_to_guest),
+            "sent_to_world": kinds(&f.icmp.sent_to_world),
+            "translated_to_guest": kinds(&f.icmp.translated_to_guest),
+            "translated_to_world": kinds(&f.icmp.translated_to_world),
+            "rate_limited": f.icmp.rate_limited,
+            "dropped": {
+                "malformed": f.icmp.malformed,
+                "unknown_flow": f.icmp.unknown_flow,
+                "unsupported": f.icmp.unsupported,
+            },
+        });
         json!({
             "fastpath_packets": c.get(Counter::FastPackets),
             "fastpath_bytes": c.get(Counter::FastBytes),
@@ -444,6 +593,8 @@ impl ControlSource for State {
             "inactivity_resets": f.inactivity_resets,
             "probe_resets": f.probe_resets,
             "rst_answer_resets": f.rst_answer_resets,
+            "icmp": icmp,
+            "fragments": fragments,
             "flows": {
                 "tcp_active": f.tcp_active,
                 "udp_active": f.udp_active,

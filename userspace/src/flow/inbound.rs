@@ -64,6 +64,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             // Only pure SYNs are punted for TCP; anything else is stale.
             L4::Tcp(_) => return Err(DropReason::UnknownFlow),
             L4::Udp { .. } => (Proto::Udp, FlowState::Established, None),
+            L4::Icmp(_) => return Err(DropReason::UnknownFlow),
         };
         let guest_port = self
             .forwards

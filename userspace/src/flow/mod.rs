@@ -73,6 +73,7 @@
 //! with in-memory fakes (`tests.rs`).
 
 pub mod clock;
+pub mod icmp;
 mod inbound;
 pub mod maps;
 pub mod nat;
@@ -93,15 +94,16 @@ use std::{
 
 use datapath_common::{
     ACTIVE, DEFAULT_MAX_FLOWS, FLOW_F_EVENTS, FLOW_F_LOCAL, FlowState, LOOPBACK_IFINDEX, Origin,
-    PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE,
 };
 use log::{debug, info, warn};
-use smoltcp::wire::EthernetAddress;
+use smoltcp::wire::{ETHERNET_HEADER_LEN, EthernetAddress};
 
 use crate::{config::GuestNetConfig, fwd::FwdTable};
 
+pub use icmp::{IcmpCounts, IcmpKind, IcmpStats};
 pub use maps::{FlowMaps, MapsError};
-pub use nat::{NatError, NatLease, NatPorts, SocketPorts, raise_nofile_limit};
+pub use nat::{NatError, NatLease, NatPorts, NoRoute, SocketPorts, raise_nofile_limit};
 pub use policy::HostAddrs;
 
 use packet::{IcmpError, L4, Packet, PacketError};
@@ -131,6 +133,9 @@ pub struct FlowConfig {
     pub tap_ifindex: u32,
     /// The uplink's interface index (egress of the guest → world entries).
     pub uplink_ifindex: u32,
+    /// The uplink's MTU: larger packets towards the world are fragmented,
+    /// or refused with "fragmentation needed" when DF is set.
+    pub uplink_mtu: u16,
     /// How long a flow stays in `LastAck` without the final ACK.
     pub last_ack_timeout: Duration,
     /// Idle timeout of UDP flows.
@@ -166,6 +171,7 @@ impl FlowConfig {
             guest,
             tap_ifindex,
             uplink_ifindex,
+            uplink_mtu: 1500,
             last_ack_timeout: LAST_ACK_TIMEOUT,
             udp_timeout: UDP_TIMEOUT,
             handshake_timeout: HANDSHAKE_TIMEOUT,
@@ -184,7 +190,7 @@ impl FlowConfig {
 /// One flow, for reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowInfo {
-    /// "tcp" or "udp".
+    /// "tcp", "udp" or "icmp".
     pub proto: &'static str,
     /// The guest's address and port.
     pub guest: SocketAddrV4,
@@ -233,8 +239,14 @@ pub enum DropReason {
     TableFull,
     /// No NAT port could be reserved.
     PortExhausted,
-    /// The host has no route to the destination.
+    /// The host has no route to the destination (net unreachable).
     NoRoute,
+    /// The host's route says the destination is unreachable.
+    HostUnreachable,
+    /// The host's route prohibits the destination.
+    RouteProhibited,
+    /// The host's route is a blackhole.
+    Blackhole,
     /// Installing the map entries failed.
     MapError,
     /// The NAT tuple is already in use (should not happen).
@@ -249,7 +261,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// All reasons, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 21] = [
         Self::Malformed,
         Self::NotIpv4,
         Self::IpOptions,
@@ -263,6 +275,9 @@ impl DropReason {
         Self::TableFull,
         Self::PortExhausted,
         Self::NoRoute,
+        Self::HostUnreachable,
+        Self::RouteProhibited,
+        Self::Blackhole,
         Self::MapError,
         Self::NatCollision,
         Self::DnsUnavailable,
@@ -286,6 +301,9 @@ impl DropReason {
             Self::TableFull => "table_full",
             Self::PortExhausted => "port_exhausted",
             Self::NoRoute => "no_route",
+            Self::HostUnreachable => "host_unreachable",
+            Self::RouteProhibited => "route_prohibited",
+            Self::Blackhole => "blackhole",
             Self::MapError => "map_error",
             Self::NatCollision => "nat_collision",
             Self::DnsUnavailable => "dns_unavailable",
@@ -302,7 +320,7 @@ impl From<PacketError> for DropReason {
             PacketError::NotIpv4 => Self::NotIpv4,
             PacketError::IpOptions => Self::IpOptions,
             PacketError::Fragment => Self::Fragment,
-            PacketError::Protocol(_) => Self::Protocol,
+            PacketError::Protocol(_) | PacketError::IcmpType(_) => Self::Protocol,
         }
     }
 }
@@ -365,6 +383,10 @@ pub struct FlowStats {
     pub rsts_sent: u64,
     /// ICMP errors synthesized for the guest.
     pub icmp_sent: u64,
+    /// ICMP by kind and direction.
+    pub icmp: IcmpStats,
+    /// Fragments sent because a packet was larger than the egress MTU.
+    pub fragments_sent: u64,
     /// New flows refused by the policy.
     pub policy_denied: u64,
     /// Inbound flows opened through a forwarding rule.
@@ -407,6 +429,7 @@ pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     guest: GuestNetConfig,
     tap_ifindex: u32,
     uplink_ifindex: u32,
+    uplink_mtu: u16,
     last_ack_timeout: Duration,
     udp_timeout: Duration,
     handshake_timeout: Duration,
@@ -419,6 +442,7 @@ pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     clock: clock::Clock,
     forwards: FwdTable,
     guest_mac: Option<EthernetAddress>,
+    icmp_limit: icmp::Limiter,
 }
 
 impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
@@ -428,6 +452,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             guest,
             tap_ifindex,
             uplink_ifindex,
+            uplink_mtu,
             last_ack_timeout,
             udp_timeout,
             handshake_timeout,
@@ -454,6 +479,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             guest,
             tap_ifindex,
             uplink_ifindex,
+            uplink_mtu,
             last_ack_timeout,
             udp_timeout,
             handshake_timeout,
@@ -465,7 +491,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             clock: clock::Clock::new(keepalive_interval, inactivity_interval, keepalive_probes),
             forwards,
             guest_mac: None,
+            icmp_limit: icmp::Limiter::new(),
         }
+    }
+
+    /// Sets the uplink's MTU (it may change while tapgate runs).
+    pub fn set_uplink_mtu(&mut self, mtu: u16) {
+        self.uplink_mtu = mtu;
     }
 
     /// Tells the manager the guest's MAC address (learnt by the gateway's
@@ -512,8 +544,8 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if guest_mac.is_unicast() {
             self.guest_mac = Some(guest_mac);
         }
-        if let Err(why) = self.guest_frame(frame, guest_mac, reason, now, out) {
-            self.stats.drops.add(why);
+        if let Err(why) = self.guest_frame(frame, guest_mac, now, out) {
+            self.count_drop(frame, why);
             debug!(
                 "flow: dropped a {}-byte frame from the guest ({}): {}",
                 frame.len(),
@@ -533,7 +565,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         out: &mut Vec<Output>,
     ) {
         if let Err(why) = self.world_frame(frame, reason, now, out) {
-            self.stats.drops.add(why);
+            self.count_drop(frame, why);
             debug!(
                 "flow: dropped a {}-byte frame from the world ({}): {}",
                 frame.len(),
@@ -647,11 +679,21 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         s
     }
 
+    /// Counts a dropped frame; an ICMP message that did not parse counts
+    /// as malformed ICMP too.
+    fn count_drop(&mut self, frame: &[u8], why: DropReason) {
+        self.stats.drops.add(why);
+        let is_icmp = frame.get(12..14) == Some(&[0x08, 0x00][..])
+            && frame.get(ETHERNET_HEADER_LEN + 9) == Some(&PROTO_ICMP);
+        if why == DropReason::Malformed && is_icmp {
+            self.stats.icmp.malformed += 1;
+        }
+    }
+
     fn guest_frame(
         &mut self,
         frame: &[u8],
         guest_mac: EthernetAddress,
-        reason: PuntReason,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
@@ -672,8 +714,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return Err(DropReason::TtlExpired);
         }
         match pkt.l4 {
-            L4::Tcp(seg) => self.guest_tcp(&pkt, seg, guest_mac, reason, now, out),
-            L4::Udp { .. } => self.guest_udp(&pkt, guest_mac, reason, now, out),
+            L4::Tcp(seg) => self.guest_tcp(&pkt, seg, guest_mac, now, out),
+            L4::Udp { .. } => self.guest_udp(&pkt, guest_mac, now, out),
+            L4::Icmp(msg) => self.guest_icmp(&pkt, msg, guest_mac, now, out),
         }
     }
 
@@ -685,24 +728,38 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
         let pkt = packet::parse_frame(frame)?;
+        if let L4::Icmp(msg) = pkt.l4 {
+            if msg.is_error() {
+                return self.world_icmp_error(&pkt, msg, out);
+            }
+            if !msg.is_echo_reply() {
+                self.stats.icmp.unsupported += 1;
+                return Err(DropReason::Protocol);
+            }
+        }
         let (sport, dport) = pkt.ports();
         let key = maps::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto());
         let slot = match self.table.by_uplink(&key) {
             Some(slot) => slot,
-            None if reason == PuntReason::Forward => return self.inbound(&pkt, now, out),
-            None => return Err(DropReason::UnknownFlow),
+            None if matches!(reason, PuntReason::Forward | PuntReason::Fragment) => {
+                return self.inbound(&pkt, now, out);
+            }
+            None => {
+                if matches!(pkt.l4, L4::Icmp(_)) {
+                    self.stats.icmp.unknown_flow += 1;
+                }
+                return Err(DropReason::UnknownFlow);
+            }
         };
         if pkt.ttl <= 1 {
-            // ICMP time exceeded towards the world: the ICMP issue.
+            // A router between the world and the guest: its TTL runs out
+            // here. The error comes from the address the world sent to.
+            self.icmp_to_world(*pkt.dst_sock().ip(), &pkt, IcmpError::TtlExceeded, out);
             return Err(DropReason::TtlExpired);
-        }
-        if pkt.ip.len() > usize::from(self.guest.mtu) {
-            // Fragmentation needed towards the world: the ICMP issue.
-            return Err(DropReason::TooBig);
         }
         match pkt.l4 {
             L4::Tcp(seg) => self.world_tcp(slot, &pkt, seg, now, out),
-            L4::Udp { .. } => {
+            L4::Udp { .. } | L4::Icmp(_) => {
                 if let Some(f) = self.table.get_mut(slot) {
                     f.last_seen = now;
                 }
@@ -783,7 +840,12 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         let proto = pkt.proto();
         let routed_src = self.ports.source_for(*world.ip()).map_err(|e| {
             debug!("flow: no source address towards {world}: {e}");
-            DropReason::NoRoute
+            match e {
+                NatError::NoRoute(_, NoRoute::Host) => DropReason::HostUnreachable,
+                NatError::NoRoute(_, NoRoute::Prohibited) => DropReason::RouteProhibited,
+                NatError::NoRoute(_, NoRoute::Blackhole) => DropReason::Blackhole,
+                _ => DropReason::NoRoute,
+            }
         })?;
         // The host routes its own addresses locally (source == destination).
         // Such a flow (allowed by --allow-host) enters the host stack through
@@ -948,25 +1010,54 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     }
 
     /// Translates a packet from the guest along its flow and queues it for
-    /// the world.
+    /// the world: fragmented when larger than the egress MTU, refused with
+    /// "fragmentation needed" when it also has DF set.
     fn forward_to_world(
         &mut self,
         slot: u32,
         pkt: &Packet<'_>,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
-        let rw = self
-            .table
-            .get(slot)
-            .ok_or(DropReason::UnknownFlow)?
-            .to_world();
-        out.push(Output::ToWorld(packet::rewrite(pkt.ip, rw)?));
+        let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
+        let (rw, mac) = (flow.to_world(), flow.guest_mac);
+        // Host-local flows enter through loopback, which takes anything.
+        let mtu = if *flow.nat.ip() == self.guest.gateway {
+            usize::from(u16::MAX)
+        } else {
+            usize::from(self.uplink_mtu)
+        };
+        if pkt.ip.len() > mtu && pkt.dont_frag() {
+            let kind = IcmpError::FragNeeded {
+                mtu: self.uplink_mtu,
+            };
+            self.icmp_to_guest(self.guest.gateway, pkt, kind, mac, out);
+            return Err(DropReason::TooBig);
+        }
+        let ip = packet::rewrite(pkt.ip, rw)?;
+        if let L4::Icmp(m) = pkt.l4 {
+            self.stats
+                .icmp
+                .translated_to_world
+                .add(IcmpKind::of(m.ty, m.code));
+        }
         self.stats.slow_to_world += 1;
+        if ip.len() <= mtu {
+            out.push(Output::ToWorld(ip));
+            return Ok(());
+        }
+        let pieces = crate::frag::fragment(&ip, mtu).map_err(|e| {
+            debug!("flow: fragmenting a {}-byte packet: {e}", ip.len());
+            DropReason::TooBig
+        })?;
+        self.stats.fragments_sent += pieces.len() as u64;
+        out.extend(pieces.into_iter().map(Output::ToWorld));
         Ok(())
     }
 
     /// Translates a packet from the world along its flow and queues the
-    /// frame for the guest.
+    /// frame for the guest: fragmented when larger than the tap's MTU,
+    /// refused with "fragmentation needed" (to the world) when it also has
+    /// DF set.
     fn forward_to_guest(
         &mut self,
         slot: u32,
@@ -975,32 +1066,38 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     ) -> Result<(), DropReason> {
         let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
         let (rw, mac) = (flow.to_guest(), flow.guest_mac);
+        let mtu = usize::from(self.guest.mtu);
+        if pkt.ip.len() > mtu && pkt.dont_frag() {
+            let kind = IcmpError::FragNeeded {
+                mtu: self.guest.mtu,
+            };
+            self.icmp_to_world(pkt.dst, pkt, kind, out);
+            return Err(DropReason::TooBig);
+        }
         let ip = packet::rewrite(pkt.ip, rw)?;
-        out.push(Output::ToGuest(packet::ethernet_frame(
-            self.guest.gateway_mac,
-            mac,
-            &ip,
-        )));
+        if let L4::Icmp(m) = pkt.l4 {
+            self.stats
+                .icmp
+                .translated_to_guest
+                .add(IcmpKind::of(m.ty, m.code));
+        }
         self.stats.slow_to_guest += 1;
+        let gw = self.guest.gateway_mac;
+        if ip.len() <= mtu {
+            out.push(Output::ToGuest(packet::ethernet_frame(gw, mac, &ip)));
+            return Ok(());
+        }
+        let pieces = crate::frag::fragment(&ip, mtu).map_err(|e| {
+            debug!("flow: fragmenting a {}-byte packet: {e}", ip.len());
+            DropReason::TooBig
+        })?;
+        self.stats.fragments_sent += pieces.len() as u64;
+        out.extend(
+            pieces
+                .iter()
+                .map(|p| Output::ToGuest(packet::ethernet_frame(gw, mac, p))),
+        );
         Ok(())
-    }
-
-    /// Queues an ICMP error from `from` about `pkt` for the guest.
-    fn icmp_to_guest(
-        &mut self,
-        from: Ipv4Addr,
-        pkt: &Packet<'_>,
-        kind: IcmpError,
-        guest_mac: EthernetAddress,
-        out: &mut Vec<Output>,
-    ) {
-        let ip = packet::icmp_error(from, pkt, kind);
-        out.push(Output::ToGuest(packet::ethernet_frame(
-            self.guest.gateway_mac,
-            guest_mac,
-            &ip,
-        )));
-        self.stats.icmp_sent += 1;
     }
 }
 
@@ -1010,11 +1107,12 @@ fn is_unicast(ip: Ipv4Addr) -> bool {
     !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified())
 }
 
-/// "tcp", "udp" or "other".
+/// "tcp", "udp", "icmp" or "other".
 fn proto_name(proto: u8) -> &'static str {
     match proto {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
+        PROTO_ICMP => "icmp",
         _ => "other",
     }
 }

@@ -22,27 +22,53 @@
 //! datagrams, so its receive buffer is shrunk to the minimum; nothing ever
 //! reads it and the kernel drops what does not fit.
 //!
+//! ICMP echo flows need an identifier instead of a port: an unprivileged
+//! ICMP ("ping") socket bound to `(local, 0)` reserves one against the
+//! host's own ping sockets the same way. Where the host does not allow
+//! ping sockets (`net.ipv4.ping_group_range`, which tapgate never
+//! changes), identifiers come from an allocator of tapgate's own that only
+//! avoids its own flows; a host `ping` using a raw socket with the same
+//! identifier towards the same destination at the same time would then
+//! see our replies taken (documented, unlikely: 65536 identifiers).
+//!
 //! [`SocketPorts::source_for`] asks the host's routing which source address
 //! it would use towards a destination: a UDP socket `connect`ed to it (no
-//! packet is sent) and `getsockname`.
+//! packet is sent) and `getsockname`. A refusal says why, as a router's
+//! ICMP would ([`NoRoute`]).
 //!
 //! [`NatPorts`] is a trait so the flow manager's tests can use a fake.
 
 use std::{
+    collections::HashSet,
     fmt,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd, OwnedFd},
+    sync::{Arc, Mutex},
 };
 
-use datapath_common::{PROTO_TCP, PROTO_UDP};
+use datapath_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use nix::{
     errno::Errno,
     sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, getsockname, setsockopt,
-        socket, sockopt,
+        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, bind, connect, getsockname,
+        setsockopt, socket, sockopt,
     },
 };
 use thiserror::Error;
+
+/// Why the host cannot route towards a destination, as the kernel's route
+/// lookup said (and as a Linux router would answer: `ip_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No route at all (`ENETUNREACH`): net unreachable.
+    Net,
+    /// A route of type `unreachable` (`EHOSTUNREACH`): host unreachable.
+    Host,
+    /// A route of type `prohibit` (`EACCES`): administratively prohibited.
+    Prohibited,
+    /// A route of type `blackhole` (`EINVAL`): silently dropped.
+    Blackhole,
+}
 
 /// Why a NAT port or source address could not be had.
 #[derive(Debug, Error)]
@@ -54,8 +80,8 @@ pub enum NatError {
     #[error("no free NAT port on {0}")]
     Exhausted(Ipv4Addr),
     /// The host has no route (or no usable source address) towards it.
-    #[error("no route to {0}")]
-    NoRoute(Ipv4Addr),
+    #[error("no route to {0} ({1:?})")]
+    NoRoute(Ipv4Addr, NoRoute),
     /// A system call failed.
     #[error("{op}: {source}")]
     Os {
@@ -113,7 +139,53 @@ pub trait NatPorts {
 /// source addresses from the host's routing.
 #[derive(Debug, Default)]
 pub struct SocketPorts {
-    _priv: (),
+    /// ICMP identifiers handed out without a ping socket.
+    icmp_ids: IcmpIds,
+}
+
+/// tapgate's own ICMP identifier allocator (used where the host refuses
+/// ping sockets): identifiers in use per source address, and where the
+/// next search starts.
+#[derive(Debug, Default)]
+struct IcmpIds {
+    live: Arc<Mutex<HashSet<(Ipv4Addr, u16)>>>,
+    next: u16,
+}
+
+/// Holds one identifier of [`IcmpIds`]; dropping it frees the identifier.
+struct IcmpIdHold {
+    live: Arc<Mutex<HashSet<(Ipv4Addr, u16)>>>,
+    key: (Ipv4Addr, u16),
+}
+
+impl Drop for IcmpIdHold {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&self.key);
+        }
+    }
+}
+
+impl IcmpIds {
+    fn reserve(&mut self, local: Ipv4Addr) -> Result<NatLease, NatError> {
+        let mut live = self.live.lock().map_err(|_| NatError::Exhausted(local))?;
+        if self.next == 0 {
+            // Start somewhere else than the host's own pings usually do.
+            self.next = (std::process::id() as u16).wrapping_mul(7919) | 1;
+        }
+        for _ in 0..=u16::MAX {
+            let id = self.next;
+            self.next = self.next.wrapping_add(1);
+            if live.insert((local, id)) {
+                let hold = IcmpIdHold {
+                    live: self.live.clone(),
+                    key: (local, id),
+                };
+                return Ok(NatLease::new(id, hold));
+            }
+        }
+        Err(NatError::Exhausted(local))
+    }
 }
 
 impl SocketPorts {
@@ -129,24 +201,33 @@ const ROUTE_QUERY_PORT: u16 = 9;
 
 impl NatPorts for SocketPorts {
     fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
-        let ty = match proto {
-            PROTO_TCP => SockType::Stream,
-            PROTO_UDP => SockType::Datagram,
+        let (ty, protocol) = match proto {
+            PROTO_TCP => (SockType::Stream, None),
+            PROTO_UDP => (SockType::Datagram, None),
+            PROTO_ICMP => (SockType::Datagram, Some(SockProtocol::Icmp)),
             other => return Err(NatError::Protocol(other)),
         };
-        let fd: OwnedFd =
-            socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).map_err(|source| {
-                NatError::Os {
+        let fd: OwnedFd = match socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, protocol) {
+            Ok(fd) => fd,
+            // Ping sockets not allowed for our group: our own allocator.
+            Err(Errno::EACCES | Errno::EPERM) if proto == PROTO_ICMP => {
+                return self.icmp_ids.reserve(local);
+            }
+            Err(source) => {
+                return Err(NatError::Os {
                     op: "socket",
                     source,
-                }
-            })?;
+                });
+            }
+        };
         // Host-local flows use the gateway's address, which the host does
         // not own, as their NAT source: allow binding it.
         if let Err(e) = setsockopt(&fd, sockopt::IpFreebind, &true) {
             log::debug!("nat: IP_FREEBIND: {e}");
         }
         if ty == SockType::Datagram {
+            // (A ping socket too: it would queue the echo replies the
+            // kernel fast path did not take.)
             // Nobody reads this socket: keep what strays into it small (the
             // kernel rounds 0 up to its minimum).
             if let Err(e) = setsockopt(&fd, sockopt::RcvBuf, &0) {
@@ -159,7 +240,7 @@ impl NatPorts for SocketPorts {
         ) {
             Ok(()) => {}
             Err(Errno::EADDRINUSE) => return Err(NatError::Exhausted(local)),
-            Err(Errno::EADDRNOTAVAIL) => return Err(NatError::NoRoute(local)),
+            Err(Errno::EADDRNOTAVAIL) => return Err(NatError::NoRoute(local, NoRoute::Net)),
             Err(source) => return Err(NatError::Os { op: "bind", source }),
         }
         let bound: SockaddrIn = getsockname(fd.as_raw_fd()).map_err(|source| NatError::Os {
@@ -188,8 +269,14 @@ impl NatPorts for SocketPorts {
         let dest = SockaddrIn::from(SocketAddrV4::new(remote, ROUTE_QUERY_PORT));
         match connect(fd.as_raw_fd(), &dest) {
             Ok(()) => {}
-            Err(Errno::ENETUNREACH | Errno::EHOSTUNREACH | Errno::EINVAL | Errno::EACCES) => {
-                return Err(NatError::NoRoute(remote));
+            Err(e @ (Errno::ENETUNREACH | Errno::EHOSTUNREACH | Errno::EINVAL | Errno::EACCES)) => {
+                let why = match e {
+                    Errno::EHOSTUNREACH => NoRoute::Host,
+                    Errno::EACCES => NoRoute::Prohibited,
+                    Errno::EINVAL => NoRoute::Blackhole,
+                    _ => NoRoute::Net,
+                };
+                return Err(NatError::NoRoute(remote, why));
             }
             Err(source) => {
                 return Err(NatError::Os {
@@ -204,7 +291,7 @@ impl NatPorts for SocketPorts {
         })?;
         let ip = local.ip();
         if ip.is_unspecified() {
-            return Err(NatError::NoRoute(remote));
+            return Err(NatError::NoRoute(remote, NoRoute::Net));
         }
         Ok(ip)
     }
@@ -298,10 +385,28 @@ mod tests {
     #[test]
     fn other_protocols_are_refused() {
         let mut p = SocketPorts::new();
-        assert!(matches!(
-            p.reserve(datapath_common::PROTO_ICMP, LO),
-            Err(NatError::Protocol(1))
-        ));
+        assert!(matches!(p.reserve(47, LO), Err(NatError::Protocol(47))));
+    }
+
+    #[test]
+    fn icmp_identifiers_are_distinct_while_held() {
+        // A ping socket where the host allows them, tapgate's allocator
+        // where it does not: either way, two live leases differ.
+        let mut p = SocketPorts::new();
+        let a = p.reserve(PROTO_ICMP, LO).unwrap();
+        let b = p.reserve(PROTO_ICMP, LO).unwrap();
+        assert_ne!(a.port(), b.port());
+        // The allocator alone: a freed identifier can come back, a held one
+        // never does.
+        let mut ids = IcmpIds::default();
+        let x = ids.reserve(LO).unwrap();
+        let held = x.port();
+        for _ in 0..70_000 {
+            let y = ids.reserve(LO).unwrap();
+            assert_ne!(y.port(), held);
+        }
+        drop(x);
+        assert!(ids.live.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -34,9 +34,8 @@ use smoltcp::{
     phy::ChecksumCapabilities,
     wire::{
         ETHERNET_HEADER_LEN, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
-        IPV4_HEADER_LEN, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv4TimeExceeded,
-        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TCP_HEADER_LEN, TcpControl, TcpPacket,
-        TcpRepr, TcpSeqNumber, UdpPacket,
+        IPV4_HEADER_LEN, Icmpv4DstUnreachable, Icmpv4Packet, IpAddress, IpProtocol, Ipv4Packet,
+        Ipv4Repr, TCP_HEADER_LEN, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
     },
 };
 use thiserror::Error;
@@ -63,9 +62,12 @@ pub enum PacketError {
     /// The packet is an IPv4 fragment.
     #[error("IPv4 fragment")]
     Fragment,
-    /// Neither TCP nor UDP.
+    /// Neither TCP, UDP nor ICMP.
     #[error("IP protocol {0}")]
     Protocol(u8),
+    /// An ICMP message of a type the operation does not handle.
+    #[error("ICMP type {0}")]
+    IcmpType(u8),
 }
 
 /// The TCP header fields the flow manager looks at.
@@ -115,6 +117,40 @@ pub enum L4 {
         /// Destination port.
         dport: u16,
     },
+    /// An ICMP message (checksum verified).
+    Icmp(IcmpMsg),
+}
+
+/// The ICMP header fields the flow manager looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpMsg {
+    /// Type.
+    pub ty: u8,
+    /// Code.
+    pub code: u8,
+    /// The identifier of an echo request or reply (0 for other types).
+    pub id: u16,
+}
+
+impl IcmpMsg {
+    /// An echo request.
+    pub fn is_echo_request(&self) -> bool {
+        self.ty == ICMP_ECHO_REQUEST
+    }
+
+    /// An echo reply.
+    pub fn is_echo_reply(&self) -> bool {
+        self.ty == ICMP_ECHO_REPLY
+    }
+
+    /// An error that quotes the packet it is about (destination
+    /// unreachable, time exceeded, parameter problem).
+    pub fn is_error(&self) -> bool {
+        matches!(
+            self.ty,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+        )
+    }
 }
 
 /// An accepted IPv4 packet (see [`parse_ip`]).
@@ -138,15 +174,26 @@ impl Packet<'_> {
         match self.l4 {
             L4::Tcp(_) => datapath_common::PROTO_TCP,
             L4::Udp { .. } => datapath_common::PROTO_UDP,
+            L4::Icmp(_) => datapath_common::PROTO_ICMP,
         }
     }
 
-    /// Source and destination ports.
+    /// Source and destination ports. ICMP, as in the flow keys: an echo
+    /// request's identifier is its source port, an echo reply's its
+    /// destination port; other messages have none.
     pub fn ports(&self) -> (u16, u16) {
         match self.l4 {
             L4::Tcp(s) => (s.sport, s.dport),
             L4::Udp { sport, dport } => (sport, dport),
+            L4::Icmp(m) if m.is_echo_request() => (m.id, 0),
+            L4::Icmp(m) if m.is_echo_reply() => (0, m.id),
+            L4::Icmp(_) => (0, 0),
         }
+    }
+
+    /// Whether the Don't Fragment flag is set.
+    pub fn dont_frag(&self) -> bool {
+        self.ip.get(6).is_some_and(|b| b & 0x40 != 0)
     }
 
     /// The destination as an address and port.
@@ -155,7 +202,7 @@ impl Packet<'_> {
     }
 }
 
-/// Parses an Ethernet frame carrying an IPv4 TCP or UDP packet.
+/// Parses an Ethernet frame carrying an IPv4 TCP, UDP or ICMP packet.
 pub fn parse_frame(frame: &[u8]) -> Result<Packet<'_>, PacketError> {
     let eth = EthernetFrame::new_checked(frame).map_err(|_| PacketError::Malformed("ethernet"))?;
     if eth.ethertype() != EthernetProtocol::Ipv4 {
@@ -169,7 +216,7 @@ pub fn parse_frame(frame: &[u8]) -> Result<Packet<'_>, PacketError> {
 
 /// Parses an IPv4 packet (trailing bytes beyond its total length are
 /// ignored): header checksum verified, no options, not a fragment, TCP or
-/// UDP with non-zero ports.
+/// UDP with non-zero ports, or ICMP with a valid checksum.
 pub fn parse_ip(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
     let ip = Ipv4Packet::new_checked(bytes).map_err(|_| PacketError::Malformed("ipv4"))?;
     if ip.version() != 4 {
@@ -201,6 +248,24 @@ pub fn parse_ip(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
                 sport: udp.src_port(),
                 dport: udp.dst_port(),
             }
+        }
+        IpProtocol::Icmp => {
+            let icmp =
+                Icmpv4Packet::new_checked(payload).map_err(|_| PacketError::Malformed("icmp"))?;
+            if !icmp.verify_checksum() {
+                return Err(PacketError::Malformed("icmp checksum"));
+            }
+            let ty = u8::from(icmp.msg_type());
+            let id = if ty == ICMP_ECHO_REQUEST || ty == ICMP_ECHO_REPLY {
+                icmp.echo_ident()
+            } else {
+                0
+            };
+            L4::Icmp(IcmpMsg {
+                ty,
+                code: icmp.msg_code(),
+                id,
+            })
         }
         other => return Err(PacketError::Protocol(u8::from(other))),
     };
@@ -333,6 +398,18 @@ pub fn rewrite(ip: &[u8], rw: Rewrite) -> Result<Vec<u8>, PacketError> {
             u.set_dst_port(rw.dst.port());
             u.fill_checksum(&src, &dst);
         }
+        IpProtocol::Icmp => {
+            // Echo only: the identifier is the request's source port and
+            // the reply's destination port.
+            let mut m = Icmpv4Packet::new_checked(p.payload_mut())
+                .map_err(|_| PacketError::Malformed("icmp"))?;
+            match u8::from(m.msg_type()) {
+                ICMP_ECHO_REQUEST => m.set_echo_ident(rw.src.port()),
+                ICMP_ECHO_REPLY => m.set_echo_ident(rw.dst.port()),
+                other => return Err(PacketError::IcmpType(other)),
+            }
+            m.fill_checksum();
+        }
         other => return Err(PacketError::Protocol(u8::from(other))),
     }
     Ok(buf)
@@ -436,58 +513,107 @@ pub fn rst_reply(from: Ipv4Addr, to: Ipv4Addr, seg: &TcpSeg) -> Vec<u8> {
 pub enum IcmpError {
     /// Destination unreachable with this code.
     Unreachable(Icmpv4DstUnreachable),
+    /// Destination unreachable, fragmentation needed and DF set, with the
+    /// next hop's MTU (RFC 1191).
+    FragNeeded {
+        /// The MTU the packet must fit.
+        mtu: u16,
+    },
     /// Time to live exceeded in transit.
     TtlExceeded,
+    /// Fragment reassembly time exceeded.
+    ReassemblyTimeout,
 }
+
+impl IcmpError {
+    /// ICMP type, code and the four bytes after the checksum.
+    fn header(self) -> (u8, u8, [u8; 4]) {
+        match self {
+            Self::Unreachable(code) => (ICMP_DEST_UNREACH, u8::from(code), [0; 4]),
+            Self::FragNeeded { mtu } => {
+                let m = mtu.to_be_bytes();
+                (
+                    ICMP_DEST_UNREACH,
+                    u8::from(Icmpv4DstUnreachable::FragRequired),
+                    [0, 0, m[0], m[1]],
+                )
+            }
+            Self::TtlExceeded => (ICMP_TIME_EXCEEDED, 0, [0; 4]),
+            Self::ReassemblyTimeout => (ICMP_TIME_EXCEEDED, 1, [0; 4]),
+        }
+    }
+}
+
+/// ICMP type: echo reply.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+/// ICMP type: destination unreachable.
+pub const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP type: echo request.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP type: time exceeded.
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMP type: parameter problem.
+pub const ICMP_PARAM_PROBLEM: u8 = 12;
+/// Length of an ICMP header (type, code, checksum and four more bytes).
+pub const ICMP_HEADER_LEN: usize = 8;
 
 /// An ICMP error from `from` to the source of `pkt`, quoting its IPv4
 /// header verbatim and the first [`ICMP_QUOTE_LEN`] bytes of its payload.
 /// Returns the IPv4 packet.
 pub fn icmp_error(from: Ipv4Addr, pkt: &Packet<'_>, kind: IcmpError) -> Vec<u8> {
+    icmp_error_quoting(from, pkt.src, pkt.ip, kind)
+}
+
+/// An ICMP error from `from` to `to` about the IPv4 packet `offending`
+/// (at least its header): the header verbatim (options included) and the
+/// first [`ICMP_QUOTE_LEN`] bytes after it, or what there is of them.
+/// Returns the IPv4 packet.
+pub fn icmp_error_quoting(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    offending: &[u8],
+    kind: IcmpError,
+) -> Vec<u8> {
+    let hl = offending
+        .first()
+        .map_or(IPV4_HEADER_LEN, |b| usize::from(b & 0x0f) * 4);
+    let quote_len = offending.len().min(hl + ICMP_QUOTE_LEN);
+    let quote = offending.get(..quote_len).unwrap_or_default();
+    let (ty, code, rest) = kind.header();
+    icmp_message(from, to, ty, code, rest, quote)
+}
+
+/// An IPv4 packet from `src` to `dst` (TTL [`ORIGIN_TTL`]) carrying one
+/// ICMP message: `ty`, `code`, the four bytes `rest` after the checksum,
+/// then `data`; both checksums filled.
+pub fn icmp_message(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ty: u8,
+    code: u8,
+    rest: [u8; 4],
+    data: &[u8],
+) -> Vec<u8> {
     let caps = ChecksumCapabilities::default();
-    let l4 = pkt.ip.get(IPV4_HEADER_LEN..).unwrap_or_default();
-    let quoted = l4.get(..ICMP_QUOTE_LEN.min(l4.len())).unwrap_or_default();
-    let header = Ipv4Repr {
-        src_addr: pkt.src,
-        dst_addr: pkt.dst,
-        next_header: IpProtocol::from(pkt.proto()),
-        payload_len: l4.len(),
-        hop_limit: pkt.ttl,
-    };
-    let icmp = match kind {
-        IcmpError::Unreachable(reason) => Icmpv4Repr::DstUnreachable {
-            reason,
-            header,
-            data: quoted,
-        },
-        IcmpError::TtlExceeded => Icmpv4Repr::TimeExceeded {
-            reason: Icmpv4TimeExceeded::TtlExpired,
-            header,
-            data: quoted,
-        },
-    };
+    let icmp_len = ICMP_HEADER_LEN + data.len();
     let ip = Ipv4Repr {
-        src_addr: from,
-        dst_addr: pkt.src,
+        src_addr: src,
+        dst_addr: dst,
         next_header: IpProtocol::Icmp,
-        payload_len: icmp.buffer_len(),
+        payload_len: icmp_len,
         hop_limit: ORIGIN_TTL,
     };
-    let mut buf = vec![0u8; ip.buffer_len() + icmp.buffer_len()];
+    let mut buf = vec![0u8; ip.buffer_len() + icmp_len];
     let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
     ip.emit(&mut p, &caps);
-    let mut m = Icmpv4Packet::new_unchecked(p.payload_mut());
-    icmp.emit(&mut m, &caps);
-    // smoltcp re-synthesizes the quoted header (identification 0, DF, no
-    // TOS); quote the original bytes instead — some tools match their
-    // probes by IP identification.
-    if let (Some(orig), Some(dst)) = (
-        pkt.ip.get(..IPV4_HEADER_LEN),
-        m.data_mut().get_mut(..IPV4_HEADER_LEN),
-    ) {
-        dst.copy_from_slice(orig);
-        m.fill_checksum();
+    let payload = p.payload_mut();
+    if let Some(h) = payload.get_mut(..ICMP_HEADER_LEN) {
+        h.copy_from_slice(&[ty, code, 0, 0, rest[0], rest[1], rest[2], rest[3]]);
     }
+    if let Some(d) = payload.get_mut(ICMP_HEADER_LEN..) {
+        d.copy_from_slice(data);
+    }
+    Icmpv4Packet::new_unchecked(payload).fill_checksum();
     buf
 }
 
@@ -748,10 +874,21 @@ pub(crate) mod tests {
         let mut g = f.clone();
         {
             let mut p = Ipv4Packet::new_unchecked(&mut g[14..]);
+            p.set_next_header(IpProtocol::Unknown(47));
+            p.fill_checksum();
+        }
+        assert_eq!(parse_frame(&g).unwrap_err(), PacketError::Protocol(47));
+        // ICMP with a bad checksum.
+        let mut g = f.clone();
+        {
+            let mut p = Ipv4Packet::new_unchecked(&mut g[14..]);
             p.set_next_header(IpProtocol::Icmp);
             p.fill_checksum();
         }
-        assert_eq!(parse_frame(&g).unwrap_err(), PacketError::Protocol(1));
+        assert_eq!(
+            parse_frame(&g).unwrap_err(),
+            PacketError::Malformed("icmp checksum")
+        );
         // TCP data offset beyond the packet.
         let mut g = f.clone();
         g[14 + 20 + 12] = 0xf0;

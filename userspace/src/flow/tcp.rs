@@ -48,7 +48,7 @@
 
 use std::time::Instant;
 
-use datapath_common::{FlowState, PROTO_TCP, PuntReason};
+use datapath_common::{FlowState, PROTO_TCP};
 use log::{debug, info, warn};
 use smoltcp::wire::{EthernetAddress, Icmpv4DstUnreachable};
 
@@ -77,7 +77,6 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         pkt: &Packet<'_>,
         seg: TcpSeg,
         guest_mac: EthernetAddress,
-        reason: PuntReason,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
@@ -100,12 +99,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 }
             }
             if !seg.is_syn_only() {
-                if reason == PuntReason::Exception && state.forwards() && !seg.syn {
-                    // Options and fragments were refused by the parser and
-                    // TTL was checked: what the kernel would not forward is
-                    // too big for the uplink (ICMP: the ICMP issue).
-                    return Err(DropReason::TooBig);
-                }
+                // A packet the kernel punted as an exception is too big
+                // for the uplink: forward_to_world fragments it or answers
+                // "fragmentation needed".
                 self.forward_to_world(slot, pkt, out)?;
                 self.after_segment(slot, Side::Guest, &seg, now);
                 return Ok(());
@@ -160,10 +156,14 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         };
         match self.install(pkt, world, guest_mac, FlowState::Handshake, seg.seq, now) {
             Ok(slot) => self.forward_to_world(slot, pkt, out),
-            Err(DropReason::NoRoute) => {
-                let kind = IcmpError::Unreachable(Icmpv4DstUnreachable::NetUnreachable);
-                self.icmp_to_guest(self.guest.gateway, pkt, kind, guest_mac, out);
-                Err(DropReason::NoRoute)
+            Err(
+                e @ (DropReason::NoRoute
+                | DropReason::HostUnreachable
+                | DropReason::RouteProhibited
+                | DropReason::Blackhole),
+            ) => {
+                self.unreachable_after(e, pkt, guest_mac, out);
+                Err(e)
             }
             Err(e) => {
                 self.rst_to_guest(pkt, &seg, guest_mac, out);
@@ -189,7 +189,16 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 self.stats.policy_denied += 1;
                 Ok(())
             }
-            Denial::Prohibited | Denial::Closed => {
+            Denial::Prohibited => {
+                // As a router's reject rule: "communication administratively
+                // prohibited", which aborts the guest's connect at once.
+                self.stats.policy_denied += 1;
+                let kind = IcmpError::Unreachable(Icmpv4DstUnreachable::CommProhibited);
+                self.icmp_to_guest(self.guest.gateway, pkt, kind, guest_mac, out);
+                Ok(())
+            }
+            Denial::Closed => {
+                // A gateway port nothing serves: closed, as a host's.
                 self.stats.policy_denied += 1;
                 self.rst_to_guest(pkt, seg, guest_mac, out);
                 Ok(())

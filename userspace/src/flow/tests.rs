@@ -4,6 +4,8 @@
 //! activity bits, and check exactly which entries exist.
 #![allow(clippy::unwrap_used)]
 
+mod icmp;
+
 use std::{
     collections::{HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
@@ -131,7 +133,7 @@ struct FakePorts {
     next: u16,
     live: Live,
     exhausted: bool,
-    no_route: bool,
+    no_route: Option<super::NoRoute>,
 }
 
 impl NatPorts for FakePorts {
@@ -164,8 +166,8 @@ impl NatPorts for FakePorts {
     }
 
     fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
-        if self.no_route {
-            return Err(NatError::NoRoute(remote));
+        if let Some(why) = self.no_route {
+            return Err(NatError::NoRoute(remote, why));
         }
         Ok(HOST)
     }
@@ -224,7 +226,7 @@ impl T {
             next: FIRST_PORT,
             live: live.clone(),
             exhausted: false,
-            no_route: false,
+            no_route: None,
         };
         Self {
             m: FlowManager::new(cfg, FakeMaps::default(), ports),
@@ -838,20 +840,73 @@ fn duplicate_opening_syn_on_an_established_flow_is_forwarded() {
 }
 
 #[test]
-fn guest_exception_on_established_flow_is_too_big() {
-    let mut t = T::new();
-    t.establish(40000, 1000, 5000);
+fn guest_packets_too_big_for_the_uplink_get_frag_needed_or_are_fragmented() {
+    let mut t = T::with(FlowConfig {
+        uplink_mtu: 1280,
+        ..config()
+    });
+    let natp = t.establish(40000, 1000, 5000);
+    // TCP has DF set: "fragmentation needed" with the uplink's MTU.
     let big = Seg::new(guest(40000), remote())
         .seq(1001)
         .ack(5001)
-        .data(&[0u8; 1400]);
-    assert!(
-        t.guest(&big.guest_frame(), PuntReason::Exception)
-            .is_empty()
-    );
+        .data(&[7u8; 1400]);
+    let frame = big.guest_frame();
+    let out = t.guest(&frame, PuntReason::Exception);
+    let (from, icmp) = check_icmp(&to_guest(out));
+    assert_eq!(from, GuestNetConfig::default().gateway);
+    assert_eq!((icmp[0], icmp_code(&icmp)), (3, 4));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1280);
+    assert_eq!(&icmp[8..], &frame[14..14 + 28]);
     assert_eq!(t.drops(DropReason::TooBig), 1);
-    // The same packet punted as a miss (install race) is forwarded.
-    assert_eq!(t.guest(&big.guest_frame(), PuntReason::Ipv4NoFlow).len(), 1);
+    assert_eq!(
+        t.m.stats()
+            .icmp
+            .sent_to_guest
+            .get(super::IcmpKind::FragNeeded),
+        1
+    );
+    // One that fits goes through.
+    let small = Seg::new(guest(40000), remote())
+        .seq(1001)
+        .ack(5001)
+        .data(&[7u8; 1200]);
+    let (_, tcp) = check_tcp(&to_world(
+        t.guest(&small.guest_frame(), PuntReason::Exception),
+    ));
+    assert_eq!(tcp.src_port, natp);
+    // A UDP datagram without DF is fragmented to the uplink's MTU.
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let mut ip = udp_ip(
+        guest(5353),
+        SocketAddrV4::new(REMOTE_IP, 9999),
+        &payload,
+        64,
+    );
+    {
+        let mut p = Ipv4Packet::new_unchecked(&mut ip[..]);
+        p.set_dont_frag(false);
+        p.fill_checksum();
+    }
+    let frame = packet::ethernet_frame(GW_MAC, GUEST_MAC, &ip);
+    let out = t.guest(&frame, PuntReason::Ipv4NoFlow);
+    assert!(out.len() >= 3, "{} fragments", out.len());
+    let mut r = crate::frag::Reassembler::new(crate::frag::ReassemblyLimits::default());
+    let mut whole = None;
+    for o in &out {
+        let Output::ToWorld(f) = o else {
+            panic!("not towards the world: {o:?}")
+        };
+        assert!(f.len() <= 1280);
+        if let crate::frag::FragOutcome::Complete(w) = r.push(f, t.now) {
+            whole = Some(w);
+        }
+    }
+    let (r, sport, dport, data) = check_udp(&whole.expect("reassembled"));
+    assert_eq!((r.src_addr, dport), (HOST, 9999));
+    assert_ne!(sport, 0);
+    assert_eq!(data, payload);
+    assert_eq!(t.m.stats().fragments_sent, out.len() as u64);
 }
 
 #[test]
@@ -881,21 +936,35 @@ fn world_packets_for_no_flow_or_too_big_are_dropped() {
             .is_empty()
     );
     assert_eq!(t.drops(DropReason::UnknownFlow), 1);
+    // Too big for the tap with DF: "fragmentation needed" to the world,
+    // from the address it sent to, with the tap's MTU.
     let big = Seg::new(remote(), nat(natp))
         .seq(1)
         .ack(1)
         .data(&[0u8; 1500]);
-    assert!(
-        t.world(&big.world_frame(), PuntReason::Exception)
-            .is_empty()
-    );
+    let frame = big.world_frame();
+    let icmp_to_world = |out: Vec<Output>| {
+        let ip = to_world(out);
+        let p = Ipv4Packet::new_checked(&ip[..]).unwrap();
+        assert!(p.verify_checksum());
+        assert_eq!((p.src_addr(), p.dst_addr()), (HOST, REMOTE_IP));
+        let m = Icmpv4Packet::new_checked(p.payload()).unwrap();
+        assert!(m.verify_checksum());
+        p.payload().to_vec()
+    };
+    let icmp = icmp_to_world(t.world(&frame, PuntReason::Exception));
+    assert_eq!((icmp[0], icmp[1]), (3, 4));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1500);
+    assert_eq!(&icmp[8..], &frame[14..14 + 28]);
     assert_eq!(t.drops(DropReason::TooBig), 1);
+    // TTL running out on the way to the guest: time exceeded.
     let low = Seg::new(remote(), nat(natp)).seq(1).ack(1).ttl(1);
-    assert!(
-        t.world(&low.world_frame(), PuntReason::Exception)
-            .is_empty()
-    );
+    let icmp = icmp_to_world(t.world(&low.world_frame(), PuntReason::Exception));
+    assert_eq!((icmp[0], icmp[1]), (11, 0));
     assert_eq!(t.drops(DropReason::TtlExpired), 1);
+    let s = t.m.stats();
+    assert_eq!(s.icmp.sent_to_world.get(super::IcmpKind::FragNeeded), 1);
+    assert_eq!(s.icmp.sent_to_world.get(super::IcmpKind::TimeExceeded), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -1196,19 +1265,21 @@ fn dns_without_upstream_is_refused() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn tcp_to_the_host_is_refused_with_rst() {
+fn tcp_to_the_host_is_admin_prohibited() {
     let mut t = T::new();
     let host = SocketAddrV4::new(HOST, 22);
-    let out = t.guest(
-        &Seg::new(guest(40000), host).syn(1000).guest_frame(),
-        PuntReason::Ipv4NoFlow,
-    );
-    let (r, tcp) = check_tcp(&to_guest(out));
-    assert_eq!((r.src_addr, tcp.src_port), (HOST, 22));
-    assert_eq!(tcp.control, TcpControl::Rst);
-    assert_eq!(tcp.seq_number, seq(0));
-    assert_eq!(tcp.ack_number, Some(seq(1001)));
+    let syn = Seg::new(guest(40000), host).syn(1000).guest_frame();
+    let out = t.guest(&syn, PuntReason::Ipv4NoFlow);
+    let (from, icmp) = check_icmp(&to_guest(out));
+    assert_eq!(from, GuestNetConfig::default().gateway);
+    assert_eq!((icmp[0], icmp_code(&icmp)), (3, 13));
+    // Quoting the SYN's header and first 8 bytes, as sent.
+    assert_eq!(&icmp[8..], &syn[14..14 + 28]);
     let s = t.m.stats();
+    assert_eq!(
+        s.icmp.sent_to_guest.get(super::IcmpKind::AdminProhibited),
+        1
+    );
     assert_eq!(s.policy_denied, 1);
     assert_eq!(s.flows_active, 0);
     assert_eq!(t.live_ports(), 0);
@@ -1303,8 +1374,9 @@ fn allow_host_lets_the_guest_reach_the_host() {
             .guest_frame(),
         PuntReason::Ipv4NoFlow,
     );
-    let (_, tcp) = check_tcp(&to_guest(out));
-    assert_eq!(tcp.control, TcpControl::Rst);
+    let (from, icmp) = check_icmp(&to_guest(out));
+    assert_eq!(from, gateway);
+    assert_eq!((icmp[0], icmp_code(&icmp)), (3, 13));
     assert_eq!(t.m.stats().policy_denied, 1);
 }
 
@@ -1361,7 +1433,7 @@ fn port_exhaustion_and_no_route() {
     assert_eq!(t.drops(DropReason::PortExhausted), 1);
 
     t.m.ports.exhausted = false;
-    t.m.ports.no_route = true;
+    t.m.ports.no_route = Some(super::NoRoute::Net);
     let out = t.guest(
         &udp_frame(guest(5000), udp_remote(), b"x"),
         PuntReason::Ipv4NoFlow,
@@ -1491,7 +1563,7 @@ fn malformed_frames_are_counted() {
             {
                 let mut f = good.clone();
                 let mut p = Ipv4Packet::new_unchecked(&mut f[14..]);
-                p.set_next_header(smoltcp::wire::IpProtocol::Icmp);
+                p.set_next_header(smoltcp::wire::IpProtocol::Unknown(47));
                 p.fill_checksum();
                 f
             },

@@ -12,8 +12,11 @@
 //! Refused destinations get an ICMP error from the gateway: communication
 //! administratively prohibited (type 3 code 13) for the policy, port
 //! unreachable from the gateway's address for a gateway port without a
-//! service (and for DNS without an upstream), net unreachable when the
-//! host has no route; broadcast and multicast are dropped silently.
+//! service (and for DNS without an upstream), net or host unreachable (or
+//! prohibited) as the host's routing refuses the destination; broadcast
+//! and multicast are dropped silently. A datagram larger than the uplink's
+//! MTU is fragmented (DF clear) or refused with "fragmentation needed"
+//! (DF set) by `forward_to_world`.
 //!
 //! **Idle expiry.** UDP flows end by silence. Every `udp_timeout / 4` the
 //! scan reads each UDP flow's activity word: a set `ACTIVE` bit (any packet
@@ -28,7 +31,7 @@
 
 use std::time::Instant;
 
-use datapath_common::{ACTIVE, FlowState, PROTO_UDP, PuntReason, TAP_ACTIVE};
+use datapath_common::{ACTIVE, FlowState, PROTO_UDP, TAP_ACTIVE};
 use log::debug;
 use smoltcp::wire::{EthernetAddress, Icmpv4DstUnreachable};
 
@@ -45,17 +48,15 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         &mut self,
         pkt: &Packet<'_>,
         guest_mac: EthernetAddress,
-        reason: PuntReason,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
         let (sport, dport) = pkt.ports();
         let key = tap_key(pkt.src, pkt.dst, sport, dport, PROTO_UDP);
         if let Some(slot) = self.table.by_tap(&key) {
-            if reason == PuntReason::Exception {
-                // Too big for the uplink (ICMP: the ICMP issue).
-                return Err(DropReason::TooBig);
-            }
+            // Punted as an exception: too big for the uplink, which
+            // forward_to_world fragments or answers with "fragmentation
+            // needed".
             if let Some(f) = self.table.get_mut(slot) {
                 f.last_seen = now;
             }
@@ -67,12 +68,10 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         };
         match self.install(pkt, world, guest_mac, FlowState::Established, 0, now) {
             Ok(slot) => self.forward_to_world(slot, pkt, out),
-            Err(DropReason::NoRoute) => {
-                let kind = IcmpError::Unreachable(Icmpv4DstUnreachable::NetUnreachable);
-                self.icmp_to_guest(self.guest.gateway, pkt, kind, guest_mac, out);
-                Err(DropReason::NoRoute)
+            Err(e) => {
+                self.unreachable_after(e, pkt, guest_mac, out);
+                Err(e)
             }
-            Err(e) => Err(e),
         }
     }
 
