@@ -89,8 +89,7 @@ pub enum PuntReason {
     /// retransmission, RST during the handshake): user space drives it.
     Handshake = 5,
     /// A packet the fast path cannot forward as it is (TTL expiring, too
-    /// big for the egress MTU, IP options or fragments, a SYN on an
-    /// established flow).
+    /// big for the egress MTU, IP options, a SYN on an established flow).
     Exception = 6,
     /// Event, not an exit: a FIN of an established flow was forwarded; the
     /// record holds the first bytes of the packet as it arrived.

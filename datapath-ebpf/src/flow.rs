@@ -21,8 +21,15 @@
 //!
 //! The checks that send a packet of a known flow to user space instead:
 //! the flow is still in its handshake; a SYN on an established flow; IP
-//! options or a fragment; a TTL that would expire here; a packet the egress
-//! MTU cannot carry (`bpf_check_mtu`, segments of GSO packets included).
+//! options; a TTL that would expire here; a packet the egress MTU cannot
+//! carry (`bpf_check_mtu`, segments of GSO packets included).
+//!
+//! ICMP: echo requests (from the tap) and replies (from the uplink) are
+//! flow packets like any other, keyed by identifier. An ICMP error from the
+//! world is ours when the packet it quotes belongs to a flow: punted for
+//! translation. Fragments are punted for reassembly: all of the guest's,
+//! and of the world's those of a datagram whose first fragment matched a
+//! flow ([`uplink_fragment`]).
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},

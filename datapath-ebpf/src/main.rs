@@ -4,14 +4,15 @@
 //!
 //! Two TC classifiers, attached with tcx where the kernel has it:
 //!
-//! * `tg_tap_ingress` sees every frame the guest sends. IPv4 TCP/UDP frames
-//!   of established flows are rewritten and redirected to the uplink in the
+//! * `tg_tap_ingress` sees every frame the guest sends. IPv4 TCP/UDP and
+//!   ICMP echo frames of established flows are rewritten and redirected to the uplink in the
 //!   kernel ([`flow::from_tap`]); everything else leaves through the one
 //!   punt exit ([`punt::punt`]) to user space and is dropped here — the
 //!   host stack never sees a guest frame.
 //! * `tg_uplink_ingress` sees every packet arriving on the host's uplink.
 //!   Packets of our flows are rewritten and redirected to the tap, or
-//!   punted; a packet that belongs to no flow of ours is left exactly as it
+//!   punted (so are ICMP errors about our flows and fragments of their
+//!   datagrams); a packet that belongs to no flow of ours is left exactly as it
 //!   was and handed to the next program or the stack (`TCX_NEXT`), as if
 //!   nothing were attached.
 //!

@@ -61,11 +61,18 @@
 //! bounds all per-flow memory; when they are exhausted new TCP flows are
 //! refused with an RST.
 //!
+//! * **ICMP** ([`icmp`]): echo requests open flows keyed by identifier
+//!   (carried by the kernel from then on); ICMP errors about a flow are
+//!   translated both ways, outer and quoted headers; the gateway
+//!   synthesizes what a router would (time exceeded, fragmentation needed,
+//!   unreachable, administratively prohibited), rate limited and counted.
+//!   A packet larger than the egress MTU is fragmented when DF is clear.
+//!
 //! Everything from the guest is untrusted: every header is parsed with
 //! smoltcp's checked views ([`packet`]), anything that does not parse or
-//! that the slow path does not handle (IP options, fragments, protocols
-//! other than TCP/UDP) is counted by [`DropReason`] and dropped. A guest
-//! packet whose TTL would expire gets ICMP time exceeded from the gateway.
+//! that the slow path does not handle (IP options, protocols other than
+//! TCP/UDP/ICMP) is counted by [`DropReason`] and dropped. A guest packet
+//! whose TTL would expire gets ICMP time exceeded from the gateway.
 //! Nothing here panics on input.
 //!
 //! The kernel maps and the NAT port reservation are behind the

@@ -10,7 +10,9 @@
 //!   the guest or the uplink) is accepted when it carries a complete IPv4
 //!   packet (version 4, valid header checksum, total length within the
 //!   frame — Ethernet padding is cut off) without options and not a
-//!   fragment, with a TCP or UDP header whose ports are not zero. The L4
+//!   fragment (fragments are reassembled before they get here), with a TCP
+//!   or UDP header whose ports are not zero, or an ICMP message whose
+//!   checksum is right (ICMP is never offloaded). The L4
 //!   checksum is deliberately *not* verified: frames from a tap or a veth
 //!   may carry a partial (offloaded) checksum that only the egress device
 //!   completes. [`parse_snap`] reads the truncated copies the kernel puts in
@@ -18,15 +20,16 @@
 //!   from the IP and TCP length fields, not from the snap.
 //! * **Rewriting** ([`rewrite`]): the slow path applies exactly the rewrite
 //!   of the flow entry the kernel would apply (new source and destination
-//!   address and port, TTL − 1) to a copy of the packet, then recomputes the
-//!   IPv4 header checksum and the *full* TCP/UDP checksum, so a partial
+//!   address and port — for ICMP echo, the identifier — TTL − 1) to a copy
+//!   of the packet, then recomputes the IPv4 header checksum and the *full*
+//!   TCP/UDP/ICMP checksum, so a partial
 //!   checksum on input still yields a correct packet. TCP options, flags
 //!   and payload are kept byte for byte.
 //! * **Synthesis**: RSTs for segments that match no connection (RFC 9293
 //!   §3.10.7.1: from the segment's ACK if it has one, otherwise seq 0 and
 //!   an ACK covering the segment) and ICMP errors quoting the offending
-//!   packet's IP header and first 8 payload bytes (RFC 792), as complete
-//!   Ethernet frames for the guest or IP packets for the world.
+//!   packet's IP header and first 8 payload bytes (RFC 792, the passt
+//!   seed's rule), as IP packets (wrapped in Ethernet for the guest).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
