@@ -1,5 +1,5 @@
-//! `cargo xtask bench`: single-stream TCP throughput, tapgate against the
-//! kernel's own NAT, measured in the same run.
+//! `cargo xtask bench`: single-stream TCP throughput and fragmented UDP,
+//! tapgate against the kernel's own NAT, measured in the same run.
 //!
 //! # Theory of operation
 //!
@@ -16,14 +16,18 @@
 //!
 //! For each peer and direction an `iperf3 -s -1` server runs in the world
 //! namespace on `198.51.100.2` and the guest runs `iperf3 -c 198.51.100.2
-//! -t SECS -J` (guest→world) or the same with `-R` (world→guest); the
-//! result is `end.sum_received.bits_per_second` of iperf3's JSON. Each run
+//! -t SECS -J` (guest→world) or the same with `-R` (world→guest), then a
+//! UDP run of 8192-byte datagrams offered at 2 Gbit/s (`-u -l 8192 -b 2G`),
+//! which the guest fragments and tapgate reassembles and fragments again
+//! (the slow path end to end; the kernel peer routes fragments as they
+//! are); the result is `end.sum_received.bits_per_second` of iperf3's JSON
+//! (for UDP: what the server received). Each run
 //! is bounded (`--connect-timeout`, and the client is killed after SECS +
 //! 20 s); a failed run is reported as such (`no connection (iperf3 error:
 //! ...)`) and the bench goes on.
 //!
-//! Around the tapgate runs the bench reads `tapgate stats --json` from the
-//! control socket; the share of packets the fast path handled is
+//! Around the tapgate TCP runs the bench reads `tapgate stats --json` from
+//! the control socket; the share of packets the fast path handled is
 //! `Δfastpath_packets / (Δfastpath_packets + Δslowpath_packets)`.
 //!
 //! The table goes to stdout and the same data as JSON to
@@ -76,20 +80,28 @@ pub struct Options {
     pub only: Option<Peer>,
 }
 
-/// A transfer direction.
+/// A transfer: direction and kind of traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Direction {
     GuestToWorld,
     WorldToGuest,
+    /// UDP, 8192-byte datagrams (fragmented on the 1500-byte links),
+    /// guest → world, offered at 2 Gbit/s: what arrives counts.
+    FragUdpUp,
 }
 
 impl Direction {
-    const ALL: [Direction; 2] = [Direction::GuestToWorld, Direction::WorldToGuest];
+    const ALL: [Direction; 3] = [
+        Direction::GuestToWorld,
+        Direction::WorldToGuest,
+        Direction::FragUdpUp,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Self::GuestToWorld => "guest→world",
             Self::WorldToGuest => "world→guest",
+            Self::FragUdpUp => "udp 8K frag ↑",
         }
     }
 }
@@ -102,6 +114,7 @@ type Measurement = std::result::Result<f64, String>;
 struct PeerResults {
     up: Option<Measurement>,
     down: Option<Measurement>,
+    frag: Option<Measurement>,
 }
 
 impl PeerResults {
@@ -109,6 +122,7 @@ impl PeerResults {
         match d {
             Direction::GuestToWorld => self.up.as_ref(),
             Direction::WorldToGuest => self.down.as_ref(),
+            Direction::FragUdpUp => self.frag.as_ref(),
         }
     }
 
@@ -116,6 +130,7 @@ impl PeerResults {
         match d {
             Direction::GuestToWorld => self.up = Some(m),
             Direction::WorldToGuest => self.down = Some(m),
+            Direction::FragUdpUp => self.frag = Some(m),
         }
     }
 
@@ -124,6 +139,7 @@ impl PeerResults {
         Self {
             up: Some(Err(reason.to_owned())),
             down: Some(Err(reason.to_owned())),
+            frag: Some(Err(reason.to_owned())),
         }
     }
 }
@@ -151,7 +167,7 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
     let kernel_release = command_line("uname", &["-r"]);
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let header = format!(
-        "single-stream TCP, veth guest, {} s, {date}, {cores} cores",
+        "single-stream TCP and 8K UDP, veth guest, {} s, {date}, {cores} cores",
         opts.seconds
     );
     eprintln!("xtask: {header}");
@@ -176,7 +192,7 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
         table(&header, kernel.as_ref(), tapgate.as_ref(), share.as_ref())
     );
     let doc = json!({
-        "benchmark": "single-stream TCP (iperf3)",
+        "benchmark": "single-stream TCP and fragmented UDP (iperf3)",
         "topology": "veth guest",
         "seconds": opts.seconds,
         "date": date,
@@ -258,9 +274,14 @@ fn run_tapgate(
         return Ok((PeerResults::failed(&reason), Err("no run".to_owned())));
     }
     let before = fast_slow(bin, &control);
+    let mut after = None;
     let mut results = PeerResults::default();
     for d in Direction::ALL {
         check_stop(stop)?;
+        if d == Direction::FragUdpUp {
+            // The share is the TCP runs'; fragments all take the slow path.
+            after = Some(fast_slow(bin, &control));
+        }
         eprintln!("xtask: tapgate: {} for {} s", d.label(), opts.seconds);
         let mut m = iperf(&topo, d, opts.seconds);
         if let Some(status) = tapgate.try_wait()? {
@@ -272,7 +293,7 @@ fn run_tapgate(
         report_progress("tapgate", d, &m);
         results.set(d, m);
     }
-    let after = fast_slow(bin, &control);
+    let after = after.unwrap_or_else(|| fast_slow(bin, &control));
     let share = match (before, after) {
         (Ok((f0, s0)), Ok((f1, s1))) => Ok(Share {
             fast: f1.saturating_sub(f0),
@@ -360,8 +381,10 @@ fn iperf_inner(topo: &Topology, d: Direction, seconds: u32) -> Result<Measuremen
         "--connect-timeout",
         CONNECT_TIMEOUT_MS,
     ];
-    if d == Direction::WorldToGuest {
-        argv.push("-R");
+    match d {
+        Direction::GuestToWorld => {}
+        Direction::WorldToGuest => argv.push("-R"),
+        Direction::FragUdpUp => argv.extend(["-u", "-l", "8192", "-b", "2G"]),
     }
     let limit = Duration::from_secs(u64::from(seconds)) + RUN_SLACK;
     let out = match topo.guest().output_timeout(&argv, limit) {
