@@ -546,10 +546,12 @@ mod tests {
         let kernel = PeerResults {
             up: Some(Ok(13.1e9)),
             down: Some(Ok(10.2e9)),
+            frag: Some(Ok(2.0e9)),
         };
         let tapgate = PeerResults {
             up: Some(Ok(12.0e9)),
             down: Some(Err("no connection (iperf3 error: x)".to_owned())),
+            frag: None,
         };
         let share = Ok(Share {
             fast: 9997,
@@ -566,9 +568,10 @@ mod tests {
             "guest→world      13.1 Gbit/s   12.0 Gbit/s   0.92"
         );
         assert_eq!(lines[3], "world→guest      10.2 Gbit/s   failed        -");
-        assert_eq!(lines[4], "fast-path share: 99.97% of 10000 packets");
+        assert_eq!(lines[4], "udp 8K frag ↑    2.0 Gbit/s    skipped       -");
+        assert_eq!(lines[5], "fast-path share: 99.97% of 10000 packets");
         assert_eq!(
-            lines[5],
+            lines[6],
             "tapgate world→guest: no connection (iperf3 error: x)"
         );
     }
