@@ -63,7 +63,9 @@ enum Cmd {
     },
     /// Single-stream TCP throughput (iperf3) on the veth topology, tapgate
     /// (release build) against kernel routing + nft masquerade, both
-    /// directions; writes target/bench/latest.json (needs root).
+    /// directions, and fragmented UDP (8 KiB datagrams); writes
+    /// target/bench/latest.json (needs root). Then the reassembly and
+    /// clock benchmarks.
     Bench {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 10)]
@@ -133,6 +135,9 @@ fn main() -> Result<()> {
                     &bench::Options { seconds, only },
                     &bench::report_path(&target_dir()),
                 )?;
+                // The reassembly cost per datagram (userspace/benches/frag.rs),
+                // next to the end-to-end fragmented UDP numbers.
+                run(cargo().args(["bench", "-p", "tapgate", "--bench", "frag"]))?;
             }
             if no_clock {
                 return Ok(());
