@@ -158,6 +158,18 @@ fn pmtud_upload_through_a_small_uplink() {
     run.wait_count(&["icmp", "sent_to_guest", "frag_needed"], 2);
 }
 
+/// The same through a veth guest, which sends TSO super-packets: once the
+/// flow is on the fast path, segments too big for the uplink must still
+/// get fragmentation needed instead of vanishing in the redirect.
+#[test]
+fn pmtud_upload_through_a_small_uplink_gso() {
+    let run = start_after(GuestKind::Veth, |topo| {
+        icmp::set_uplink_mtu(topo, SMALL_UPLINK_MTU)
+    });
+    run.ok(icmp::pmtud_upload(&run.topo, 9202, icmp::UPLOAD_100MIB));
+    run.wait_count(&["icmp", "sent_to_guest", "frag_needed"], 2);
+}
+
 #[test]
 fn traceroute_shows_the_gateway_as_first_hop() {
     let run = Running::with_lease(GuestKind::RealTap, &[]);
