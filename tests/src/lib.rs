@@ -39,6 +39,8 @@
 //! * [`scenarios`] are the traffic patterns of the flow tests, written
 //!   once and run both through tapgate and through the kernel's own NAT
 //!   (which proves the scenario itself right).
+//! * [`icmp`] are the ICMP and IPv4-fragment scenarios (issue 5), run
+//!   the same two ways, plus raw-socket crafting of malformed ICMP.
 //! * [`control`] reads `tapgate stats` / `tapgate flows` from the
 //!   topology's control socket.
 //!
@@ -51,6 +53,7 @@ pub mod clients;
 pub mod control;
 pub mod dhcp;
 pub mod fixtures;
+pub mod icmp;
 pub mod netns;
 pub mod nsthread;
 pub mod rawtcp;
