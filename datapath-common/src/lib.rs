@@ -229,8 +229,8 @@ pub enum Counter {
     EventRingFull = 8,
     /// Redirects the kernel refused (the packet was dropped).
     RedirectError = 9,
-    /// ICMP errors on the uplink whose quoted packet could not be read
-    /// (left to the host stack, like anything not ours).
+    /// ICMP on the uplink too short to read, or errors whose quoted packet
+    /// could not be read (left to the host stack, like anything not ours).
     IcmpUnparsed = 10,
     /// First fragments of our flows whose datagram the kernel now tracks
     /// in [`FRAGS_MAP`].

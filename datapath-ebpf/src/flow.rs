@@ -38,14 +38,17 @@ use aya_ebpf::{
 };
 use datapath_common::{
     ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FLOW_F_LOCAL,
-    FRAG_TRACK_NS, FlowEntry, FlowKey, FlowState, FragKey, FwdPortKey, Origin, PROTO_TCP,
-    PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_to_16,
+    FRAG_TRACK_NS, FlowEntry, FlowKey, FlowState, FragKey, FwdPortKey, Origin, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_to_16,
 };
 
 use crate::{
     maps::{TG_FLOWS, TG_FRAGS, TG_FWD_PORTS, count, mark_active},
     nat,
-    parse::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{
+        ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_PROTO_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN,
+    },
     punt::{event, punt},
 };
 
@@ -200,6 +203,11 @@ pub fn from_tap(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext) -> i32 {
     let Some(p) = crate::parse::ipv4_l4(ctx) else {
+        // An ICMP message too short to read cannot be shown to be about a
+        // flow of ours: the host stack judges it, we count it.
+        if ctx.load::<u8>(IP_PROTO_OFF) == Ok(PROTO_ICMP) {
+            count(Counter::IcmpUnparsed, 1);
+        }
         return not_ours();
     };
     if p.is_fragment() {

@@ -60,6 +60,8 @@ pub struct Ipv4Hdr {
 
 /// Offsets of IPv4 header fields from the start of the frame.
 pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
+/// Protocol.
+pub const IP_PROTO_OFF: usize = ETH_HLEN + 9;
 /// Header checksum.
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 /// Source address.
