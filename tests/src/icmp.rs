@@ -613,7 +613,7 @@ pub fn unreachable_destinations(topo: &Topology) -> Result<()> {
         let url = format!("http://{dst}/");
         let run = tool(
             topo.guest(),
-            &["curl", "-sS", "-v", "--max-time", "8", &url],
+            &["curl", "-sS", "-v", "--max-time", "4", &url],
         )?;
         let want = format!("connect to {dst} port 80 failed: {errno}");
         ensure!(

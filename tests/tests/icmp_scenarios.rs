@@ -137,6 +137,43 @@ fn kernel_malformed_icmp() {
     assert_eq!(nat.ip().to_string(), "198.51.100.1");
 }
 
+/// With every ICMP error the host sends or forwards dropped, the error
+/// scenarios fail (so they cannot pass without the errors).
+#[test]
+fn kernel_error_scenarios_fail_without_icmp_errors() {
+    let topo = kernel();
+    ok(icmp::add_unreachable_routes(&topo));
+    for hook in ["output", "forward"] {
+        ok(scenarios::nft_rule(
+            topo.host(),
+            hook,
+            "icmp type { destination-unreachable, time-exceeded } counter drop",
+        ));
+    }
+    // Each fails at its first check that needs an error.
+    let results = [
+        (
+            icmp::udp_refused_by_world(&topo, 7109),
+            "want ECONNREFUSED, got no error",
+        ),
+        (
+            icmp::gateway_port_unreachable(&topo, 7110),
+            "want ECONNREFUSED, got no error",
+        ),
+        (
+            icmp::traceroute_through_gateway(&topo),
+            "hop 1 should be 10.0.2.2",
+        ),
+        (icmp::unreachable_destinations(&topo), "want exit 7"),
+    ];
+    for (result, want) in results {
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(err.contains(want), "want {want:?} in: {err}");
+    }
+    assert!(ok(scenarios::nft_counter(topo.host(), "output")) >= 1);
+    assert!(ok(scenarios::nft_counter(topo.host(), "forward")) >= 1);
+}
+
 #[test]
 fn traceroute_parser() {
     let text = "traceroute to 203.0.113.10 (203.0.113.10), 4 hops max, 60 byte packets\n \
