@@ -587,14 +587,25 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         guest_mac: EthernetAddress,
         out: &mut Vec<Output>,
     ) {
-        if !may_answer(pkt) {
-            return;
+        if may_answer(pkt) {
+            let ip = packet::icmp_error(from, pkt, kind);
+            self.emit_to_guest(ip, kind, guest_mac, out);
         }
+    }
+
+    /// Queues the synthesized error `ip` (of `kind`) for the guest if the
+    /// rate limit allows, and counts it.
+    fn emit_to_guest(
+        &mut self,
+        ip: Vec<u8>,
+        kind: IcmpError,
+        guest_mac: EthernetAddress,
+        out: &mut Vec<Output>,
+    ) {
         if !self.icmp_limit.allow(Instant::now()) {
             self.stats.icmp.rate_limited += 1;
             return;
         }
-        let ip = packet::icmp_error(from, pkt, kind);
         out.push(Output::ToGuest(packet::ethernet_frame(
             self.guest.gateway_mac,
             guest_mac,
@@ -641,18 +652,8 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if src != self.guest.guest_addr || !super::is_unicast(dst) {
             return;
         }
-        if !self.icmp_limit.allow(Instant::now()) {
-            self.stats.icmp.rate_limited += 1;
-            return;
-        }
         let kind = IcmpError::ReassemblyTimeout;
         let ip = packet::icmp_error_quoting(self.guest.gateway, src, first, kind);
-        out.push(Output::ToGuest(packet::ethernet_frame(
-            self.guest.gateway_mac,
-            guest_mac,
-            &ip,
-        )));
-        self.stats.icmp.sent_to_guest.add(IcmpKind::of_error(kind));
-        self.stats.icmp_sent += 1;
+        self.emit_to_guest(ip, kind, guest_mac, out);
     }
 }

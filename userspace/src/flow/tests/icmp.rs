@@ -420,3 +420,40 @@ fn incremental_checksums_match_a_full_recount() {
     let adj = csum_adjust(adj, &before[20..24], &after[20..24]);
     assert_eq!(adj, c1);
 }
+
+#[test]
+fn reassembly_timeout_quotes_the_first_fragment() {
+    let mut t = T::new();
+    let mut first = udp_ip(
+        guest(5000),
+        SocketAddrV4::new(REMOTE_IP, 53),
+        &[1u8; 64],
+        64,
+    );
+    {
+        let mut p = Ipv4Packet::new_unchecked(&mut first[..]);
+        p.set_more_frags(true);
+        p.fill_checksum();
+    }
+    let quote = &first[..28];
+    let mut out = Vec::new();
+    t.m.reassembly_timeout_to_guest(quote, GUEST_MAC, &mut out);
+    let (src, dst, icmp) = icmp_of(&to_guest(out));
+    assert_eq!((src, dst), (GW, GUEST));
+    assert_eq!((icmp[0], icmp[1]), (11, 1));
+    assert_eq!(&icmp[8..], quote);
+    assert_eq!(
+        t.m.stats()
+            .icmp
+            .sent_to_guest
+            .get(IcmpKind::ReassemblyTimeout),
+        1
+    );
+    // Not about the guest's own datagram: nothing.
+    let mut other = first.clone();
+    Ipv4Packet::new_unchecked(&mut other[..]).set_src_addr(REMOTE_IP);
+    Ipv4Packet::new_unchecked(&mut other[..]).fill_checksum();
+    let mut out = Vec::new();
+    t.m.reassembly_timeout_to_guest(&other[..28], GUEST_MAC, &mut out);
+    assert!(out.is_empty());
+}
