@@ -644,10 +644,15 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         guest_mac: EthernetAddress,
         out: &mut Vec<Output>,
     ) {
-        let Ok(ip) = Ipv4Packet::new_checked(first.get(..IPV4_HEADER_LEN).unwrap_or_default())
-        else {
+        // Only the header is here: the total length names the whole
+        // datagram, so smoltcp's checked view would refuse it.
+        let Some(header) = first.get(..IPV4_HEADER_LEN) else {
             return;
         };
+        let ip = Ipv4Packet::new_unchecked(header);
+        if ip.version() != 4 {
+            return;
+        }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         if src != self.guest.guest_addr || !super::is_unicast(dst) {
             return;
