@@ -1048,17 +1048,22 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 .add(IcmpKind::of(m.ty, m.code));
         }
         self.stats.slow_to_world += 1;
+        let pieces = self.within_mtu(ip, mtu)?;
+        out.extend(pieces.into_iter().map(Output::ToWorld));
+        Ok(())
+    }
+
+    /// `ip` as it is when it fits `mtu`, else its fragments (counted).
+    fn within_mtu(&mut self, ip: Vec<u8>, mtu: usize) -> Result<Vec<Vec<u8>>, DropReason> {
         if ip.len() <= mtu {
-            out.push(Output::ToWorld(ip));
-            return Ok(());
+            return Ok(vec![ip]);
         }
         let pieces = crate::frag::fragment(&ip, mtu).map_err(|e| {
             debug!("flow: fragmenting a {}-byte packet: {e}", ip.len());
             DropReason::TooBig
         })?;
         self.stats.fragments_sent += pieces.len() as u64;
-        out.extend(pieces.into_iter().map(Output::ToWorld));
-        Ok(())
+        Ok(pieces)
     }
 
     /// Translates a packet from the world along its flow and queues the
@@ -1090,15 +1095,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         }
         self.stats.slow_to_guest += 1;
         let gw = self.guest.gateway_mac;
-        if ip.len() <= mtu {
-            out.push(Output::ToGuest(packet::ethernet_frame(gw, mac, &ip)));
-            return Ok(());
-        }
-        let pieces = crate::frag::fragment(&ip, mtu).map_err(|e| {
-            debug!("flow: fragmenting a {}-byte packet: {e}", ip.len());
-            DropReason::TooBig
-        })?;
-        self.stats.fragments_sent += pieces.len() as u64;
+        let pieces = self.within_mtu(ip, mtu)?;
         out.extend(
             pieces
                 .iter()
