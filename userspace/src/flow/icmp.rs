@@ -593,6 +593,16 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         }
     }
 
+    /// Whether the rate limit lets one more synthesized error out; a
+    /// suppressed one is counted.
+    fn icmp_allowed(&mut self) -> bool {
+        let ok = self.icmp_limit.allow(Instant::now());
+        if !ok {
+            self.stats.icmp.rate_limited += 1;
+        }
+        ok
+    }
+
     /// Queues the synthesized error `ip` (of `kind`) for the guest if the
     /// rate limit allows, and counts it.
     fn emit_to_guest(
@@ -602,8 +612,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         guest_mac: EthernetAddress,
         out: &mut Vec<Output>,
     ) {
-        if !self.icmp_limit.allow(Instant::now()) {
-            self.stats.icmp.rate_limited += 1;
+        if !self.icmp_allowed() {
             return;
         }
         out.push(Output::ToGuest(packet::ethernet_frame(
@@ -627,8 +636,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if !may_answer(pkt) {
             return;
         }
-        if !self.icmp_limit.allow(Instant::now()) {
-            self.stats.icmp.rate_limited += 1;
+        if !self.icmp_allowed() {
             return;
         }
         out.push(Output::ToWorld(packet::icmp_error(from, pkt, kind)));
