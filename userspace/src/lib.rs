@@ -3,6 +3,7 @@
 //!
 //! This library holds the daemon's pieces; `main.rs` is the command-line
 //! edge. See `docs/ARCHITECTURE.md` for how they fit together.
+pub mod agent;
 pub mod aio;
 pub mod arp;
 pub mod cli;

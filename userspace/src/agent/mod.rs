@@ -1,0 +1,7 @@
+//! `tapgate agent`: the Kubernetes node agent.
+//!
+//! # Theory of operation
+//!
+//! (Being written; see `api` for the contract.)
+
+pub mod api;
