@@ -16,6 +16,26 @@
 
 use bytemuck::{Pod, Zeroable};
 
+/// Version of the maps' layout shared by the programs and user space: the
+/// set of pinned maps, their types, key and value layouts and the meaning
+/// of every field and flag in them. A datapath pinned by one tapgate is
+/// adopted by another (restart without loss) only if both have the same
+/// version, so it must be bumped with any change to the maps listed in
+/// [`PINNED_MAPS`] or to the types stored in them.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// The maps that outlive a restarting daemon (pinned under bpffs): the flow
+/// table and everything a running flow or a pending punt depends on. The
+/// scratch buffer and the log ring belong to one program load.
+pub const PINNED_MAPS: [&str; 6] = [
+    FLOWS_MAP,
+    ACTIVITY_MAP,
+    PUNT_RING_MAP,
+    COUNTERS_MAP,
+    FWD_PORTS_MAP,
+    FRAGS_MAP,
+];
+
 /// Name of the ring buffer carrying punted frames and events to user space.
 pub const PUNT_RING_MAP: &str = "TG_PUNT";
 /// Size in bytes of the punt ring buffer (a power of two, page-aligned).
@@ -320,32 +340,39 @@ pub const PROTO_TCP: u8 = 6;
 /// UDP.
 pub const PROTO_UDP: u8 = 17;
 
-/// Name of the forwarded-ports map: `FwdPortKey` → `u8` (1), the host
-/// ports whose new connections (TCP SYN) and datagrams (UDP) from the world
-/// are punted with [`PuntReason::Forward`]. User space fills it from its
-/// forwarding rules.
+/// Name of the forwarded-ports map: a longest-prefix-match trie of
+/// [`FwdPrefix`] → `u8` (1), the host ports whose new connections (TCP SYN)
+/// and datagrams (UDP) from the world are punted with
+/// [`PuntReason::Forward`]. User space fills it from its forwarding rules,
+/// a port range as the few prefixes that cover it, so forwarding every
+/// port costs a handful of entries, not one per port.
 pub const FWD_PORTS_MAP: &str = "TG_FWD_PORTS";
-/// Capacity of [`FWD_PORTS_MAP`]: every port of both protocols on eight
-/// host addresses (entries are allocated on insert).
-pub const FWD_PORTS_MAX: u32 = 16 * 65536;
+/// Capacity of [`FWD_PORTS_MAP`] in prefixes (trie nodes are allocated on
+/// insert; the capacity costs nothing until used).
+pub const FWD_PORTS_MAX: u32 = 65536;
+/// Bits of a [`FwdPrefix`] that every entry matches exactly: the address
+/// and the protocol.
+pub const FWD_PREFIX_FIXED_BITS: u32 = 40;
+/// Bits of a whole [`FwdPrefix`] (the prefix length of a lookup).
+pub const FWD_PREFIX_BITS: u32 = 56;
 
-/// Key of [`FWD_PORTS_MAP`]: a host address, a protocol and a host port.
-/// Only exact keys exist: user space publishes a rule without an address
-/// once per address of the host, so traffic routed through the host, or to
-/// a multicast or broadcast address, never matches.
+/// Data of a [`FWD_PORTS_MAP`] key, in match order: a host address, a
+/// protocol and a host port (big-endian, so a port range is a bit prefix).
+/// Entries always match address and protocol exactly: user space
+/// publishes a rule without an address once per address of the host, so
+/// traffic routed through the host, or to a multicast or broadcast
+/// address, never matches.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
-pub struct FwdPortKey {
+pub struct FwdPrefix {
     /// The host (destination) IPv4 address.
     pub addr: [u8; 4],
-    /// The host (destination) port.
-    pub port: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// Reserved, zero.
-    pub _pad: u8,
+    /// The host (destination) port, big-endian.
+    pub port: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FwdPortKey>() == 8);
+const _: () = assert!(core::mem::size_of::<FwdPrefix>() == 7);
 
 /// Name of the fragment-tracking map: [`FragKey`] → the time (ns,
 /// `bpf_ktime_get_ns`) the first fragment of a datagram of one of our flows
@@ -510,7 +537,7 @@ mod user {
     // SAFETY: repr(C), Pod, no padding (asserted above).
     unsafe impl aya::Pod for super::FlowEntry {}
     // SAFETY: repr(C), Pod, no padding (asserted above).
-    unsafe impl aya::Pod for super::FwdPortKey {}
+    unsafe impl aya::Pod for super::FwdPrefix {}
     // SAFETY: repr(C), Pod, no padding (asserted above).
     unsafe impl aya::Pod for super::FragKey {}
 }

@@ -34,12 +34,13 @@
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh},
+    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use datapath_common::{
     ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FLOW_F_LOCAL,
-    FRAG_TRACK_NS, FlowEntry, FlowKey, FlowState, FragKey, FwdPortKey, Origin, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_to_16,
+    FRAG_TRACK_NS, FWD_PREFIX_BITS, FlowEntry, FlowKey, FlowState, FragKey, FwdPrefix, Origin,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_to_16,
 };
 
 use crate::{
@@ -304,8 +305,8 @@ fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
 }
 
 /// Whether a packet that matched no flow opens one to a forwarded port: a
-/// pure SYN (TCP) or any datagram (UDP) to a port in `TG_FWD_PORTS` (for its
-/// destination address, or for any address).
+/// pure SYN (TCP) or any datagram (UDP) to a port `TG_FWD_PORTS` covers for
+/// its destination address.
 #[inline(always)]
 fn opens_forward(p: &Packet) -> bool {
     let opening = match p.ip.proto {
@@ -316,13 +317,15 @@ fn opens_forward(p: &Packet) -> bool {
     if !opening {
         return false;
     }
-    // Exact keys only (see FwdPortKey): never a packet merely routed
-    // through the host, never multicast or broadcast.
-    let key = FwdPortKey {
-        addr: p.ip.dst,
-        port: u16::from_be_bytes(p.dport),
-        proto: p.ip.proto,
-        _pad: 0,
-    };
-    TG_FWD_PORTS.get_ptr(&key).is_some()
+    // Entries match the address exactly (see FwdPrefix): never a packet
+    // merely routed through the host, never multicast or broadcast.
+    let key = Key::new(
+        FWD_PREFIX_BITS,
+        FwdPrefix {
+            addr: p.ip.dst,
+            proto: p.ip.proto,
+            port: p.dport,
+        },
+    );
+    TG_FWD_PORTS.get(&key).is_some()
 }

@@ -12,11 +12,11 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use datapath_common::{
     ActivityWord, COUNTER_SLOTS, Counter, DEFAULT_MAX_FLOWS, FRAGS_MAX, FWD_PORTS_MAX, FlowEntry,
-    FlowKey, FragKey, FwdPortKey, PUNT_RING_BYTES, PuntScratch,
+    FlowKey, FragKey, FwdPrefix, PUNT_RING_BYTES, PuntScratch,
 };
 
 /// Punted frames and events for user space.
@@ -43,11 +43,12 @@ pub static TG_FLOWS: HashMap<FlowKey, FlowEntry> =
 pub static TG_ACTIVITY: Array<ActivityWord> =
     Array::with_max_entries(DEFAULT_MAX_FLOWS, BPF_F_MMAPABLE);
 
-/// Host ports forwarded to the guest, by protocol: new connections and
-/// datagrams to them are punted. Filled by user space from its rules.
+/// Host ports forwarded to the guest, by address and protocol, as port
+/// prefixes: new connections and datagrams to them are punted. Filled by
+/// user space from its rules.
 #[map(name = "TG_FWD_PORTS")]
-pub static TG_FWD_PORTS: HashMap<FwdPortKey, u8> =
-    HashMap::with_max_entries(FWD_PORTS_MAX, BPF_F_NO_PREALLOC);
+pub static TG_FWD_PORTS: LpmTrie<FwdPrefix, u8> =
+    LpmTrie::with_max_entries(FWD_PORTS_MAX, BPF_F_NO_PREALLOC);
 
 /// Datagrams of our flows whose fragments arrive from the world: the time
 /// their first fragment was seen. Written and read by the kernel only; LRU,

@@ -64,6 +64,10 @@ impl NatPorts for SyntheticPorts {
         Ok(NatLease::new(p, ()))
     }
 
+    fn hold(&mut self, _proto: u8, _local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+        Ok(NatLease::new(port, ()))
+    }
+
     fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
         let [_, _, c, d] = remote.octets();
         Ok(Ipv4Addr::new(198, 19, c, d))
@@ -189,6 +193,8 @@ fn bench(n: u32) -> Result<String> {
         &LoadOptions {
             bpf_log_level: 0,
             max_flows: n,
+            ring_bytes: datapath_common::PUNT_RING_BYTES,
+            pin: None,
         },
     )
     .context("loading the eBPF object")?;

@@ -44,6 +44,50 @@ pub enum Command {
     /// List or change a running daemon's port forwarding rules.
     #[command(subcommand)]
     Rules(RulesAction),
+    /// Run the node agent: one process serving the taps of every VM pod
+    /// of a Kubernetes node, driven by `tapgate-cni` over an HTTP API on a
+    /// UNIX socket (runs in the foreground until SIGINT/SIGTERM, which
+    /// leave every datapath running for the next agent).
+    Agent(AgentArgs),
+}
+
+/// Arguments of `tapgate agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The API socket (HTTP+JSON; mode 0600).
+    #[arg(long, value_name = "PATH", default_value = crate::agent::api::DEFAULT_AGENT_SOCKET)]
+    pub socket: PathBuf,
+    /// Where attachments and their guests' state are recorded, so a
+    /// restarted agent takes them over.
+    #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// The bpffs directory under which each attachment's datapath is
+    /// pinned.
+    #[arg(long, value_name = "DIR", default_value = crate::agent::DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+    /// Also serve `/healthz` and `/metrics` (only those) over TCP here,
+    /// e.g. `0.0.0.0:9465`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Size of each attachment's punt ring buffer in KiB (a power of two,
+    /// at least 64).
+    #[arg(long, value_name = "KIB", default_value_t = crate::agent::DEFAULT_RING_KIB,
+          value_parser = parse_ring_kib)]
+    pub ring_kib: u32,
+    /// Log verbosity of the agent and of every attachment's programs.
+    #[arg(long, value_name = "LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+}
+
+/// A ring size in KiB: a power of two from 64 KiB to 1 GiB.
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    let kib: u32 = s
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a number of KiB"))?;
+    if !(64..=(1 << 20)).contains(&kib) || !kib.is_power_of_two() {
+        return Err(format!("{kib} KiB: a power of two from 64 to 1048576"));
+    }
+    Ok(kib)
 }
 
 /// `tapgate rules ...`.
@@ -279,6 +323,32 @@ pub struct RunArgs {
     /// Forward host UDP ports to the guest, same syntax as `--tcp-ports`.
     #[arg(short = 'u', long = "udp-ports", value_name = "SPEC")]
     pub udp_ports: Vec<String>,
+
+    /// Do not hold the forwarded ports with sockets: a host process may
+    /// then bind one, but never sees the connections forwarded to the
+    /// guest. For a network namespace that belongs to the guest alone
+    /// (a VM pod; the node agent's default), where `-t all` would
+    /// otherwise hold tens of thousands of sockets.
+    #[arg(long)]
+    pub no_reserve_ports: bool,
+
+    /// Pin the datapath under bpffs and leave it running when tapgate is
+    /// stopped by SIGINT/SIGTERM: a new `tapgate run --keep-datapath` on
+    /// the same tap adopts it, and established flows never stop. (A
+    /// datapath left pinned is adopted by any later `tapgate run` on the
+    /// tap; without this flag that one removes it at exit.)
+    #[arg(long)]
+    pub keep_datapath: bool,
+
+    /// The bpffs directory `--keep-datapath` pins under (default
+    /// `/sys/fs/bpf/tapgate/netns-INODE/TAP`).
+    #[arg(long, value_name = "DIR")]
+    pub pin_dir: Option<PathBuf>,
+
+    /// Serve Prometheus metrics (`/metrics`, and `/healthz`) over HTTP on
+    /// this address, e.g. `127.0.0.1:9465`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {

@@ -276,7 +276,7 @@ pub enum ControlError {
 pub fn default_socket_path(tap: &str) -> PathBuf {
     default_socket_path_in(
         tap,
-        netns_id("/proc/self/ns/net"),
+        netns_id(crate::netns::THREAD_NETNS),
         netns_id("/proc/1/ns/net"),
     )
 }

@@ -1,6 +1,15 @@
-//! `tapgate run`: attach to a tap and serve the guest.
+//! The daemon: attach to a tap and serve the guest — `tapgate run`, and
+//! each attachment of `tapgate agent`.
 //!
 //! # Theory of operation
+//!
+//! [`run`] is the one datapath code path. `tapgate run` calls it on its
+//! main thread; the node agent calls it once per attachment, each on its
+//! own thread that first entered the pod's network namespace (see
+//! `netns`), with [`Hooks`] that replace the signals by a stop channel,
+//! report readiness, answer stats queries, and name a pin directory and a
+//! state file so a restarted agent adopts the datapath instead of
+//! rebuilding it.
 //!
 //! Start-up checks everything that can be checked before touching the
 //! kernel (privileges, arguments and forwarding rules, interfaces, the
@@ -22,15 +31,29 @@
 //!   uplink program's forwarded-ports map and the manager's table; RSTs of
 //!   flows reset by `del --reset-flows` go out with the next tick);
 //! * the aya-log forwarder copies the programs' log records into our log;
-//! * SIGINT/SIGTERM end the loop, and everything attached is detached.
+//! * SIGINT/SIGTERM (or the [`Hooks::stop`] channel) end the loop; then
+//!   either everything attached is detached ([`Stop::Detach`]) or the
+//!   pinned datapath is left running for the next daemon ([`Stop::Keep`]);
+//! * the tick also notices when the tap (or, for the agent, the pod's
+//!   network namespace) is gone, and ends the loop: nothing is left to
+//!   serve.
+//!
+//! **Restart without loss.** With [`Hooks::pin_dir`], the datapath is
+//! pinned and a datapath found pinned there is adopted (`loader`): the
+//! flow table is rebuilt from the kernel maps (`flow::adopt`), the
+//! forwarded ports are reserved again and the kernel's forwarded-ports map
+//! re-synced without a gap, the guest's MAC and DHCP lease come back from
+//! [`Hooks::state_file`] — and only then does the punt reader start, on
+//! the ring that kept collecting punts while no daemon ran.
 //!
 //! The services and the flow manager live in `RefCell`s: everything runs on
 //! one thread and no borrow is held across an `await`.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     fs,
     os::fd::AsRawFd,
+    path::PathBuf,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -41,7 +64,12 @@ use datapath_common::{Counter, Origin, PuntReason};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 use smoltcp::wire::{ETHERNET_HEADER_LEN, EthernetFrame};
-use tapgate::{
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+
+use crate::{
     cli::RunArgs,
     control::{self, ControlSource, RulesRequest},
     flow::{self, FlowConfig, FlowManager, SocketPorts},
@@ -53,24 +81,140 @@ use tapgate::{
     instance::InstanceLock,
     loader::{Datapath, EMBEDDED_OBJECT, KernelCounters, LoadOptions},
     maps::{KernelFlowMaps, KernelFwdPorts},
-    privileges,
+    netns,
     punt::{self, Punted, ReaderStats},
+    state::GuestState,
 };
-use tokio::signal::unix::{SignalKind, signal};
 
 /// How often the flow manager's timers run.
 const TICK: Duration = Duration::from_secs(1);
 /// How often forwards without an address are re-synced with the host's
 /// addresses.
 const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(5);
+/// Default size of the punt ring buffer for `tapgate run`.
+pub const RUN_RING_BYTES: u32 = datapath_common::PUNT_RING_BYTES;
 
 type Manager = FlowManager<KernelFlowMaps, SocketPorts>;
 
-/// Runs the daemon until SIGINT/SIGTERM.
-pub fn run(args: RunArgs) -> Result<()> {
-    if !privileges::has_needed_caps() {
-        bail!("tapgate must run as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW)");
+/// How a stopped daemon leaves the kernel side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Detach everything and remove the pins: the guest loses its network.
+    Detach,
+    /// Leave the pinned datapath running for the next daemon (restart
+    /// without loss); without pinning this is [`Stop::Detach`].
+    Keep,
+}
+
+/// Why [`run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Stopped by a signal or the stop channel.
+    Stopped(Stop),
+    /// The tap went away (the VM ended); everything was removed.
+    TapGone,
+    /// The watched network namespace went away (the pod ended);
+    /// everything was removed.
+    NetnsGone,
+}
+
+/// A question to a running daemon, answered on its own thread.
+#[derive(Debug)]
+pub enum Query {
+    /// The counters, as `tapgate stats --json` prints them.
+    Stats(oneshot::Sender<Value>),
+}
+
+/// What a daemon reports once it serves the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ready {
+    /// The uplink in use.
+    pub uplink: String,
+    /// Whether the datapath was adopted from pins.
+    pub adopted: bool,
+    /// Flows rebuilt from the adopted maps.
+    pub flows_adopted: u64,
+}
+
+/// What the caller adds to a daemon (see the module documentation).
+#[derive(Debug)]
+pub struct Hooks {
+    /// Pin the datapath here, adopting one already pinned.
+    pub pin_dir: Option<PathBuf>,
+    /// On SIGINT/SIGTERM leave the pinned datapath running
+    /// (`--keep-datapath`); only used without [`Hooks::stop`].
+    pub keep_on_signal: bool,
+    /// Where the guest's MAC and DHCP lease are kept across restarts.
+    pub state_file: Option<PathBuf>,
+    /// End (and clean up) when this path no longer names the network
+    /// namespace with this inode.
+    pub netns_watch: Option<(PathBuf, u64)>,
+    /// Stop when this fires (instead of SIGINT/SIGTERM); a dropped sender
+    /// counts as [`Stop::Keep`] (the agent is going away).
+    pub stop: Option<oneshot::Receiver<Stop>>,
+    /// Questions to answer while running.
+    pub queries: Option<mpsc::Receiver<Query>>,
+    /// Told once the daemon serves the guest.
+    pub ready: Option<oneshot::Sender<Ready>>,
+    /// Size of the punt ring buffer (fixed for an adopted datapath).
+    pub ring_bytes: u32,
+    /// Bind the control socket (`tapgate stats` ...).
+    pub control_socket: bool,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            pin_dir: None,
+            keep_on_signal: false,
+            state_file: None,
+            netns_watch: None,
+            stop: None,
+            queries: None,
+            ready: None,
+            ring_bytes: RUN_RING_BYTES,
+            control_socket: true,
+        }
     }
+}
+
+/// Waits for the stop channel, or for SIGINT/SIGTERM without one.
+async fn stopped(stop: Option<oneshot::Receiver<Stop>>, keep_on_signal: bool) -> Result<Stop> {
+    if let Some(rx) = stop {
+        return Ok(rx.await.unwrap_or(Stop::Keep));
+    }
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        _ = sigint.recv() => info!("SIGINT received"),
+        _ = sigterm.recv() => info!("SIGTERM received"),
+    }
+    Ok(if keep_on_signal {
+        Stop::Keep
+    } else {
+        Stop::Detach
+    })
+}
+
+/// Answers queries until the channel closes.
+async fn answer(queries: Option<mpsc::Receiver<Query>>, state: &State) {
+    let Some(mut rx) = queries else {
+        return std::future::pending().await;
+    };
+    while let Some(q) = rx.recv().await {
+        match q {
+            Query::Stats(reply) => {
+                let _ = reply.send(state.stats());
+            }
+        }
+    }
+    std::future::pending().await
+}
+
+/// Serves the guest behind `args.tap` until stopped (see the module
+/// documentation). The calling thread's network namespace is the one
+/// served.
+pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     let mut cfg = args.guest_config()?;
     let tap = Iface::by_name(&args.tap).context("tap")?;
     let uplink_name = if args.uplink == "auto" {
@@ -88,13 +232,22 @@ pub fn run(args: RunArgs) -> Result<()> {
     let ephemeral = fwd::host_ephemeral_range();
     let forwards = args.forwards(ephemeral).context("port forwarding rules")?;
     let _lock = InstanceLock::acquire(&tap.name)?;
-    let control_socket = control::bind_control_socket(&args.control_socket_path())?;
+    let control_socket = if hooks.control_socket {
+        Some(control::bind_control_socket(&args.control_socket_path())?)
+    } else {
+        None
+    };
     let tap_mtu = tap.mtu().context("tap")?;
     cfg.mtu = u16::try_from(tap_mtu).unwrap_or(u16::MAX);
 
     // One socket per flow holds its NAT port, one per forwarded port holds
     // that: make room for them.
-    let want_fds = u64::from(args.max_flows) + 1024 + forwards.port_count() as u64;
+    let held_ports = if args.no_reserve_ports {
+        0
+    } else {
+        forwards.port_count() as u64
+    };
+    let want_fds = u64::from(args.max_flows) + 1024 + held_ports;
     let max_flows = match flow::nat::raise_nofile_limit(want_fds) {
         Ok(got) if got < want_fds => {
             let capped = u32::try_from(got.saturating_sub(1024).max(16)).unwrap_or(u32::MAX);
@@ -110,7 +263,11 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // The forwarded ports are taken before anything is loaded: a port the
     // host already uses is a startup error naming it.
-    let reservations = PortReservations::reserve(&forwards).context("port forwarding")?;
+    let reservations = if args.no_reserve_ports {
+        PortReservations::default()
+    } else {
+        PortReservations::reserve(&forwards).context("port forwarding")?
+    };
     for rule in forwards.rules() {
         info!("forwarding {rule} (\"{}\")", rule.token);
     }
@@ -129,8 +286,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         &LoadOptions {
             bpf_log_level: args.log_level.bpf_level(),
             max_flows,
+            ring_bytes: hooks.ring_bytes,
+            pin: hooks.pin_dir.clone(),
         },
     )?;
+    let adopted = datapath.adopted();
+    let max_flows = datapath.max_flows();
     let bpf_logger = match EbpfLogger::init(datapath.ebpf_mut()) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -139,6 +300,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
     };
     let mut fwd_ports = datapath.take_fwd_ports()?;
+    if adopted {
+        // Keys the previous daemon published stay until the sync below
+        // knows which the current rules still want: no forwarded port
+        // stops being punted meanwhile.
+        fwd_ports
+            .adopt_published()
+            .context("reading the adopted forwarded-ports map")?;
+    }
     fwd_ports
         .set_host_addrs(&flow::policy::system_host_addrs().context("reading the host's addresses")?)
         .context("filling the forwarded-ports map")?;
@@ -171,25 +340,45 @@ pub fn run(args: RunArgs) -> Result<()> {
             cfg.dns
         ),
     }
+    let mut manager = FlowManager::new(fcfg, flow_maps, SocketPorts::new());
+    let mut services = GuestServices::new(cfg.clone());
+    let mut flows_adopted = 0;
+    if adopted {
+        flows_adopted = manager.adopt(Instant::now()).flows;
+    }
+    if let Some(path) = &hooks.state_file {
+        match GuestState::load(path) {
+            Ok(saved) if adopted => services.restore(&saved),
+            Ok(_) => {}
+            Err(e) => warn!("{e}: starting without the guest's saved state"),
+        }
+    }
+    if let Some(mac) = services.guest_mac() {
+        manager.set_guest_mac(mac);
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let stop = hooks.stop.take();
+    let queries = hooks.queries.take();
+    let ready = hooks.ready.take();
     let result = runtime.block_on(async {
         let injectors = Injectors {
             tap: TapWriter::open(&tap)?,
             world: WorldWriter::open()?,
         };
-        let listener = control_socket
-            .tokio_listener()
-            .context("registering the control socket")?;
-        // Signal handlers go in before attaching, so no signal is missed.
-        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let listener = match &control_socket {
+            Some(c) => Some(
+                c.tokio_listener()
+                    .context("registering the control socket")?,
+            ),
+            None => None,
+        };
         datapath.attach(&tap, &uplink, args.allow_host)?;
         info!(
-            "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={} control={}",
+            "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={}{}{}",
             tap.name,
             uplink.name,
             cfg.guest_addr,
@@ -197,24 +386,41 @@ pub fn run(args: RunArgs) -> Result<()> {
             cfg.gateway,
             cfg.dns,
             cfg.mtu,
-            control_socket.path().display()
+            control_socket
+                .as_ref()
+                .map(|c| format!(" control={}", c.path().display()))
+                .unwrap_or_default(),
+            if adopted {
+                format!(" adopted={flows_adopted} flows")
+            } else {
+                String::new()
+            }
         );
+        if let Some(ready) = ready {
+            let _ = ready.send(Ready {
+                uplink: uplink.name.clone(),
+                adopted,
+                flows_adopted,
+            });
+        }
 
         let state = State {
-            services: RefCell::new(GuestServices::new(cfg.clone())),
-            manager: RefCell::new(FlowManager::new(fcfg, flow_maps, SocketPorts::new())),
+            services: RefCell::new(services),
+            manager: RefCell::new(manager),
             reader: ReaderStats::default(),
             counters,
             tap_index: tap.index,
             guest_mtu: cfg.mtu,
             fwd: RefCell::new(FwdRuntime {
                 reservations,
+                reserve: !args.no_reserve_ports,
                 kernel: fwd_ports,
                 ephemeral,
             }),
             pending: RefCell::new(Vec::new()),
             frags_guest: RefCell::new(Reassembler::new(ReassemblyLimits::default())),
             frags_world: RefCell::new(Reassembler::new(ReassemblyLimits::default())),
+            saved: Cell::new(None),
         };
         let reader = punt::run(ring, &state.reader, &injectors, |p, out| {
             state.dispatch(&p, out)
@@ -239,6 +445,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                     manager.clock_busy()
                 };
                 state.expire_fragments(now, &mut out);
+                if let Some(path) = &hooks.state_file {
+                    state.save_guest_state(path);
+                }
+                if let Some(gone) = gone(&tap, hooks.netns_watch.as_ref()) {
+                    return gone;
+                }
                 // Forwards without an address follow the host's addresses.
                 if now.duration_since(addrs_checked) >= HOST_ADDRS_REFRESH {
                     addrs_checked = now;
@@ -265,20 +477,76 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
             }
         };
-        let outcome = tokio::select! {
-            r = reader => r.context("punt reader"),
-            () = ticker => Ok(()),
-            () = control::serve(listener, &state) => Ok(()),
-            () = forward_bpf_logs(bpf_logger) => Ok(()),
-            _ = sigint.recv() => { info!("SIGINT received"); Ok(()) }
-            _ = sigterm.recv() => { info!("SIGTERM received"); Ok(()) }
+        let control = async {
+            match listener {
+                Some(l) => control::serve(l, &state).await,
+                None => std::future::pending().await,
+            }
         };
+        let outcome = tokio::select! {
+            r = reader => r.context("punt reader").map(|()| Ended::Stopped(Stop::Detach)),
+            ended = ticker => Ok(ended),
+            () = control => Ok(Ended::Stopped(Stop::Detach)),
+            () = forward_bpf_logs(bpf_logger) => Ok(Ended::Stopped(Stop::Detach)),
+            () = answer(queries, &state) => Ok(Ended::Stopped(Stop::Detach)),
+            s = stopped(stop, hooks.keep_on_signal) => s.map(Ended::Stopped),
+        };
+        if let Some(path) = &hooks.state_file {
+            state.save_guest_state(path);
+        }
         info!("final counters: {}", state.stats());
         outcome
     });
-    datapath.detach();
-    info!("detached from {} and {}", tap.name, uplink.name);
+    match result {
+        Ok(Ended::Stopped(Stop::Keep)) if datapath.pin_dir().is_some() => {
+            datapath.leave_pinned();
+            info!(
+                "left the datapath of {} running in the kernel (pinned)",
+                tap.name
+            );
+        }
+        _ => {
+            datapath.detach();
+            if let Some(path) = &hooks.state_file {
+                remove_state(path);
+            }
+            info!("detached from {} and {}", tap.name, uplink.name);
+        }
+    }
     result
+}
+
+/// Whether the tap is gone (or replaced), or the watched namespace path no
+/// longer names our namespace.
+fn gone(tap: &Iface, netns_watch: Option<&(PathBuf, u64)>) -> Option<Ended> {
+    if let Some((path, ino)) = netns_watch
+        && !netns::still_names(path, *ino)
+    {
+        warn!(
+            "network namespace {} is gone: stopping and removing the datapath",
+            path.display()
+        );
+        return Some(Ended::NetnsGone);
+    }
+    match Iface::by_name(&tap.name) {
+        Ok(now) if now.index == tap.index => None,
+        _ => {
+            warn!(
+                "tap {} is gone: stopping and removing the datapath",
+                tap.name
+            );
+            Some(Ended::TapGone)
+        }
+    }
+}
+
+/// Removes the state file of a datapath that is gone for good.
+fn remove_state(path: &std::path::Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing {}: {e}", path.display()),
+    }
 }
 
 /// `frame` as it is if its IPv4 packet fits `mtu`, else the frames of its
@@ -331,11 +599,15 @@ struct State {
     frags_guest: RefCell<Reassembler>,
     /// Reassembly of fragmented datagrams from the world for our flows.
     frags_world: RefCell<Reassembler>,
+    /// The guest state last written to the state file.
+    saved: Cell<Option<GuestState>>,
 }
 
 /// What `tapgate rules add|del` changes besides the manager's table.
 struct FwdRuntime {
     reservations: PortReservations,
+    /// Whether ports are held with sockets (not `--no-reserve-ports`).
+    reserve: bool,
     kernel: KernelFwdPorts,
     ephemeral: fwd::PortRange,
 }
@@ -356,6 +628,23 @@ fn rule_json(rule: &fwd::Rule, hits: Option<u64>) -> Value {
 }
 
 impl State {
+    /// Writes the guest's MAC and DHCP lease if they changed.
+    fn save_guest_state(&self, path: &std::path::Path) {
+        let now = self.services.borrow().snapshot();
+        let prev = self.saved.take();
+        if prev.as_ref() == Some(&now) {
+            self.saved.set(prev);
+            return;
+        }
+        match now.save(path) {
+            Ok(()) => self.saved.set(Some(now)),
+            Err(e) => {
+                warn!("{e}");
+                self.saved.set(prev);
+            }
+        }
+    }
+
     /// `tapgate rules ...`.
     fn change_rules(&self, request: &RulesRequest) -> Result<Value> {
         let mut manager = self.manager.borrow_mut();
@@ -376,7 +665,9 @@ impl State {
                     .prepare_add(*proto, spec, fwd.ephemeral)?;
                 // The ports first (a host user is the error), then the
                 // kernel, then the table the manager maps openings with.
-                fwd.reservations.add(&rules)?;
+                if fwd.reserve {
+                    fwd.reservations.add(&rules)?;
+                }
                 if let Err(e) = fwd.kernel.insert(&rules) {
                     if let Err(e) = fwd.kernel.remove(&rules) {
                         warn!("rules: undoing a partial add: {e}");
@@ -598,6 +889,10 @@ impl ControlSource for State {
             "flows": {
                 "tcp_active": f.tcp_active,
                 "udp_active": f.udp_active,
+                "icmp_active": f.icmp_active,
+                "adopted": f.flows_adopted,
+                "adopt_ports_lost": f.adopt_ports_lost,
+                "adopt_orphans": f.adopt_orphans,
                 "created": f.flows_created,
                 "closed": f.flows_closed,
                 "tcp_closed_cleanly": f.tcp_closed_cleanly,
@@ -665,7 +960,7 @@ async fn forward_bpf_logs<T: log::Log>(logger: Option<EbpfLogger<T>>) {
     let Some(logger) = logger else {
         return std::future::pending().await;
     };
-    let mut fd = match tapgate::aio::register(logger, tokio::io::Interest::READABLE) {
+    let mut fd = match crate::aio::register(logger, tokio::io::Interest::READABLE) {
         Ok(fd) => fd,
         Err(e) => {
             warn!("eBPF log forwarding unavailable: {e}");

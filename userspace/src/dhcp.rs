@@ -206,6 +206,12 @@ impl DhcpServer {
         self.lease.map(|lease| (lease.mac, lease.expires))
     }
 
+    /// Puts back a lease an earlier daemon granted (restart without loss):
+    /// `mac` holds the address until `expires`.
+    pub fn restore_lease(&mut self, mac: EthernetAddress, expires: Instant) {
+        self.lease = Some(Lease { mac, expires });
+    }
+
     /// Forgets the lease if it has run out at `now`.
     fn expire(&mut self, now: Instant) {
         if let Some(lease) = self.lease.filter(|lease| now >= lease.expires) {

@@ -69,6 +69,24 @@ impl GuestServices {
         self.guest_mac
     }
 
+    /// What a restarted daemon needs to go on serving the same guest: its
+    /// MAC address and its DHCP lease.
+    pub fn snapshot(&self) -> crate::state::GuestState {
+        crate::state::GuestState::new(self.guest_mac, self.dhcp.lease())
+    }
+
+    /// Puts back what [`Self::snapshot`] saved.
+    pub fn restore(&mut self, state: &crate::state::GuestState) {
+        let now = std::time::Instant::now();
+        if let Some(mac) = state.guest_mac() {
+            info!("guest MAC address is {mac} (restored)");
+            self.guest_mac = Some(mac);
+        }
+        if let Some((mac, expires)) = state.lease(now) {
+            self.dhcp.restore_lease(mac, expires);
+        }
+    }
+
     /// Handles one frame from the guest.
     pub fn handle(&mut self, frame: &[u8], now: Instant) -> Claim {
         match self.dispatch(frame, now) {

@@ -91,10 +91,11 @@ impl Iface {
 
 /// The name of the interface holding the IPv4 default route.
 pub fn default_route_iface() -> Result<String, IfaceError> {
-    let table = fs::read_to_string("/proc/net/route").map_err(|source| IfaceError::Io {
-        what: "reading /proc/net/route".into(),
-        source,
-    })?;
+    let table =
+        fs::read_to_string("/proc/thread-self/net/route").map_err(|source| IfaceError::Io {
+            what: "reading /proc/thread-self/net/route".into(),
+            source,
+        })?;
     parse_default_route(&table).ok_or(IfaceError::NoDefaultRoute)
 }
 

@@ -9,16 +9,16 @@
 //! (see `tapgate::control`); they print its JSON document as is (`--json`)
 //! or as text, and fail the same way.
 
-mod daemon;
-
 use std::{io::Write, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
 use tapgate::{
-    cli::{Cli, Command, QueryArgs},
+    cli::{Cli, Command, QueryArgs, RunArgs},
     control::{self, ControlCommand},
+    daemon::{self, Hooks},
     loader::LoaderError,
+    privileges,
 };
 
 fn main() -> ExitCode {
@@ -26,7 +26,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => {
             init_logging(args.log_level.filter());
-            daemon::run(args)
+            run(&args)
+        }
+        Command::Agent(args) => {
+            init_logging_threads(args.log_level.filter());
+            tapgate::agent::run(&args)
         }
         Command::Stats(args) => query(ControlCommand::Stats, &args),
         Command::Flows(args) => query(ControlCommand::Flows, &args),
@@ -44,6 +48,43 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `tapgate run`: the daemon on this thread, stopped by SIGINT/SIGTERM.
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    if !privileges::has_needed_caps() {
+        anyhow::bail!("tapgate must run as root (it needs CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW)");
+    }
+    let mut hooks = Hooks {
+        keep_on_signal: args.keep_datapath,
+        ..Hooks::default()
+    };
+    let pin_dir = args
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| tapgate::agent::run_pin_dir(&args.tap));
+    // A datapath an earlier `--keep-datapath` run left is always adopted.
+    if args.keep_datapath || pin_dir.exists() {
+        hooks.state_file = Some(tapgate::agent::run_state_file(&args.tap));
+        hooks.pin_dir = Some(pin_dir);
+    }
+    let _metrics = match args.metrics {
+        Some(addr) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            hooks.queries = Some(rx);
+            Some(tapgate::agent::server::serve_run_metrics(
+                addr,
+                args.tap.clone(),
+                tx,
+            )?)
+        }
+        None => None,
+    };
+    match daemon::run(args, hooks)? {
+        daemon::Ended::Stopped(_) => Ok(()),
+        daemon::Ended::TapGone => anyhow::bail!("tap {} disappeared (the guest is gone)", args.tap),
+        daemon::Ended::NetnsGone => anyhow::bail!("the network namespace disappeared"),
     }
 }
 
@@ -70,18 +111,41 @@ fn query(command: ControlCommand, args: &QueryArgs) -> anyhow::Result<()> {
         .context("writing to stdout")
 }
 
+/// [`init_logging`] for the agent: each line names its thread, which is
+/// the attachment (`<container id prefix>/<tap>`) for datapath lines.
+fn init_logging_threads(level: log::LevelFilter) {
+    logger(level)
+        .format(|buf, record| {
+            let ts = buf.timestamp_millis();
+            let thread = std::thread::current();
+            writeln!(
+                buf,
+                "[{ts} {:<5} {} {}] {}",
+                record.level(),
+                thread.name().unwrap_or("-"),
+                record.target(),
+                record.args()
+            )
+        })
+        .init();
+}
+
 fn init_logging(level: log::LevelFilter) {
+    logger(level).init();
+}
+
+fn logger(level: log::LevelFilter) -> env_logger::Builder {
     // aya's own loader chatter is only useful when tracing.
     let aya_level = if level == log::LevelFilter::Trace {
         level
     } else {
         level.min(log::LevelFilter::Info)
     };
-    env_logger::Builder::new()
-        .filter_level(level)
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level)
         .filter_module("aya", aya_level)
         .filter_module("aya_obj", aya_level)
         .format_timestamp_millis()
-        .parse_env("TAPGATE_LOG")
-        .init();
+        .parse_env("TAPGATE_LOG");
+    b
 }

@@ -26,9 +26,13 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{
+    HashMap, Map, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
 use datapath_common::{
-    ActivityWord, FLOW_F_EVENTS, FWD_PORTS_MAP, FlowEntry, FlowKey, FlowState, FwdPortKey,
+    ActivityWord, FLOW_F_EVENTS, FWD_PORTS_MAP, FWD_PREFIX_FIXED_BITS, FlowEntry, FlowKey,
+    FlowState, FwdPrefix,
 };
 
 use crate::{
@@ -204,6 +208,23 @@ impl FlowMaps for KernelFlowMaps {
         self.activity.get(slot)
     }
 
+    fn entries(&self) -> Result<Vec<(FlowKey, FlowEntry)>, MapsError> {
+        // Keys first, then one lookup each: an entry removed in between
+        // (none is, user space is the only writer of keys) is skipped.
+        let keys: Vec<FlowKey> = self
+            .flows
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_err("iterate", e))?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(entry) = self.get(&key)? {
+                out.push((key, entry));
+            }
+        }
+        Ok(out)
+    }
+
     fn clear_activity(&mut self, slot: u32, bits: u64) {
         self.activity.take(slot, bits);
     }
@@ -213,24 +234,21 @@ impl FlowMaps for KernelFlowMaps {
     }
 }
 
-/// The uplink program's forwarded-ports map (`FwdPortKey` → 1).
-///
-/// The kernel matches exact (address, protocol, port) keys only, so a rule
-/// without an address is published once per IPv4 address of the host:
-/// a packet merely routed through the host, or sent to a multicast or
-/// broadcast address, never matches a forward. The published rules and the
-/// host's addresses are kept here, and [`Self::set_host_addrs`] re-syncs
-/// the map when the addresses change.
+/// The forwarded-ports trie: which (address, protocol, port) openings the
+/// uplink program punts. User space keeps the rules and the host's
+/// addresses and publishes their product as port prefixes (a range is
+/// covered by at most 30 of them, `all` by a handful), changing only what
+/// differs from what is published.
 pub struct KernelFwdPorts {
-    map: HashMap<MapData, FwdPortKey, u8>,
+    map: LpmTrie<MapData, FwdPrefix, u8>,
     rules: Vec<crate::fwd::Rule>,
     host_addrs: Vec<std::net::Ipv4Addr>,
-    published: std::collections::HashSet<FwdPortKey>,
+    published: std::collections::HashSet<(FwdPrefix, u32)>,
 }
 
 impl KernelFwdPorts {
     pub(crate) fn new(map: Map) -> Result<Self, LoaderError> {
-        let map = HashMap::try_from(map).map_err(|source| LoaderError::Map {
+        let map = LpmTrie::try_from(map).map_err(|source| LoaderError::Map {
             name: FWD_PORTS_MAP,
             source,
         })?;
@@ -242,21 +260,33 @@ impl KernelFwdPorts {
         })
     }
 
-    /// Publishes `rules` too; returns how many map entries exist now. On
-    /// error the rules stay recorded: the caller removes them again.
+    /// Takes over the prefixes an earlier daemon published in an adopted
+    /// map, so the next sync removes what the current rules no longer
+    /// forward (and only that: forwarded ports keep being punted
+    /// throughout).
+    pub fn adopt_published(&mut self) -> Result<usize, MapError> {
+        for key in self.map.keys() {
+            let key = key?;
+            self.published.insert((key.data(), key.prefix_len()));
+        }
+        Ok(self.published.len())
+    }
+
+    /// Publishes `rules` too; returns how many prefixes are published now.
+    /// On error the rules stay recorded: the caller removes them again.
     pub fn insert(&mut self, rules: &[crate::fwd::Rule]) -> Result<usize, MapError> {
         self.rules.extend_from_slice(rules);
         self.sync()
     }
 
-    /// Withdraws `rules` (rules not published are fine).
+    /// Withdraws `rules`.
     pub fn remove(&mut self, rules: &[crate::fwd::Rule]) -> Result<(), MapError> {
         self.rules.retain(|r| !rules.contains(r));
         self.sync().map(drop)
     }
 
-    /// Sets the host's IPv4 addresses (loopback is left out: nothing
-    /// arrives on the uplink for it) and re-syncs the map if they changed.
+    /// Sets the host's addresses (rules without an address are published
+    /// once per address); loopback and unspecified addresses are left out.
     pub fn set_host_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<(), MapError> {
         let mut addrs: Vec<_> = addrs
             .iter()
@@ -272,38 +302,102 @@ impl KernelFwdPorts {
         self.sync().map(drop)
     }
 
-    /// Brings the map to exactly the keys the rules and addresses call for.
     fn sync(&mut self) -> Result<usize, MapError> {
         let mut want = std::collections::HashSet::new();
-        for (proto, addr, port) in crate::fwd::kernel_keys(&self.rules) {
-            if addr.is_unspecified() {
-                want.extend(self.host_addrs.iter().map(|a| fwd_key(proto, *a, port)));
-            } else {
-                want.insert(fwd_key(proto, addr, port));
+        for rule in &self.rules {
+            let addrs: Vec<std::net::Ipv4Addr> = match rule.addr {
+                None => self.host_addrs.clone(),
+                Some(std::net::IpAddr::V4(a)) => vec![a],
+                Some(std::net::IpAddr::V6(_)) => continue,
+            };
+            for (base, bits) in port_prefixes(rule.host.first, rule.host.last) {
+                for a in &addrs {
+                    want.insert((
+                        FwdPrefix {
+                            addr: a.octets(),
+                            proto: rule.proto.ip_proto(),
+                            port: base.to_be_bytes(),
+                        },
+                        FWD_PREFIX_FIXED_BITS + u32::from(bits),
+                    ));
+                }
             }
         }
-        for key in self.published.difference(&want) {
-            match self.map.remove(key) {
+        // New prefixes first, so a port covered before and after is never
+        // uncovered in between.
+        for (data, len) in &want {
+            if !self.published.contains(&(*data, *len)) {
+                self.map.insert(&Key::new(*len, *data), 1, 0)?;
+                self.published.insert((*data, *len));
+            }
+        }
+        let stale: Vec<(FwdPrefix, u32)> = self.published.difference(&want).copied().collect();
+        for (data, len) in stale {
+            match self.map.remove(&Key::new(len, data)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e),
             }
-        }
-        self.published.retain(|k| want.contains(k));
-        for key in want {
-            if !self.published.contains(&key) {
-                self.map.insert(key, 1, 0)?;
-                self.published.insert(key);
-            }
+            self.published.remove(&(data, len));
         }
         Ok(self.published.len())
     }
 }
 
-fn fwd_key(proto: crate::fwd::Proto, addr: std::net::Ipv4Addr, port: u16) -> FwdPortKey {
-    FwdPortKey {
-        addr: addr.octets(),
-        port,
-        proto: proto.ip_proto(),
-        _pad: 0,
+/// The fewest prefixes `(base, prefix bits)` of the 16-bit port space that
+/// cover exactly `first..=last`.
+pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        // The largest aligned block starting at lo that fits.
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        let bits = 16 - size.trailing_zeros();
+        out.push((lo as u16, bits as u8));
+        lo += size;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_prefixes;
+
+    fn covered(p: &[(u16, u8)]) -> Vec<u16> {
+        let mut v: Vec<u16> = p
+            .iter()
+            .flat_map(|(base, bits)| {
+                let size = 1u32 << (16 - u32::from(*bits));
+                (u32::from(*base)..u32::from(*base) + size).map(|x| x as u16)
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn prefixes_cover_ranges_exactly() {
+        for (a, b) in [
+            (0, 65535),
+            (80, 80),
+            (1, 1023),
+            (1024, 32767),
+            (60999, 65535),
+            (8000, 8100),
+            (65535, 65535),
+            (0, 0),
+        ] {
+            let p = port_prefixes(a, b);
+            assert_eq!(covered(&p), (a..=b).collect::<Vec<u16>>(), "{a}-{b}");
+            assert!(p.len() <= 30, "{a}-{b}: {}", p.len());
+        }
+        assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
+        assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
     }
 }

@@ -157,6 +157,10 @@ pub struct AttachSettings {
     /// `--allow-host`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_host: Option<bool>,
+    /// Hold the forwarded ports with sockets in the pod (default false:
+    /// the pod's network namespace is the VM's; see `--no-reserve-ports`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserve_ports: Option<bool>,
 }
 
 /// What the agent reports about one attachment.
@@ -283,7 +287,8 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_refused() {
-        let text = r#"{"containerId":"c1","ifname":"tap0","netns":"/x","settings":{"tcpPortz":[]}}"#;
+        let text =
+            r#"{"containerId":"c1","ifname":"tap0","netns":"/x","settings":{"tcpPortz":[]}}"#;
         assert!(serde_json::from_str::<AttachRequest>(text).is_err());
     }
 }

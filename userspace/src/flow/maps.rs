@@ -79,6 +79,10 @@ pub trait FlowMaps {
     /// [`datapath_common::TAP_ACTIVE`] bits); 0 for a slot out of range.
     fn activity(&self, slot: u32) -> u64;
 
+    /// Every entry of the map (a datapath adopted from an earlier daemon
+    /// is rebuilt from these).
+    fn entries(&self) -> Result<Vec<(FlowKey, FlowEntry)>, MapsError>;
+
     /// Clears `bits` in the activity word of `slot`.
     fn clear_activity(&mut self, slot: u32, bits: u64);
 

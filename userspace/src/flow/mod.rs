@@ -79,6 +79,7 @@
 //! [`FlowMaps`] and [`NatPorts`] traits, so all of this is unit-tested
 //! with in-memory fakes (`tests.rs`).
 
+pub mod adopt;
 pub mod clock;
 pub mod icmp;
 mod inbound;
@@ -368,6 +369,16 @@ pub struct FlowStats {
     pub tcp_active: u64,
     /// UDP flows in the table.
     pub udp_active: u64,
+    /// Of those, ICMP echo flows (they expire like UDP flows).
+    pub icmp_active: u64,
+    /// Flows rebuilt from an adopted datapath's kernel maps.
+    pub flows_adopted: u64,
+    /// Adopted flows whose NAT port could not be held again (the host
+    /// took it while no daemon ran); they keep running.
+    pub adopt_ports_lost: u64,
+    /// Kernel entries of an adopted datapath that made no flow (no
+    /// partner, inconsistent), removed.
+    pub adopt_orphans: u64,
     /// Flows created.
     pub flows_created: u64,
     /// Flows removed, for any reason.
@@ -683,6 +694,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         s.flows_active = self.table.len() as u64;
         s.tcp_active = tcp;
         s.udp_active = s.flows_active.saturating_sub(tcp);
+        s.icmp_active = self.table.iter().filter(|f| f.proto == PROTO_ICMP).count() as u64;
         s
     }
 

@@ -131,6 +131,10 @@ pub trait NatPorts {
     /// lives.
     fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError>;
 
+    /// Reserves exactly `port` (a flow adopted from an earlier daemon
+    /// keeps its NAT port); an error if it is taken.
+    fn hold(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError>;
+
     /// The host address the kernel would use as source towards `remote`.
     fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError>;
 }
@@ -167,6 +171,18 @@ impl Drop for IcmpIdHold {
 }
 
 impl IcmpIds {
+    fn hold(&mut self, local: Ipv4Addr, id: u16) -> Result<NatLease, NatError> {
+        let mut live = self.live.lock().map_err(|_| NatError::Exhausted(local))?;
+        if !live.insert((local, id)) {
+            return Err(NatError::Exhausted(local));
+        }
+        let hold = IcmpIdHold {
+            live: self.live.clone(),
+            key: (local, id),
+        };
+        Ok(NatLease::new(id, hold))
+    }
+
     fn reserve(&mut self, local: Ipv4Addr) -> Result<NatLease, NatError> {
         let mut live = self.live.lock().map_err(|_| NatError::Exhausted(local))?;
         if self.next == 0 {
@@ -201,6 +217,22 @@ const ROUTE_QUERY_PORT: u16 = 9;
 
 impl NatPorts for SocketPorts {
     fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
+        self.bind_port(proto, local, 0)
+    }
+
+    fn hold(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+        self.bind_port(proto, local, port)
+    }
+
+    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
+        self.routed_source(remote)
+    }
+}
+
+impl SocketPorts {
+    /// Binds a socket to `local`:`port` (0: any free port) and returns
+    /// the lease holding it.
+    fn bind_port(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
         let (ty, protocol) = match proto {
             PROTO_TCP => (SockType::Stream, None),
             PROTO_UDP => (SockType::Datagram, None),
@@ -211,7 +243,11 @@ impl NatPorts for SocketPorts {
             Ok(fd) => fd,
             // Ping sockets not allowed for our group: our own allocator.
             Err(Errno::EACCES | Errno::EPERM) if proto == PROTO_ICMP => {
-                return self.icmp_ids.reserve(local);
+                return if port == 0 {
+                    self.icmp_ids.reserve(local)
+                } else {
+                    self.icmp_ids.hold(local, port)
+                };
             }
             Err(source) => {
                 return Err(NatError::Os {
@@ -236,7 +272,7 @@ impl NatPorts for SocketPorts {
         }
         match bind(
             fd.as_raw_fd(),
-            &SockaddrIn::from(SocketAddrV4::new(local, 0)),
+            &SockaddrIn::from(SocketAddrV4::new(local, port)),
         ) {
             Ok(()) => {}
             Err(Errno::EADDRINUSE) => return Err(NatError::Exhausted(local)),
@@ -255,7 +291,8 @@ impl NatPorts for SocketPorts {
         Ok(NatLease::new(bound.port(), fd))
     }
 
-    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
+    /// The source address the host's routing picks towards `remote`.
+    fn routed_source(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
         let fd: OwnedFd = socket(
             AddressFamily::Inet,
             SockType::Datagram,

@@ -208,6 +208,27 @@ impl Slots {
     fn release(&mut self, slot: u32) {
         self.free.push(slot);
     }
+
+    /// Takes `slot` itself (a flow adopted from the kernel): slots below
+    /// it that were never handed out go on the free list. `false` if the
+    /// slot is out of range or taken.
+    fn claim(&mut self, slot: u32) -> bool {
+        if slot >= self.max {
+            return false;
+        }
+        if slot >= self.next {
+            self.free.extend(self.next..slot);
+            self.next = slot + 1;
+            return true;
+        }
+        match self.free.iter().position(|s| *s == slot) {
+            Some(i) => {
+                self.free.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// All flows, by slot and by both keys.
@@ -252,6 +273,12 @@ impl FlowTable {
     /// be given to [`Self::insert`] or back to [`Self::release_slot`].
     pub fn alloc_slot(&mut self) -> Option<u32> {
         self.slots.alloc()
+    }
+
+    /// Takes a given slot for a flow adopted from the kernel maps; `false`
+    /// if it is out of range or already taken.
+    pub fn claim_slot(&mut self, slot: u32) -> bool {
+        self.slots.claim(slot)
     }
 
     /// Returns a slot taken by [`Self::alloc_slot`] but never used.
@@ -401,6 +428,18 @@ mod tests {
         assert!(t.has_room());
         assert_eq!(t.alloc_slot(), Some(b));
         assert_eq!(t.alloc_slot(), None);
+    }
+
+    #[test]
+    fn claimed_slots_are_never_handed_out_again() {
+        let mut t = FlowTable::new(8);
+        assert!(t.claim_slot(3));
+        assert!(!t.claim_slot(3));
+        assert!(t.claim_slot(0));
+        assert!(!t.claim_slot(8));
+        let mut got: Vec<u32> = std::iter::from_fn(|| t.alloc_slot()).collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 2, 4, 5, 6, 7]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! activity bits, and check exactly which entries exist.
 #![allow(clippy::unwrap_used)]
 
+mod adopt;
 mod icmp;
 
 use std::{
@@ -86,6 +87,10 @@ impl FlowMaps for FakeMaps {
             *w &= !bits;
         }
     }
+
+    fn entries(&self) -> Result<Vec<(FlowKey, FlowEntry)>, MapsError> {
+        Ok(self.entries.iter().map(|(k, e)| (*k, *e)).collect())
+    }
 }
 
 impl FakeMaps {
@@ -163,6 +168,18 @@ impl NatPorts for FakePorts {
                 return Ok(NatLease::new(port, guard));
             }
         }
+    }
+
+    fn hold(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+        let key = (proto, port);
+        if !self.live.lock().unwrap().insert(key) {
+            return Err(NatError::Exhausted(local));
+        }
+        let guard = Guard {
+            live: self.live.clone(),
+            key,
+        };
+        Ok(NatLease::new(port, guard))
     }
 
     fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {

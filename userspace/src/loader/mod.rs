@@ -16,21 +16,42 @@
 //! is used; the `clsact` qdisc is added if missing and removed again at
 //! detach if tapgate added it. [`Datapath::detach`] (or dropping the
 //! [`Datapath`]) removes everything tapgate attached.
+//!
+//! **Pinning (restart without loss).** With [`LoadOptions::pin`] the maps
+//! in [`PINNED_MAPS`] and the tcx links are pinned under
+//! `DIR/v<MAP_LAYOUT_VERSION>/` (see `pin.rs`). A later load with the same
+//! directory *adopts* them: the maps are reused as they are (the flow
+//! table, activity bits, counters and the punts queued in the ring while
+//! no daemon ran), the new programs are verified against them, and each
+//! pinned link gets the new program with one atomic `BPF_LINK_UPDATE` —
+//! established flows never stop being forwarded. A directory holding
+//! another layout version is refused before anything is loaded.
+//! [`Datapath::leave_pinned`] exits leaving everything in the kernel;
+//! [`Datapath::detach`] removes the links, the pins and the directory.
 
-use std::process::Command;
+mod pin;
+
+pub use pin::remove_base as remove_pins;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
-        links::LinkOrder,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcError},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{
+            self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcError,
+        },
     },
     util::KernelVersion,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FWD_PORTS_MAP, PROG_TAP_INGRESS,
+    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FWD_PORTS_MAP, PINNED_MAPS, PROG_TAP_INGRESS,
     PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason,
     SCRATCH_MAP,
 };
@@ -94,6 +115,41 @@ pub enum LoaderError {
     /// Mapping the activity array into memory failed.
     #[error("mapping the activity array: {0}")]
     Mmap(#[source] std::io::Error),
+    /// A pinned datapath of another map layout is in the pin directory.
+    #[error(
+        "{dir} holds a datapath pinned with map layout {found}, this tapgate uses layout {ours}: \
+         remove it (delete the attachment, or stop it without keeping the datapath) before \
+         starting this version"
+    )]
+    IncompatiblePins {
+        /// The pin directory.
+        dir: PathBuf,
+        /// What was found (`v2`, ...).
+        found: String,
+        /// This build's layout version.
+        ours: u32,
+    },
+    /// A pinned map does not have the layout this build expects.
+    #[error("pinned map {path}: {what}; it was not made by this tapgate version")]
+    PinnedMapMismatch {
+        /// The pin.
+        path: PathBuf,
+        /// What differs.
+        what: String,
+    },
+    /// Pinning or adopting failed at the file-system level.
+    #[error("{what} {path}: {source}")]
+    Pin {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Pinning needs tcx links.
+    #[error("keeping the datapath across restarts needs tcx links (Linux 6.6 or later)")]
+    PinNeedsTcx,
     /// Adding the clsact qdisc (legacy tc only) failed.
     #[error("adding the clsact qdisc to {iface}: {source}")]
     Qdisc {
@@ -121,14 +177,29 @@ pub struct LoadOptions {
     /// 1 = error ... 5 = trace).
     pub bpf_log_level: u8,
     /// Number of flow slots (the flow map holds two entries per flow).
+    /// An adopted datapath keeps the size it was created with.
     pub max_flows: u32,
+    /// Size of the punt ring buffer in bytes (a power of two, at least a
+    /// page).
+    pub ring_bytes: u32,
+    /// Pin the maps and links under this directory, adopting a datapath
+    /// already pinned there (`None`: nothing is pinned).
+    pub pin: Option<PathBuf>,
+}
+
+/// How tapgate holds one of its links.
+enum LinkHold {
+    /// Owned by the program object (not pinned).
+    Owned(SchedClassifierLinkId),
+    /// Pinned at `path`; `fd` keeps it alive while we run.
+    Pinned { fd: FdLink, path: PathBuf },
 }
 
 /// One attachment made by tapgate.
 struct Attachment {
     program: &'static str,
     iface: String,
-    link: SchedClassifierLinkId,
+    link: LinkHold,
     /// The clsact qdisc was added by us (legacy tc only).
     added_qdisc: bool,
 }
@@ -137,6 +208,15 @@ struct Attachment {
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
+    /// The versioned pin directory, when pinning.
+    pin_dir: Option<PathBuf>,
+    /// Whether the maps were adopted from an earlier daemon's pins.
+    adopted: bool,
+    /// Flow slots of the (possibly adopted) maps.
+    max_flows: u32,
+    /// [`Datapath::leave_pinned`] was called: dropping leaves the kernel
+    /// side running.
+    keep: bool,
 }
 
 /// Whether this kernel attaches TC programs with tcx links.
@@ -150,14 +230,41 @@ impl Datapath {
         let cpus = aya::util::nr_cpus().unwrap_or(1).max(1);
         let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
         let level = opts.bpf_log_level;
-        let max_flows = opts.max_flows.max(1);
-        let mut ebpf = EbpfLoader::new()
+        let mut max_flows = opts.max_flows.max(1);
+        let (pin_dir, adopted) = match &opts.pin {
+            Some(base) => {
+                if !kernel_has_tcx() {
+                    return Err(LoaderError::PinNeedsTcx);
+                }
+                let (dir, existing) = pin::prepare(base)?;
+                if let Some(pinned_flows) = existing {
+                    max_flows = pinned_flows;
+                }
+                (Some(dir), existing.is_some())
+            }
+            None => (None, false),
+        };
+        let pin_paths: Vec<(&str, PathBuf)> = match &pin_dir {
+            Some(dir) => PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(SCRATCH_MAP, cpus)
             .map_max_entries(FLOWS_MAP, max_flows.saturating_mul(2))
             .map_max_entries(ACTIVITY_MAP, max_flows)
-            .override_global(aya_log::LEVEL, &level, false)
-            .load(object)
-            .map_err(LoaderError::Object)?;
+            .map_max_entries(PUNT_RING_MAP, opts.ring_bytes)
+            .override_global(aya_log::LEVEL, &level, false);
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object).map_err(LoaderError::Object)?;
+        if adopted {
+            info!(
+                "adopted the datapath pinned at {} ({max_flows} flow slots)",
+                pin_dir.as_deref().unwrap_or(Path::new("?")).display()
+            );
+        }
         for name in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -186,7 +293,36 @@ impl Datapath {
         Ok(Self {
             ebpf,
             attached: Vec::new(),
+            pin_dir,
+            adopted,
+            max_flows,
+            keep: false,
         })
+    }
+
+    /// Whether the maps (and flows) were adopted from pins an earlier
+    /// daemon left.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// The number of flow slots of the maps in use.
+    pub fn max_flows(&self) -> u32 {
+        self.max_flows
+    }
+
+    /// The versioned pin directory, when pinning.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// Ends this process's hold on the datapath but leaves it running in
+    /// the kernel, pinned, for the next daemon to adopt.
+    pub fn leave_pinned(mut self) {
+        if self.pin_dir.is_some() {
+            self.keep = true;
+            info!("leaving the datapath pinned for the next daemon");
+        }
     }
 
     /// Attaches the tap program to `tap`'s ingress and the uplink program to
@@ -200,6 +336,10 @@ impl Datapath {
         uplink: &Iface,
         host_egress: bool,
     ) -> Result<(), LoaderError> {
+        if !host_egress {
+            // A datapath adopted from a run with --allow-host may have it.
+            self.drop_stale_pin(PROG_UPLINK_EGRESS);
+        }
         let res = self
             .attach_one(PROG_TAP_INGRESS, tap, TcAttachType::Ingress)
             .and_then(|()| self.attach_one(PROG_UPLINK_INGRESS, uplink, TcAttachType::Ingress))
@@ -236,6 +376,35 @@ impl Datapath {
                 }
             }
         }
+        let pin_path = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link_{program}")));
+        if let Some(path) = &pin_path
+            && path.exists()
+        {
+            match self.replace_pinned(program, iface, direction, path) {
+                Ok(fd) => {
+                    self.attached.push(Attachment {
+                        program,
+                        iface: iface.name.clone(),
+                        link: LinkHold::Pinned {
+                            fd,
+                            path: path.clone(),
+                        },
+                        added_qdisc,
+                    });
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(
+                        "the link pinned at {} cannot be reused ({e}); attaching anew",
+                        path.display()
+                    );
+                    pin::remove_file(path);
+                }
+            }
+        }
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(program)
@@ -265,6 +434,29 @@ impl Datapath {
             },
             if tcx { "tcx" } else { "tc clsact" }
         );
+        let link = match pin_path {
+            Some(path) => {
+                let attach_err = |source| LoaderError::Attach {
+                    program,
+                    iface: iface.name.clone(),
+                    source,
+                };
+                let owned = prog.take_link(link).map_err(attach_err)?;
+                let fd = FdLink::try_from(owned).map_err(|e| {
+                    attach_err(ProgramError::IOError(std::io::Error::other(e.to_string())))
+                })?;
+                let pinned = fd.pin(&path).map_err(|e| LoaderError::Pin {
+                    what: "pinning link",
+                    path: path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                LinkHold::Pinned {
+                    fd: FdLink::from(pinned),
+                    path,
+                }
+            }
+            None => LinkHold::Owned(link),
+        };
         self.attached.push(Attachment {
             program,
             iface: iface.name.clone(),
@@ -274,21 +466,100 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches everything tapgate attached (idempotent).
+    /// Gives the link pinned at `path` our `program` with one atomic
+    /// `BPF_LINK_UPDATE`, then checks that the link still sits on
+    /// `iface` (a link whose device went away is defunct).
+    fn replace_pinned(
+        &mut self,
+        program: &'static str,
+        iface: &Iface,
+        direction: TcAttachType,
+        path: &Path,
+    ) -> Result<FdLink, LoaderError> {
+        let attach_err = |source| LoaderError::Attach {
+            program,
+            iface: iface.name.clone(),
+            source,
+        };
+        let other = |e: &dyn std::fmt::Display| {
+            attach_err(ProgramError::IOError(std::io::Error::other(e.to_string())))
+        };
+        let pinned = PinnedLink::from_pin(path).map_err(|e| other(&e))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| other(&e))?;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(LoaderError::MissingProgram(program))?
+            .try_into()
+            .map_err(|source| LoaderError::Load { program, source })?;
+        let id = prog.attach_to_link(link).map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd = FdLink::try_from(link).map_err(|e| other(&e))?;
+        let ours = prog.info().map_err(attach_err)?.id();
+        let (_, progs) = SchedClassifier::query_tcx(&iface.name, direction).map_err(attach_err)?;
+        if !progs.iter().any(|p| p.id() == ours) {
+            return Err(other(&format!(
+                "the link is no longer attached to {}",
+                iface.name
+            )));
+        }
+        info!(
+            "replaced the program of the link pinned at {} on {} (prog id {ours})",
+            path.display(),
+            iface.name
+        );
+        Ok(fd)
+    }
+
+    /// Removes the pinned link of `program`, if an earlier daemon left one
+    /// that this one does not attach.
+    fn drop_stale_pin(&mut self, program: &str) {
+        if let Some(path) = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link_{program}")))
+            .filter(|p| p.exists())
+        {
+            info!("removing the pinned link of {program}, not attached any more");
+            pin::remove_file(&path);
+        }
+    }
+
+    /// Detaches everything tapgate attached and removes its pins
+    /// (idempotent). After [`Datapath::leave_pinned`], only lets go of the
+    /// file descriptors.
     pub fn detach(&mut self) {
+        if self.keep {
+            self.attached.clear();
+            return;
+        }
         while let Some(a) = self.attached.pop() {
-            let prog: Option<&mut SchedClassifier> = self
-                .ebpf
-                .program_mut(a.program)
-                .and_then(|p| p.try_into().ok());
-            match prog.map(|p| p.detach(a.link)) {
-                Some(Ok(())) => debug!("detached {} from {}", a.program, a.iface),
-                Some(Err(e)) => warn!("detaching {} from {}: {e}", a.program, a.iface),
-                None => warn!("detaching {} from {}: program gone", a.program, a.iface),
+            match a.link {
+                LinkHold::Owned(link) => {
+                    let prog: Option<&mut SchedClassifier> = self
+                        .ebpf
+                        .program_mut(a.program)
+                        .and_then(|p| p.try_into().ok());
+                    match prog.map(|p| p.detach(link)) {
+                        Some(Ok(())) => debug!("detached {} from {}", a.program, a.iface),
+                        Some(Err(e)) => warn!("detaching {} from {}: {e}", a.program, a.iface),
+                        None => warn!("detaching {} from {}: program gone", a.program, a.iface),
+                    }
+                }
+                LinkHold::Pinned { fd, path } => {
+                    // Without its pin, closing the last descriptor
+                    // destroys the link.
+                    pin::remove_file(&path);
+                    drop(fd);
+                    debug!("detached {} from {}", a.program, a.iface);
+                }
             }
             if a.added_qdisc {
                 remove_clsact(&a.iface);
             }
+        }
+        if let Some(dir) = self.pin_dir.take() {
+            pin::remove_dir(&dir);
         }
     }
 

@@ -1,0 +1,188 @@
+//! Rebuilding the flow table from an adopted datapath's kernel maps.
+//!
+//! # Theory of operation
+//!
+//! When a daemon restarts on a datapath an earlier one left pinned, the
+//! kernel went on forwarding every established flow; only user space's
+//! view is gone. Each flow is two map entries (one per direction) that
+//! share a slot and together hold everything the [`Flow`] record is made
+//! of: the guest → world key names the guest and the address it talked
+//! to, its entry the NAT address and the real destination; the world →
+//! guest entry adds the guest's MAC; both carry the state. So the table is
+//! rebuilt from the maps alone:
+//!
+//! 1. entries are paired by slot, one per direction; a pair is kept only
+//!    if the flow made from it derives exactly the two keys found (the
+//!    same code computed them when the flow was installed). Anything else
+//!    — an entry without partner, two claims on one slot, a state or
+//!    family this build does not know — is an orphan and is removed.
+//! 2. the NAT port is held again with a socket bound to it, exactly as a
+//!    new flow's is, unless a forwarding rule holds it (an inbound flow).
+//!    A port the host took while no daemon ran cannot be had: the flow
+//!    keeps running in the kernel, and the loss is counted.
+//! 3. timers restart: a handshake gets a fresh handshake timeout, `LastAck`
+//!    a fresh last-ack timeout. What only user space knew is gone — the
+//!    FIN sequence numbers of half-closed flows — so such a flow is reaped
+//!    by its timeout rather than by its final ACK (never earlier than
+//!    before, possibly later). UDP and ICMP flows start a new idle period.
+//!
+//! The activity bits are left as the kernel set them, so the clock's next
+//! scans see the gap's traffic.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Instant,
+};
+
+use datapath_common::{
+    DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_LOCAL, FlowEntry, FlowKey, FlowState,
+    ipv4_from_16,
+};
+use log::{info, warn};
+use smoltcp::wire::EthernetAddress;
+
+use super::{FlowManager, FlowMaps, NatLease, NatPorts, table::Flow};
+use crate::fwd::Proto;
+
+/// What [`FlowManager::adopt`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdoptReport {
+    /// Flows rebuilt.
+    pub flows: u64,
+    /// Of those, flows whose NAT port could not be held again.
+    pub ports_lost: u64,
+    /// Entries removed because they made no flow.
+    pub orphans: u64,
+}
+
+fn v4(addr: &[u8; 16], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ipv4_from_16(addr)), port)
+}
+
+impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
+    /// Rebuilds the flow table from the kernel maps (see the module
+    /// documentation). Call once, on a fresh manager, before any punt is
+    /// handled.
+    pub fn adopt(&mut self, now: Instant) -> AdoptReport {
+        let mut report = AdoptReport::default();
+        let entries = match self.maps.entries() {
+            Ok(e) => e,
+            Err(e) => {
+                warn!("adopt: reading the flow map: {e}");
+                self.stats.map_errors += 1;
+                return report;
+            }
+        };
+        let mut tap_side: HashMap<u32, Vec<(FlowKey, FlowEntry)>> = HashMap::new();
+        let mut uplink_side: HashMap<u32, Vec<(FlowKey, FlowEntry)>> = HashMap::new();
+        let mut orphans: Vec<FlowKey> = Vec::new();
+        for (key, entry) in entries {
+            match key.dir {
+                DIR_FROM_TAP => tap_side.entry(entry.slot).or_default().push((key, entry)),
+                DIR_FROM_UPLINK => uplink_side
+                    .entry(entry.slot)
+                    .or_default()
+                    .push((key, entry)),
+                _ => orphans.push(key),
+            }
+        }
+        for (slot, mut taps) in tap_side {
+            let ups = uplink_side.remove(&slot).unwrap_or_default();
+            let pair = match (taps.as_slice(), ups.as_slice()) {
+                ([t], [u]) => Some((*t, *u)),
+                _ => None,
+            };
+            let made = pair.and_then(|(t, u)| self.adopt_pair(t, u, now, &mut report));
+            if made.is_none() {
+                orphans.extend(taps.drain(..).map(|(k, _)| k));
+                orphans.extend(ups.into_iter().map(|(k, _)| k));
+            }
+        }
+        orphans.extend(uplink_side.into_values().flatten().map(|(k, _)| k));
+        for key in &orphans {
+            if let Err(e) = self.maps.remove(key) {
+                warn!("adopt: removing an orphaned entry: {e}");
+                self.stats.map_errors += 1;
+            }
+        }
+        report.orphans = orphans.len() as u64;
+        self.stats.flows_adopted += report.flows;
+        self.stats.adopt_ports_lost += report.ports_lost;
+        self.stats.adopt_orphans += report.orphans;
+        info!(
+            "adopted {} flows from the kernel maps ({} NAT ports lost, {} orphaned entries removed)",
+            report.flows, report.ports_lost, report.orphans
+        );
+        report
+    }
+
+    /// Makes a flow of one tap-side and one uplink-side entry, or `None`
+    /// when they do not describe one.
+    fn adopt_pair(
+        &mut self,
+        (tk, te): (FlowKey, FlowEntry),
+        (uk, ue): (FlowKey, FlowEntry),
+        now: Instant,
+        report: &mut AdoptReport,
+    ) -> Option<u32> {
+        if tk.family != FAMILY_IPV4 || uk.family != FAMILY_IPV4 || tk.proto != uk.proto {
+            return None;
+        }
+        let state = FlowState::from_u8(te.state)?;
+        let proto = tk.proto;
+        let nat = v4(&te.new_src, te.new_sport);
+        let slot = te.slot;
+        let deadline = match state {
+            FlowState::Handshake => now.checked_add(self.handshake_timeout),
+            FlowState::LastAck => now.checked_add(self.last_ack_timeout),
+            _ => None,
+        };
+        let mut flow = Flow {
+            slot,
+            proto,
+            guest: v4(&tk.src, tk.sport),
+            remote: v4(&tk.dst, tk.dport),
+            world: v4(&te.new_dst, te.new_dport),
+            nat,
+            guest_mac: EthernetAddress(ue.eth_dst),
+            lease: NatLease::new(nat.port(), ()),
+            state,
+            created: now,
+            state_since: now,
+            last_seen: now,
+            guest_isn: 0,
+            guest_fin: None,
+            world_fin: None,
+            guest_fin_acked: false,
+            world_fin_acked: false,
+            deadline,
+            world_isn: None,
+            keepalives_unanswered: 0,
+        };
+        if flow.tap_key() != tk || flow.uplink_key() != uk || !self.table.claim_slot(slot) {
+            return None;
+        }
+        // An inbound forward's port is held by its rule's reservation.
+        let forwarded = Proto::from_ip_proto(proto).is_some_and(|p| {
+            self.forwards
+                .rule_for(p, std::net::IpAddr::V4(*nat.ip()), nat.port())
+                .is_some()
+        }) && te.flags & FLOW_F_LOCAL == 0;
+        if !forwarded {
+            match self.ports.hold(proto, *nat.ip(), nat.port()) {
+                Ok(lease) => flow.lease = lease,
+                Err(e) => {
+                    warn!(
+                        "adopt: {} -> {}: NAT port {nat} cannot be held again ({e}); the flow goes on",
+                        flow.guest, flow.world
+                    );
+                    report.ports_lost += 1;
+                }
+            }
+        }
+        self.table.insert(flow);
+        report.flows += 1;
+        Some(slot)
+    }
+}
