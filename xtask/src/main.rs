@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Install missing Debian packages and bpf-linker (idempotent).
+    /// Install missing Debian packages, bpf-linker and kubernetes-validate
+    /// (idempotent).
     Setup,
     /// Build the eBPF programs and the `tapgate` binary.
     Build {

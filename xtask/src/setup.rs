@@ -6,8 +6,13 @@
 //! and without network, for every Debian package in [`PACKAGES`] (one
 //! `dpkg-query` call) and for `bpf-linker` 0.13.0; it installs only what is
 //! missing (`apt-get update` once, then `apt-get install`, then `cargo
-//! install bpf-linker` built against Debian's LLVM 22). Every other xtask
-//! command calls it first, so a second run costs a fraction of a second.
+//! install bpf-linker` built against Debian's LLVM 22). The deploy/
+//! manifests are checked offline with PyPI's `kubernetes-validate` (it
+//! bundles the Kubernetes schemas), kept in a virtualenv of Debian's
+//! python3 at [`venv_dir`]; it is (re)made only when its
+//! `kubernetes-validate --version` is not [`KUBERNETES_VALIDATE_VERSION`].
+//! Every other xtask command calls it first, so a second run costs a
+//! fraction of a second.
 
 use std::process::{Command, Stdio};
 
@@ -43,7 +48,38 @@ pub const PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "util-linux",
     "ethtool",
+    // deploy/ checks: a virtualenv for kubernetes-validate, and
+    // systemd-analyze for the unit file
+    "python3-venv",
+    "systemd",
 ];
+
+/// The kubernetes-validate release installed in [`venv_dir`]; 1.37.0
+/// bundles strict schemas for Kubernetes 1.25 to 1.37.
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// The virtualenv holding kubernetes-validate and PyYAML:
+/// `$TAPGATE_VENV`, else `$HOME/.local/share/tapgate/venv`. The deploy
+/// test (`tests/tests/deploy.rs`) looks in the same place.
+pub fn venv_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("TAPGATE_VENV") {
+        return dir.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    std::path::Path::new(&home).join(".local/share/tapgate/venv")
+}
+
+/// Whether [`venv_dir`] has kubernetes-validate of the pinned version.
+pub fn kubernetes_validate_ok() -> bool {
+    Command::new(venv_dir().join("bin/kubernetes-validate"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .any(|w| w == KUBERNETES_VALIDATE_VERSION)
+        })
+}
 
 /// The bpf-linker release that builds against LLVM 22 here.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -125,6 +161,23 @@ pub fn ensure() -> Result<()> {
                 ])
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
         )?;
+    }
+    if !kubernetes_validate_ok() {
+        let venv = venv_dir();
+        eprintln!(
+            "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+            venv.display()
+        );
+        // Debian's python3 (python3-venv), whatever else is first on PATH.
+        run(Command::new("/usr/bin/python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv))?;
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!(
+                "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+            ))
+            .arg("PyYAML>=6"))?;
     }
     Ok(())
 }
