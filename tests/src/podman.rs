@@ -66,9 +66,17 @@
 //! container's netns bind mount `/run/netns/netns-UUID` and libcni's result
 //! cache `/var/lib/cni/results/NETWORK-CONTAINERID-eth0`, both unique per
 //! container and both removed by `podman rm`; cgroups under
-//! `/sys/fs/cgroup/*/libpod_parent/`, removed likewise. podman passes the
-//! plugins `CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAME=<container name>` (no
-//! `K8S_POD_NAMESPACE`) and `CNI_IFNAME=eth0`.
+//! `/sys/fs/cgroup/*/libpod_parent/`, removed likewise.
+//!
+//! What a plugin in the chain sees from podman 4.3 (observed with a
+//! logging plugin): first `VERSION` (with `CNI_NETNS=dummy`,
+//! `CNI_IFNAME=dummy`), then `ADD` with `CNI_NETNS=/run/netns/netns-UUID`,
+//! `CNI_IFNAME=eth0` for *every* plugin of the list (a binding plugin names
+//! its tap from its own configuration), `CNI_CONTAINERID` = the 64-hex
+//! container id, `CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAME=<container name>`
+//! (no `K8S_POD_NAMESPACE`), and the previous plugin's result as
+//! `prevResult` on stdin; `DEL` gets the same, in reverse plugin order,
+//! while the netns still exists.
 
 use std::cell::RefCell;
 use std::ffi::CString;
