@@ -43,6 +43,10 @@
 //!   the same two ways, plus raw-socket crafting of malformed ICMP.
 //! * [`control`] reads `tapgate stats` / `tapgate flows` from the
 //!   topology's control socket.
+//! * [`podman::Podman`] runs a real container runtime (podman 4 with its
+//!   CNI backend and runc) against a test's CNI configuration, isolated in
+//!   a temporary directory and a "node" namespace; [`podman::Container`]
+//!   owns one container and removes it (CNI DEL) when dropped.
 //!
 //! All guards tear down in `Drop`, so a failing or panicking test leaves no
 //! namespace, process or temporary directory behind; every wait is bounded.
@@ -56,6 +60,7 @@ pub mod fixtures;
 pub mod icmp;
 pub mod netns;
 pub mod nsthread;
+pub mod podman;
 pub mod rawtcp;
 pub mod relay;
 pub mod running;
@@ -92,13 +97,23 @@ pub fn require_root() -> Result<()> {
 /// `target/<profile>/deps/`, the binary in `target/<profile>/tapgate`; an
 /// executable directly in `target/<profile>/` (such as xtask) is handled too.
 pub fn tapgate_bin() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("TAPGATE_BIN") {
+    target_bin("tapgate", "TAPGATE_BIN")
+}
+
+/// Path of the `tapgate-cni` plugin binary under test: `$TAPGATE_CNI_BIN`,
+/// else `tapgate-cni` found like [`tapgate_bin`].
+pub fn tapgate_cni_bin() -> Result<PathBuf> {
+    target_bin("tapgate-cni", "TAPGATE_CNI_BIN")
+}
+
+/// Path of the workspace binary `name`: the file named by environment
+/// variable `env` when set, else `name` in the running executable's
+/// `target/<profile>/` directory.
+pub fn target_bin(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         if !path.is_file() {
-            bail!(
-                "TAPGATE_BIN={} does not exist or is not a file",
-                path.display()
-            );
+            bail!("{env}={} does not exist or is not a file", path.display());
         }
         return Ok(path);
     }
@@ -110,13 +125,13 @@ pub fn tapgate_bin() -> Result<PathBuf> {
     if dir.file_name().is_some_and(|name| name == "deps") {
         dir.pop();
     }
-    let candidate = dir.join("tapgate");
+    let candidate = dir.join(name);
     if candidate.is_file() {
         Ok(candidate)
     } else {
         bail!(
-            "tapgate binary not found at {}: build it with `cargo build -p tapgate` \
-             or run `cargo xtask test` (or set TAPGATE_BIN)",
+            "{name} binary not found at {}: build it with `cargo build --bins` \
+             or run `cargo xtask test` (or set {env})",
             candidate.display()
         )
     }

@@ -16,6 +16,16 @@
 //! happens in the relay thread and never in a test thread. The taps are not
 //! persistent: they vanish when the thread closes the descriptors.
 //!
+//! [`TapRelay::attach`] is the variant for a tap somebody else created (a
+//! CNI plugin's persistent `tap0` in a pod, as QEMU with KubeVirt's
+//! `domainAttachmentType: tap` finds it): the host side is a namespace
+//! *path* (`/run/netns/...`, `/proc/PID/ns/net`) rather than a [`Netns`],
+//! and the thread first checks that the tap exists there, so that
+//! `TUNSETIFF` attaches to it instead of creating a new one. Root may
+//! attach whatever the tap's owner and group; a tap that another process
+//! holds already answers `EBUSY` (single-queue taps take one descriptor),
+//! and closing the descriptor leaves a persistent tap in place.
+//!
 //! The thread then `poll(2)`s both non-blocking tap descriptors plus an
 //! eventfd used to stop it. Each readable side is drained (a bounded number
 //! of frames per wake-up, into a 64 KiB+ buffer) and every frame is written
@@ -93,6 +103,29 @@ impl TapRelay {
     /// starts copying frames between them. The links are left down; bring
     /// them up with `ip link set ... up`.
     pub fn start(host: &Netns, host_tap: &str, guest: &Netns, guest_tap: &str) -> Result<TapRelay> {
+        Self::spawn(&host.path(), host_tap, false, guest, guest_tap)
+    }
+
+    /// Opens the existing tap `host_tap` in the namespace at `host_ns_path`
+    /// (fails if there is no such interface), creates tap `guest_tap` in
+    /// `guest` and starts copying frames between them. Only the guest link
+    /// is left down.
+    pub fn attach(
+        host_ns_path: &str,
+        host_tap: &str,
+        guest: &Netns,
+        guest_tap: &str,
+    ) -> Result<TapRelay> {
+        Self::spawn(host_ns_path, host_tap, true, guest, guest_tap)
+    }
+
+    fn spawn(
+        host_path: &str,
+        host_tap: &str,
+        host_exists: bool,
+        guest: &Netns,
+        guest_tap: &str,
+    ) -> Result<TapRelay> {
         for name in [host_tap, guest_tap] {
             if name.is_empty() || name.len() >= libc::IFNAMSIZ {
                 bail!("invalid interface name {name:?}");
@@ -106,7 +139,7 @@ impl TapRelay {
         let stats = Arc::new(RelayStats::default());
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let thread = {
-            let host_path = host.path();
+            let host_path = host_path.to_owned();
             let guest_path = guest.path();
             let host_tap = host_tap.to_owned();
             let guest_tap = guest_tap.to_owned();
@@ -116,9 +149,11 @@ impl TapRelay {
             std::thread::Builder::new()
                 .name(format!("relay-{host_tap}-{guest_tap}"))
                 .spawn(move || {
-                    let taps = open_tap_in(&host_path, &host_tap).and_then(|host_fd| {
-                        open_tap_in(&guest_path, &guest_tap).map(|guest_fd| (host_fd, guest_fd))
-                    });
+                    let taps =
+                        open_tap_in(&host_path, &host_tap, host_exists).and_then(|host_fd| {
+                            open_tap_in(&guest_path, &guest_tap, false)
+                                .map(|guest_fd| (host_fd, guest_fd))
+                        });
                     match taps {
                         Ok((host_fd, guest_fd)) => {
                             let _ = ready_tx.send(Ok(()));
@@ -175,11 +210,15 @@ impl Drop for TapRelay {
 }
 
 /// Moves the calling thread into the namespace bind-mounted at `ns_path` and
-/// creates tap `name` there; returns its non-blocking descriptor.
-fn open_tap_in(ns_path: &str, name: &str) -> Result<File> {
+/// creates tap `name` there, or attaches to the existing tap `name` when
+/// `must_exist`; returns its non-blocking descriptor.
+fn open_tap_in(ns_path: &str, name: &str, must_exist: bool) -> Result<File> {
     let ns = File::open(ns_path).with_context(|| format!("cannot open {ns_path}"))?;
     setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("setns({ns_path}) failed"))?;
+    if must_exist && nix::net::if_::if_nametoindex(name).is_err() {
+        bail!("there is no interface {name} in {ns_path} to attach to");
+    }
     let tun = File::options()
         .read(true)
         .write(true)

@@ -1,9 +1,9 @@
 //! Self-tests of the namespace harness (no tapgate needed).
 //!
-//! They check that both guest kinds carry frames, that the world is
-//! reachable from the host, that every namespace and process disappears on
-//! drop (also after a panic), and that the DHCP helper works against
-//! busybox `udhcpd`.
+//! They check that both guest kinds carry frames (and that the relay can
+//! attach to an existing tap), that the world is reachable from the host,
+//! that every namespace and process disappears on drop (also after a
+//! panic), and that the DHCP helper works against busybox `udhcpd`.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tapgate_tests::dhcp::DhcpClient;
+use tapgate_tests::relay::TapRelay;
 use tapgate_tests::scratch::ScratchDir;
 use tapgate_tests::topology::{self, GUEST_IFACE, TAP_NAME};
 use tapgate_tests::{Child, GuestKind, Netns, Topology, require_root};
@@ -73,6 +74,39 @@ fn real_tap_relay_carries_frames() {
         "{}",
         stats.summary()
     );
+}
+
+/// `TapRelay::attach` serves a persistent tap somebody else created (as a
+/// CNI plugin leaves `tap0` in a pod for QEMU), and leaves it in place.
+#[test]
+fn relay_attaches_to_an_existing_tap() {
+    require_root().unwrap();
+    let pod = Netns::new("pod").unwrap();
+    let guest = Netns::new("guest").unwrap();
+    let missing = TapRelay::attach(&pod.path(), "tap0", &guest, "eth0").unwrap_err();
+    assert!(
+        format!("{missing:#}").contains("no interface tap0"),
+        "{missing:#}"
+    );
+    pod.ip(&[
+        "tuntap", "add", "dev", "tap0", "mode", "tap", "user", "107", "group", "107",
+    ])
+    .unwrap();
+    pod.ip(&["link", "set", "tap0", "up"]).unwrap();
+    pod.ip(&["addr", "add", "10.9.8.1/24", "dev", "tap0"])
+        .unwrap();
+    let relay = TapRelay::attach(&pod.path(), "tap0", &guest, "eth0").unwrap();
+    guest.ip(&["link", "set", "eth0", "up"]).unwrap();
+    guest
+        .ip(&["addr", "add", "10.9.8.2/24", "dev", "eth0"])
+        .unwrap();
+    topology::ping(&guest, "10.9.8.1", 3)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", relay.stats().summary()));
+    drop(relay);
+    let details = pod
+        .stdout(&["ip", "-d", "link", "show", "dev", "tap0"])
+        .unwrap();
+    assert!(details.contains("tun type tap"), "{details}");
 }
 
 #[test]

@@ -52,6 +52,15 @@ pub const PACKAGES: &[&str] = &[
     // systemd-analyze for the unit file
     "python3-venv",
     "systemd",
+    // a real CNI client for the node-agent tests (tests/src/podman.rs):
+    // podman 4 with its CNI backend, runc (crun fails on hybrid cgroups),
+    // the reference plugins in /usr/lib/cni. The container rootfs is built
+    // from the `busybox` above (with its libraries): busybox-static would
+    // replace that package (it Conflicts: busybox).
+    "podman",
+    "runc",
+    "conmon",
+    "containernetworking-plugins",
 ];
 
 /// The kubernetes-validate release installed in [`venv_dir`]; 1.37.0
