@@ -283,7 +283,8 @@ mod tests {
 
     #[test]
     fn unknown_settings_are_refused() {
-        let text = r#"{"containerId":"c1","ifname":"tap0","netns":"/x","settings":{"tcpPortz":[]}}"#;
+        let text =
+            r#"{"containerId":"c1","ifname":"tap0","netns":"/x","settings":{"tcpPortz":[]}}"#;
         assert!(serde_json::from_str::<AttachRequest>(text).is_err());
     }
 }
