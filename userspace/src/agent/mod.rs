@@ -5,3 +5,4 @@
 //! (Being written; see `api` for the contract.)
 
 pub mod api;
+pub mod client;
