@@ -43,6 +43,8 @@
 //!   the same two ways, plus raw-socket crafting of malformed ICMP.
 //! * [`control`] reads `tapgate stats` / `tapgate flows` from the
 //!   topology's control socket.
+//! * [`cni`] runs `tapgate-cni` as a runtime does, builds a pod namespace
+//!   with an uplink and starts `tapgate agent`.
 //!
 //! All guards tear down in `Drop`, so a failing or panicking test leaves no
 //! namespace, process or temporary directory behind; every wait is bounded.
@@ -50,6 +52,7 @@
 pub mod bulk;
 pub mod child;
 pub mod clients;
+pub mod cni;
 pub mod control;
 pub mod dhcp;
 pub mod fixtures;
