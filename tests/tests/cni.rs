@@ -182,3 +182,139 @@ fn an_interface_that_is_not_a_tap_is_refused_and_left_alone() -> Result<()> {
     assert!(pod.link("tap0")?.is_some(), "the veth was removed: {out}");
     Ok(())
 }
+
+/// A stand-in for the agent that keeps one attachment: enough to drive
+/// ADD, CHECK and DEL to success before the real agent exists.
+struct FakeAgent {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeAgent {
+    fn start(socket: &std::path::Path) -> Result<FakeAgent> {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::os::unix::net::UnixListener::bind(socket)?;
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held: Option<serde_json::Value> = None;
+            while !flag.load(Ordering::SeqCst) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
+                let mut got = Vec::new();
+                let mut buf = [0u8; 8192];
+                let (head, body) = loop {
+                    let Ok(n) = conn.read(&mut buf) else {
+                        break (String::new(), String::new());
+                    };
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    if let Some((h, b)) = text.split_once("\r\n\r\n") {
+                        let len = h
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_owned)
+                            })
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if b.len() >= len || n == 0 {
+                            break (h.to_owned(), b.to_owned());
+                        }
+                    }
+                    if n == 0 {
+                        break (String::new(), String::new());
+                    }
+                };
+                let line = head.lines().next().unwrap_or("").to_owned();
+                let (status, answer) = if line.starts_with("POST /v1/attachments ") {
+                    let mut a: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    a["phase"] = "running".into();
+                    a["adopted"] = false.into();
+                    a["uplink"] = "eth0".into();
+                    a["error"] = serde_json::Value::Null;
+                    held = Some(a.clone());
+                    (201, a.to_string())
+                } else if line.starts_with("GET /v1/attachments/") {
+                    match &held {
+                        Some(a) => (200, a.to_string()),
+                        None => (404, r#"{"error":"none"}"#.to_owned()),
+                    }
+                } else if line.starts_with("DELETE /v1/attachments/") {
+                    match held.take() {
+                        Some(a) => (200, serde_json::json!({"deleted":{"containerId":a["containerId"],"ifname":a["ifname"]}}).to_string()),
+                        None => (404, r#"{"error":"none"}"#.to_owned()),
+                    }
+                } else {
+                    (200, "ok".to_owned())
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            }
+        });
+        Ok(FakeAgent {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn add_check_del_against_a_fake_agent() -> Result<()> {
+    require_root()?;
+    let (dir, sock) = dead_socket()?;
+    let _agent = FakeAgent::start(&dir.join("agent.sock"))?;
+    let pod = PodNet::new()?;
+    let ns = pod.netns_path();
+    let extra = format!(
+        r#","tap":{{"owner":107,"group":107}},"prevResult":{{"cniVersion":"1.1.0",
+           "interfaces":[{{"name":"eth0","sandbox":"{ns}"}}],
+           "ips":[{{"address":"192.0.2.10/24","interface":0}}]}}"#
+    );
+    let bin = tapgate_cni_bin()?;
+    let call =
+        |cmd: &str| CniCall::new(cmd, &conf("1.1.0", &sock, &extra)).container("c1", &ns, "tap0");
+    let out = call("ADD").run(&bin)?;
+    assert_eq!(out.code, Some(0), "{out}");
+    let r = out.json()?;
+    let tap = &r["interfaces"][1];
+    assert_eq!(tap["name"], "tap0", "{r}");
+    assert_eq!(tap["sandbox"], ns.as_str());
+    assert_eq!(tap["mtu"], POD_MTU);
+    assert_eq!(r["ips"][0]["interface"], 0);
+    let link = pod.link("tap0")?.expect("tap0 after ADD");
+    assert_eq!(link["address"], tap["mac"]);
+    assert_eq!(link["mtu"], POD_MTU);
+    let info = &link["linkinfo"]["info_data"];
+    assert_eq!(info["type"], "tap", "{link}");
+    assert_eq!(info["vnet_hdr"], true);
+    assert_eq!(info["persist"], true);
+    assert_eq!(info["multi_queue"], false);
+    assert!(info["user"] == 107 || info["user"].is_string(), "{link}");
+    assert!(info["group"] == 107 || info["group"].is_string(), "{link}");
+
+    call("CHECK").run(&bin)?.expect_silent_success()?;
+    call("DEL").run(&bin)?.expect_silent_success()?;
+    assert!(pod.link("tap0")?.is_none());
+    // The fake agent forgot it: CHECK fails with tapgate's code.
+    call("CHECK").run(&bin)?.expect_error(102)?;
+    Ok(())
+}
