@@ -47,6 +47,8 @@
 //!   CNI backend and runc) against a test's CNI configuration, isolated in
 //!   a temporary directory and a "node" namespace; [`podman::Container`]
 //!   owns one container and removes it (CNI DEL) when dropped.
+//! * [`cni`] runs `tapgate-cni` as a runtime does, builds a pod namespace
+//!   with an uplink and starts `tapgate agent`.
 //!
 //! All guards tear down in `Drop`, so a failing or panicking test leaves no
 //! namespace, process or temporary directory behind; every wait is bounded.
@@ -54,6 +56,7 @@
 pub mod bulk;
 pub mod child;
 pub mod clients;
+pub mod cni;
 pub mod control;
 pub mod dhcp;
 pub mod fixtures;

@@ -4,7 +4,8 @@
 //!
 //! Everything here asks the kernel of the namespace tapgate runs in: names
 //! resolve through `if_nametoindex`, the MTU through `SIOCGIFMTU`, and the
-//! default route through `/proc/net/route` (which is per network namespace).
+//! default route through `/proc/thread-self/net/route` (per network
+//! namespace, and per thread: a thread may have entered another one).
 //! Nothing reads `/sys/class/net`, which shows the namespace `/sys` was
 //! mounted in rather than the one the process is in.
 
@@ -89,10 +90,18 @@ impl Iface {
     }
 }
 
-/// The name of the interface holding the IPv4 default route.
+/// The name of the interface holding the IPv4 default route in the calling
+/// thread's network namespace.
+///
+/// `/proc/net` is `/proc/self/net`, which shows the namespace of the
+/// process's main thread; a thread that entered another namespace with
+/// `setns(2)` (the CNI plugin, the agent) must read
+/// `/proc/thread-self/net/route` instead. Kernels without `thread-self`
+/// (before 3.17) fall back to `/proc/net/route`.
 pub fn default_route_iface() -> Result<String, IfaceError> {
-    let table =
-        fs::read_to_string("/proc/thread-self/net/route").map_err(|source| IfaceError::Io {
+    let table = fs::read_to_string("/proc/thread-self/net/route")
+        .or_else(|_| fs::read_to_string("/proc/net/route"))
+        .map_err(|source| IfaceError::Io {
             what: "reading /proc/thread-self/net/route".into(),
             source,
         })?;

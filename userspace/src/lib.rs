@@ -7,6 +7,7 @@ pub mod agent;
 pub mod aio;
 pub mod arp;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod daemon;

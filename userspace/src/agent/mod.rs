@@ -23,6 +23,7 @@
 //! removes an attachment's datapath.
 
 pub mod api;
+pub mod client;
 pub mod registry;
 pub mod server;
 pub mod settings;

@@ -21,6 +21,59 @@ use crate::cli::{Cli, Command, LogLevel, RunArgs};
 /// Default flow limit of one attachment.
 pub const DEFAULT_AGENT_MAX_FLOWS: u32 = 16_384;
 
+/// The settings as `tapgate run` flags: `(setting key, flag, value)`
+/// (`value` is `None` for a boolean flag that is set). Forwarding SPECs,
+/// the flow limit's default and `reservePorts` are added by [`run_args`].
+/// The CNI plugin checks a configuration with the same list, so an error
+/// names the key the operator wrote.
+pub fn run_flags(s: &AttachSettings) -> Vec<(&'static str, &'static str, Option<String>)> {
+    let num = |v: Option<u64>| v.map(|v| v.to_string());
+    let mut out = Vec::new();
+    for (key, flag, value) in [
+        ("uplink", "--uplink", s.uplink.clone()),
+        ("address", "--address", s.address.clone()),
+        ("gateway", "--gateway", s.gateway.clone()),
+        ("dns", "--dns", s.dns.clone()),
+        ("mac", "--mac", s.mac.clone()),
+        (
+            "dhcpLease",
+            "--dhcp-lease",
+            num(s.dhcp_lease.map(u64::from)),
+        ),
+        ("dnsUpstream", "--dns-upstream", s.dns_upstream.clone()),
+        (
+            "keepaliveInterval",
+            "--keepalive-interval",
+            num(s.keepalive_interval),
+        ),
+        (
+            "inactivityInterval",
+            "--inactivity-interval",
+            num(s.inactivity_interval),
+        ),
+        (
+            "keepaliveProbes",
+            "--keepalive-probes",
+            num(s.keepalive_probes.map(u64::from)),
+        ),
+        (
+            "lastAckTimeout",
+            "--last-ack-timeout",
+            num(s.last_ack_timeout),
+        ),
+        ("udpTimeout", "--udp-timeout", num(s.udp_timeout)),
+        ("maxFlows", "--max-flows", num(s.max_flows.map(u64::from))),
+    ] {
+        if value.is_some() {
+            out.push((key, flag, value));
+        }
+    }
+    if s.allow_host == Some(true) {
+        out.push(("allowHost", "--allow-host", None));
+    }
+    out
+}
+
 /// The `tapgate run` arguments for serving `ifname` with `settings`.
 pub fn run_args(ifname: &str, s: &AttachSettings, log: LogLevel) -> Result<RunArgs, String> {
     let mut argv: Vec<String> = vec![
@@ -29,40 +82,16 @@ pub fn run_args(ifname: &str, s: &AttachSettings, log: LogLevel) -> Result<RunAr
         "--tap".into(),
         ifname.into(),
     ];
-    let mut flag = |name: &str, value: Option<String>| {
-        if let Some(v) = value {
-            argv.push(format!("--{name}"));
-            argv.push(v);
+    for (_, flag, value) in run_flags(s) {
+        match value {
+            // `--flag=value`: a value starting with `-` stays a value.
+            Some(v) => argv.push(format!("{flag}={v}")),
+            None => argv.push(flag.to_owned()),
         }
-    };
-    flag("uplink", s.uplink.clone());
-    flag("address", s.address.clone());
-    flag("gateway", s.gateway.clone());
-    flag("dns", s.dns.clone());
-    flag("mac", s.mac.clone());
-    flag("dhcp-lease", s.dhcp_lease.map(|v| v.to_string()));
-    flag("dns-upstream", s.dns_upstream.clone());
-    flag(
-        "keepalive-interval",
-        s.keepalive_interval.map(|v| v.to_string()),
-    );
-    flag(
-        "inactivity-interval",
-        s.inactivity_interval.map(|v| v.to_string()),
-    );
-    flag(
-        "keepalive-probes",
-        s.keepalive_probes.map(|v| v.to_string()),
-    );
-    flag(
-        "last-ack-timeout",
-        s.last_ack_timeout.map(|v| v.to_string()),
-    );
-    flag("udp-timeout", s.udp_timeout.map(|v| v.to_string()));
-    flag(
-        "max-flows",
-        Some(s.max_flows.unwrap_or(DEFAULT_AGENT_MAX_FLOWS).to_string()),
-    );
+    }
+    if s.max_flows.is_none() {
+        argv.push(format!("--max-flows={DEFAULT_AGENT_MAX_FLOWS}"));
+    }
     let level = match log {
         LogLevel::Off => "off",
         LogLevel::Error => "error",
@@ -71,18 +100,14 @@ pub fn run_args(ifname: &str, s: &AttachSettings, log: LogLevel) -> Result<RunAr
         LogLevel::Debug => "debug",
         LogLevel::Trace => "trace",
     };
-    flag("log-level", Some(level.into()));
+    argv.push(format!("--log-level={level}"));
     let all = vec!["all".to_owned()];
-    for (short, specs) in [("-t", &s.tcp_ports), ("-u", &s.udp_ports)] {
+    for (long, specs) in [("--tcp-ports", &s.tcp_ports), ("--udp-ports", &s.udp_ports)] {
         for spec in specs.as_ref().unwrap_or(&all) {
             if spec != "none" {
-                argv.push(short.into());
-                argv.push(spec.clone());
+                argv.push(format!("{long}={spec}"));
             }
         }
-    }
-    if s.allow_host == Some(true) {
-        argv.push("--allow-host".into());
     }
     if s.reserve_ports != Some(true) {
         argv.push("--no-reserve-ports".into());
