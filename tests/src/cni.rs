@@ -15,10 +15,8 @@
 //! tap after and the agent one to serve through.
 //!
 //! [`Agent`] runs `tapgate agent --socket --state-dir --bpffs-dir` in the
-//! foreground, in a scratch directory (the bpffs directory is a fresh
-//! directory under `/sys/fs/bpf` when that is a bpffs, else a private bpffs
-//! mounted on a scratch directory and unmounted on drop), and waits until
-//! `GET /healthz` answers 200. [`http`] is a minimal HTTP/1.1 exchange over
+//! foreground, in a scratch directory with a private bpffs
+//! ([`crate::bpffs::Bpffs`]), and waits until `GET /healthz` answers 200. [`http`] is a minimal HTTP/1.1 exchange over
 //! the agent's socket for what the tests ask the agent directly.
 
 use std::io::{Read, Write};
@@ -323,7 +321,7 @@ fn dechunk(mut s: &str) -> String {
 pub struct Agent {
     child: Child,
     socket: PathBuf,
-    bpffs: BpffsDir,
+    bpffs: crate::bpffs::Bpffs,
     _dir: ScratchDir,
 }
 
@@ -335,7 +333,7 @@ impl Agent {
         let socket = dir.join("agent.sock");
         let state = dir.join("state");
         std::fs::create_dir(&state)?;
-        let bpffs = BpffsDir::new(&dir)?;
+        let bpffs = crate::bpffs::Bpffs::new()?;
         let mut cmd = Command::new(crate::tapgate_bin()?);
         cmd.arg("agent")
             .arg("--socket")
@@ -376,68 +374,8 @@ impl Agent {
         self.child.stderr()
     }
 
-    /// The bpffs directory it pins into.
-    pub fn bpffs_dir(&self) -> &Path {
-        self.bpffs.path()
-    }
-}
-
-/// A bpffs directory for one agent, removed (or unmounted) on drop.
-#[derive(Debug)]
-struct BpffsDir {
-    path: PathBuf,
-    mounted: bool,
-}
-
-impl BpffsDir {
-    fn new(scratch: &ScratchDir) -> Result<BpffsDir> {
-        let is_bpffs = |p: &Path| {
-            nix::sys::statfs::statfs(p)
-                .map(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-                .unwrap_or(false)
-        };
-        let sys = Path::new("/sys/fs/bpf");
-        if is_bpffs(sys) {
-            let path = sys.join(
-                scratch
-                    .path()
-                    .file_name()
-                    .context("scratch directory without a name")?,
-            );
-            std::fs::create_dir(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            return Ok(BpffsDir {
-                path,
-                mounted: false,
-            });
-        }
-        let path = scratch.join("bpffs");
-        std::fs::create_dir(&path)?;
-        let out = crate::child::run_with_timeout(
-            Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path),
-            Duration::from_secs(10),
-        )?;
-        crate::child::check_output("mount -t bpf", out)?;
-        Ok(BpffsDir {
-            path,
-            mounted: true,
-        })
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for BpffsDir {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = crate::child::run_with_timeout(
-                Command::new("umount").arg("-l").arg(&self.path),
-                Duration::from_secs(10),
-            );
-        } else if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            log::warn!("cannot remove {}: {e}", self.path.display());
-        }
+    /// The bpffs it pins into.
+    pub fn bpffs(&self) -> &crate::bpffs::Bpffs {
+        &self.bpffs
     }
 }

@@ -47,12 +47,14 @@
 //!   CNI backend and runc) against a test's CNI configuration, isolated in
 //!   a temporary directory and a "node" namespace; [`podman::Container`]
 //!   owns one container and removes it (CNI DEL) when dropped.
+//! * [`bpffs::Bpffs`] mounts a private bpffs for a test's pins.
 //! * [`cni`] runs `tapgate-cni` as a runtime does, builds a pod namespace
 //!   with an uplink and starts `tapgate agent`.
 //!
 //! All guards tear down in `Drop`, so a failing or panicking test leaves no
 //! namespace, process or temporary directory behind; every wait is bounded.
 
+pub mod bpffs;
 pub mod bulk;
 pub mod child;
 pub mod clients;

@@ -10,9 +10,7 @@
 //! it needs the `tapgate` and `tapgate-cni` binaries.
 #![allow(clippy::unwrap_used)]
 
-use std::ffi::CString;
 use std::net::SocketAddr;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,12 +18,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tapgate_tests::child::{check_output, run_with_timeout};
+use tapgate_tests::cni::Agent;
 use tapgate_tests::dhcp::DhcpClient;
-use tapgate_tests::podman::{Container, Podman, mounts_below, nsenter_net};
+use tapgate_tests::podman::{Container, Podman, mounts_below};
 use tapgate_tests::relay::TapRelay;
 use tapgate_tests::scratch::ScratchDir;
 use tapgate_tests::servers::{HttpServer, TcpEchoServer};
-use tapgate_tests::{Child, Netns, require_root, tapgate_bin, tapgate_cni_bin};
+use tapgate_tests::{Netns, require_root, tapgate_cni_bin};
 
 const BRIDGE: &str = "tgbr0";
 
@@ -218,63 +217,6 @@ fn harness_drop_after_panic_removes_everything() {
     .unwrap();
 }
 
-/// A private bpffs instance mounted on a scratch directory (the agent's
-/// `--bpffs-dir`); unmounted on drop.
-struct Bpffs {
-    dir: ScratchDir,
-}
-
-impl Bpffs {
-    fn new() -> Result<Bpffs> {
-        let dir = ScratchDir::new("bpffs")?;
-        let target = CString::new(dir.path().as_os_str().as_bytes())?;
-        // SAFETY: all pointers are valid NUL-terminated strings or null.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("mount -t bpf on {}", dir.path().display()));
-        }
-        Ok(Bpffs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Every path below the mount.
-    fn contents(&self) -> Vec<PathBuf> {
-        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    walk(&path, out);
-                }
-                out.push(path);
-            }
-        }
-        let mut out = Vec::new();
-        walk(self.path(), &mut out);
-        out
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.dir.path().as_os_str().as_bytes()) {
-            // SAFETY: `target` is a valid NUL-terminated string.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
 /// `GET http://agent<path>` over the agent's UNIX socket (curl, so the test
 /// does not depend on the agent's Rust client).
 fn agent_get(socket: &Path, path: &str) -> Result<String> {
@@ -323,35 +265,12 @@ fn samples_for(exposition: &str, label_value: &str) -> Vec<(String, String, f64)
 #[test]
 fn podman_vm_pod_through_tapgate() {
     root();
-    let tapgate = tapgate_bin().unwrap();
     let cni = tapgate_cni_bin().unwrap();
     let node = Netns::new("node").unwrap();
     let guest = Netns::new("guest").unwrap();
-    let bpffs = Bpffs::new().unwrap();
-    let agent_dir = ScratchDir::new("agent").unwrap();
-    let socket = agent_dir.join("agent.sock");
-    let state = agent_dir.join("state");
-    std::fs::create_dir(&state).unwrap();
-
-    // The node agent, in the node namespace with the machine's mount
-    // namespace (it must see the pods' /run/netns pins and the bpffs).
-    let mut cmd = nsenter_net(Path::new(&node.path()), tapgate.to_str().unwrap());
-    cmd.arg("agent")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--bpffs-dir")
-        .arg(bpffs.path())
-        .env("RUST_BACKTRACE", "1");
-    let mut agent = Child::spawn(cmd, "tapgate agent").unwrap();
-    wait_until("agent /healthz answers ok", Duration::from_secs(20), || {
-        if let Some(status) = agent.try_wait()? {
-            bail!("agent exited ({status}): {}", agent.stderr());
-        }
-        Ok(agent_get(&socket, "/healthz").is_ok_and(|t| t.trim() == "ok"))
-    })
-    .unwrap();
+    // The node agent (it enters each pod's namespace by path itself).
+    let agent = Agent::start().unwrap();
+    let socket = agent.socket().to_path_buf();
 
     // Multus's order: the primary network, then the binding plugin.
     let conflist = json!({
@@ -529,11 +448,10 @@ fn podman_vm_pod_through_tapgate() {
         || Ok(attachments(&socket)?.is_empty()),
     )
     .unwrap_or_else(|e| panic!("{e:#}\nagent stderr:\n{}", agent.stderr()));
-    wait_until("the bpffs dir is empty", Duration::from_secs(10), || {
-        Ok(bpffs.contents().is_empty())
-    })
-    .unwrap_or_else(|e| panic!("{e:#}: {:?}", bpffs.contents()));
-
-    let status = agent.stop().unwrap();
-    eprintln!("agent stopped ({status}); stderr:\n{}", agent.stderr());
+    wait_until(
+        "nothing is pinned any more",
+        Duration::from_secs(10),
+        || Ok(agent.bpffs().pins().is_empty()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", agent.bpffs().pins()));
 }
