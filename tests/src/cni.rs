@@ -321,7 +321,10 @@ fn dechunk(mut s: &str) -> String {
 pub struct Agent {
     child: Child,
     socket: PathBuf,
+    state: PathBuf,
     bpffs: crate::bpffs::Bpffs,
+    /// Earlier agents' stderr (after restarts).
+    earlier: String,
     _dir: ScratchDir,
 }
 
@@ -334,34 +337,31 @@ impl Agent {
         let state = dir.join("state");
         std::fs::create_dir(&state)?;
         let bpffs = crate::bpffs::Bpffs::new()?;
-        let mut cmd = Command::new(crate::tapgate_bin()?);
-        cmd.arg("agent")
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--bpffs-dir")
-            .arg(bpffs.path());
-        let mut child = Child::spawn(cmd, "tapgate agent")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = http(&socket, "GET", "/healthz", None) {
-                break;
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!("tapgate agent exited ({status}):\n{}", child.stderr());
-            }
-            if Instant::now() >= deadline {
-                bail!("tapgate agent not ready after 30 s:\n{}", child.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = spawn_agent(&socket, &state, bpffs.path())?;
         Ok(Agent {
             child,
             socket,
+            state,
             bpffs,
+            earlier: String::new(),
             _dir: dir,
         })
+    }
+
+    /// Ends the agent with `signal` (bounded wait), then starts a new one
+    /// on the same socket, state and bpffs, as a DaemonSet's rolling
+    /// update does. Returns when the old one had exited and when the new
+    /// one answered `/healthz` (which it does only after re-adopting every
+    /// attachment).
+    pub fn restart(&mut self, signal: nix::sys::signal::Signal) -> Result<(Instant, Instant)> {
+        self.child.signal(signal)?;
+        let status = self.child.wait_exit(Duration::from_secs(30))?;
+        let exited = Instant::now();
+        self.earlier.push_str(&self.child.stderr());
+        self.earlier
+            .push_str(&format!("--- agent exited ({status}) after {signal} ---\n"));
+        self.child = spawn_agent(&self.socket, &self.state, self.bpffs.path())?;
+        Ok((exited, Instant::now()))
     }
 
     /// The agent's socket.
@@ -369,13 +369,39 @@ impl Agent {
         &self.socket
     }
 
-    /// The agent's stderr so far.
+    /// The agent's stderr so far (every agent's, across restarts).
     pub fn stderr(&self) -> String {
-        self.child.stderr()
+        format!("{}{}", self.earlier, self.child.stderr())
     }
 
     /// The bpffs it pins into.
     pub fn bpffs(&self) -> &crate::bpffs::Bpffs {
         &self.bpffs
+    }
+}
+
+/// Starts `tapgate agent` and waits (bounded) until `/healthz` answers.
+fn spawn_agent(socket: &Path, state: &Path, bpffs: &Path) -> Result<Child> {
+    let mut cmd = Command::new(crate::tapgate_bin()?);
+    cmd.arg("agent")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--bpffs-dir")
+        .arg(bpffs);
+    let mut child = Child::spawn(cmd, "tapgate agent")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, _)) = http(socket, "GET", "/healthz", None) {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("tapgate agent exited ({status}):\n{}", child.stderr());
+        }
+        if Instant::now() >= deadline {
+            bail!("tapgate agent not ready after 30 s:\n{}", child.stderr());
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

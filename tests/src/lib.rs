@@ -47,6 +47,8 @@
 //!   CNI backend and runc) against a test's CNI configuration, isolated in
 //!   a temporary directory and a "node" namespace; [`podman::Container`]
 //!   owns one container and removes it (CNI DEL) when dropped.
+//! * [`paced`] streams a self-checking pattern slowly enough to span a
+//!   daemon restart, and timestamps what arrives.
 //! * [`bpffs::Bpffs`] mounts a private bpffs for a test's pins.
 //! * [`cni`] runs `tapgate-cni` as a runtime does, builds a pod namespace
 //!   with an uplink and starts `tapgate agent`.
@@ -65,6 +67,7 @@ pub mod fixtures;
 pub mod icmp;
 pub mod netns;
 pub mod nsthread;
+pub mod paced;
 pub mod podman;
 pub mod rawtcp;
 pub mod relay;
