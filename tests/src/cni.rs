@@ -325,25 +325,34 @@ pub struct Agent {
     bpffs: crate::bpffs::Bpffs,
     /// Earlier agents' stderr (after restarts).
     earlier: String,
+    /// Extra arguments of every start.
+    extra: Vec<String>,
     _dir: ScratchDir,
 }
 
 impl Agent {
     /// Starts the agent and waits (bounded) until `/healthz` answers.
     pub fn start() -> Result<Agent> {
+        Self::start_with(&[])
+    }
+
+    /// [`Agent::start`] with more arguments (e.g. `--listen ADDR`).
+    pub fn start_with(extra: &[&str]) -> Result<Agent> {
         crate::require_root()?;
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let dir = ScratchDir::new("agent")?;
         let socket = dir.join("agent.sock");
         let state = dir.join("state");
         std::fs::create_dir(&state)?;
         let bpffs = crate::bpffs::Bpffs::new()?;
-        let child = spawn_agent(&socket, &state, bpffs.path())?;
+        let child = spawn_agent(&socket, &state, bpffs.path(), &extra)?;
         Ok(Agent {
             child,
             socket,
             state,
             bpffs,
             earlier: String::new(),
+            extra,
             _dir: dir,
         })
     }
@@ -360,7 +369,7 @@ impl Agent {
         self.earlier.push_str(&self.child.stderr());
         self.earlier
             .push_str(&format!("--- agent exited ({status}) after {signal} ---\n"));
-        self.child = spawn_agent(&self.socket, &self.state, self.bpffs.path())?;
+        self.child = spawn_agent(&self.socket, &self.state, self.bpffs.path(), &self.extra)?;
         Ok((exited, Instant::now()))
     }
 
@@ -381,7 +390,7 @@ impl Agent {
 }
 
 /// Starts `tapgate agent` and waits (bounded) until `/healthz` answers.
-fn spawn_agent(socket: &Path, state: &Path, bpffs: &Path) -> Result<Child> {
+fn spawn_agent(socket: &Path, state: &Path, bpffs: &Path, extra: &[String]) -> Result<Child> {
     let mut cmd = Command::new(crate::tapgate_bin()?);
     cmd.arg("agent")
         .arg("--socket")
@@ -389,7 +398,8 @@ fn spawn_agent(socket: &Path, state: &Path, bpffs: &Path) -> Result<Child> {
         .arg("--state-dir")
         .arg(state)
         .arg("--bpffs-dir")
-        .arg(bpffs);
+        .arg(bpffs)
+        .args(extra);
     let mut child = Child::spawn(cmd, "tapgate agent")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

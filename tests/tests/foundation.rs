@@ -598,3 +598,17 @@ fn veth_guest_dhcp_and_ping() {
     ping_gateway_and_dns(&run);
     arping_resolves(&run, DEFAULT_GATEWAY, DEFAULT_GATEWAY_MAC);
 }
+
+#[test]
+fn exits_when_its_tap_goes() {
+    let topo = topology(GuestKind::RealTap);
+    let child = topo.start_tapgate(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    // The guest is gone (what a hypervisor's exit does to its tap).
+    topo.host().ip(&["link", "del", TAP_NAME]).unwrap();
+    let stderr = expect_error(child, "tap tap0 disappeared");
+    assert!(stderr.contains("detached"), "{stderr}");
+    for direction in [TcxDirection::Ingress, TcxDirection::Egress] {
+        let left = tcx::attached_names(topo.host(), UPLINK_NAME, direction).unwrap();
+        assert!(left.is_empty(), "programs left on the uplink: {left:?}");
+    }
+}

@@ -221,7 +221,8 @@ impl Datapaths {
                 ("translated_to_world", "to_world", "translated"),
             ] {
                 if let Some(kinds) = icmp.get(group).and_then(Value::as_object) {
-                    for (k, n) in kinds {
+                    // Only kinds that happened: most of the 52 never do.
+                    for (k, n) in kinds.iter().filter(|(_, n)| n.as_u64() != Some(0)) {
                         self.icmp
                             .get_or_create(&IcmpLabels {
                                 namespace: t.namespace.clone(),

@@ -61,6 +61,8 @@ pub const PACKAGES: &[&str] = &[
     "runc",
     "conmon",
     "containernetworking-plugins",
+    // a real Prometheus server scrapes the agent's /metrics in a test
+    "prometheus",
 ];
 
 /// The kubernetes-validate release installed in [`venv_dir`]; 1.37.0

@@ -143,8 +143,9 @@ impl Paths {
         self.bpffs_dir.join(&id.container_id).join(&id.ifname)
     }
 
-    /// Removes everything on disk of `id` (its datapath must be stopped).
-    fn forget(&self, id: &AttachmentId) {
+    /// Removes the records of `id` and, with `pins`, whatever is still
+    /// pinned for it (its datapath must be stopped).
+    fn forget(&self, id: &AttachmentId, pins: bool) {
         for f in [self.request_file(id), self.guest_file(id)] {
             if let Err(e) = fs::remove_file(&f)
                 && e.kind() != std::io::ErrorKind::NotFound
@@ -153,6 +154,9 @@ impl Paths {
             }
         }
         let _ = fs::remove_dir(self.attachments().join(&id.container_id));
+        if !pins {
+            return;
+        }
         if loader::remove_pins(&self.pin_dir(id)) {
             info!("{id}: removed leftover pins");
         }
@@ -263,7 +267,9 @@ impl Registry {
                 Ok((view, true))
             }
             Err(msg) => {
-                // The daemon removed whatever it had made; forget the rest.
+                // The daemon removed whatever it had made. Pins it did not
+                // make stay: they may be another version's running
+                // datapath, which a refused start must not destroy.
                 let entry = self.lock().remove(&id);
                 if let Some(mut e) = entry {
                     if let Some(stop) = e.stop.take() {
@@ -271,7 +277,7 @@ impl Registry {
                     }
                     let _ = wait_done(e.done, STOP_TIMEOUT).await;
                 }
-                self.paths.forget(&id);
+                self.paths.forget(&id, false);
                 warn!("{id}: set-up failed: {msg}");
                 Err(RegistryError::Failed(msg))
             }
@@ -367,7 +373,7 @@ impl Registry {
                 if map.remove(id).is_some() {
                     drop(map);
                     info!("{id}: {gone:?}, attachment removed");
-                    self.paths.forget(id);
+                    self.paths.forget(id, true);
                 }
             }
             Outcome::Error(msg) => {
@@ -414,7 +420,7 @@ impl Registry {
         }
         let outcome = wait_done(done, STOP_TIMEOUT).await;
         if how == Stop::Detach {
-            self.paths.forget(id);
+            self.paths.forget(id, true);
         }
         match outcome {
             Some(_) => {
@@ -517,7 +523,7 @@ impl Registry {
                     "{id}: network namespace {} is gone; removing what was left",
                     request.netns.display()
                 );
-                self.paths.forget(&id);
+                self.paths.forget(&id, true);
                 continue;
             }
             match self.create(request).await {

@@ -497,6 +497,36 @@ impl CniArgs {
 mod tests {
     use super::*;
 
+    /// The block scalar under `config: |` of a NetworkAttachmentDefinition.
+    fn nad_config(yaml: &str) -> String {
+        let mut lines = yaml.lines().skip_while(|l| l.trim() != "config: |");
+        let head = lines.next().unwrap_or_default();
+        let indent = head.find("config").unwrap_or(0) + 2;
+        lines
+            .take_while(|l| {
+                l.trim().is_empty() || l.len() > indent && l[..indent].trim().is_empty()
+            })
+            .map(|l| l.get(indent..).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_shipped_network_attachment_definition_loads() {
+        let yaml = include_str!("../../../deploy/network-attachment-definition.yaml");
+        let text = nad_config(yaml);
+        let c = NetConf::parse(text.as_bytes(), Validation::Full)
+            .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(c.name, "tapgate");
+        assert_eq!((c.tap.owner, c.tap.group), (Some(107), Some(107)));
+        assert_eq!(c.tap.mtu, None, "the pod's MTU by default");
+        assert_eq!(c.settings.tcp_ports, Some(vec!["all".to_owned()]));
+        assert_eq!(c.settings.reserve_ports, Some(false));
+        // And the agent accepts exactly these settings.
+        crate::agent::settings::run_args("tap0", &c.settings, crate::cli::LogLevel::Info)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     #[test]
     fn taps_are_named_as_kubevirt_expects() {
         assert_eq!(tap_name(None, "eth0"), "tap0");
