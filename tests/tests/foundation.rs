@@ -612,3 +612,52 @@ fn exits_when_its_tap_goes() {
         assert!(left.is_empty(), "programs left on the uplink: {left:?}");
     }
 }
+
+#[test]
+fn run_serves_prometheus_metrics() {
+    // Loopback of the host namespace: nothing leaves it.
+    let run = Running::start(GuestKind::RealTap, &["--metrics", "127.0.0.1:9465"]);
+    let lease = run.dhcp();
+    run.check(
+        lease.ip == DEFAULT_GUEST_ADDR,
+        format!("lease: {}", lease.line),
+    );
+    let metrics = run.host(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9465/metrics",
+    ]);
+    let sample = |name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "{name}{{namespace=\"\",pod=\"\",interface=\"tap0\"}} "
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    run.check(
+        sample("tapgate_dhcp_replies_total").is_some_and(|v| v >= 2.0),
+        format!("DHCP replies (OFFER, ACK) not counted:\n{metrics}"),
+    );
+    run.check(
+        sample("tapgate_slowpath_packets_total").is_some_and(|v| v >= 2.0),
+        format!("punted packets not counted:\n{metrics}"),
+    );
+    run.check(
+        metrics.ends_with("# EOF\n"),
+        "not an OpenMetrics exposition",
+    );
+    let health = run.host(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9465/healthz",
+    ]);
+    run.check(health == "ok\n", format!("/healthz: {health:?}"));
+}
