@@ -632,7 +632,7 @@ impl State {
     fn save_guest_state(&self, path: &std::path::Path) {
         let now = self.services.borrow().snapshot();
         let prev = self.saved.take();
-        if prev.as_ref() == Some(&now) {
+        if prev.as_ref().is_some_and(|p| p.same_as(&now)) {
             self.saved.set(prev);
             return;
         }

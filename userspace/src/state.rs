@@ -79,6 +79,17 @@ impl GuestState {
         }
     }
 
+    /// Whether `other` says the same (lease expiries within two seconds:
+    /// both are rounded from a monotonic clock, so they jitter).
+    pub fn same_as(&self, other: &GuestState) -> bool {
+        self.guest_mac == other.guest_mac
+            && self.lease_mac == other.lease_mac
+            && match (self.lease_expires_unix, other.lease_expires_unix) {
+                (Some(a), Some(b)) => a.abs_diff(b) <= 2,
+                (a, b) => a == b,
+            }
+    }
+
     /// The guest's MAC address, if it was known.
     pub fn guest_mac(&self) -> Option<EthernetAddress> {
         self.guest_mac
@@ -167,6 +178,26 @@ mod tests {
         let r = GuestState::load(&path);
         fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(r, Err(StateError::Format { .. })));
+    }
+
+    #[test]
+    fn rounding_jitter_is_not_a_change() {
+        let a = GuestState {
+            guest_mac: Some([2, 0, 0, 0, 0, 1]),
+            lease_mac: Some([2, 0, 0, 0, 0, 1]),
+            lease_expires_unix: Some(1000),
+        };
+        let b = GuestState {
+            lease_expires_unix: Some(1001),
+            ..a.clone()
+        };
+        let renewed = GuestState {
+            lease_expires_unix: Some(5000),
+            ..a.clone()
+        };
+        assert!(a.same_as(&b));
+        assert!(!a.same_as(&renewed));
+        assert!(!a.same_as(&GuestState::default()));
     }
 
     #[test]
