@@ -42,7 +42,10 @@ use datapath_common::{
 use log::{info, warn};
 use smoltcp::wire::EthernetAddress;
 
-use super::{FlowManager, FlowMaps, NatLease, NatPorts, table::Flow};
+use super::{
+    FlowManager, FlowMaps, NatLease, NatPorts,
+    table::{Addressing, Flow},
+};
 use crate::fwd::Proto;
 
 /// What [`FlowManager::adopt`] did.
@@ -138,28 +141,21 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             FlowState::LastAck => now.checked_add(self.last_ack_timeout),
             _ => None,
         };
-        let mut flow = Flow {
+        let mut flow = Flow::new(
             slot,
-            proto,
-            guest: v4(&tk.src, tk.sport),
-            remote: v4(&tk.dst, tk.dport),
-            world: v4(&te.new_dst, te.new_dport),
-            nat,
-            guest_mac: EthernetAddress(ue.eth_dst),
-            lease: NatLease::new(nat.port(), ()),
+            Addressing {
+                proto,
+                guest: v4(&tk.src, tk.sport),
+                remote: v4(&tk.dst, tk.dport),
+                world: v4(&te.new_dst, te.new_dport),
+                nat,
+                guest_mac: EthernetAddress(ue.eth_dst),
+            },
+            NatLease::new(nat.port(), ()),
             state,
-            created: now,
-            state_since: now,
-            last_seen: now,
-            guest_isn: 0,
-            guest_fin: None,
-            world_fin: None,
-            guest_fin_acked: false,
-            world_fin_acked: false,
-            deadline,
-            world_isn: None,
-            keepalives_unanswered: 0,
-        };
+            now,
+        );
+        flow.deadline = deadline;
         if flow.tap_key() != tk || flow.uplink_key() != uk || !self.table.claim_slot(slot) {
             return None;
         }

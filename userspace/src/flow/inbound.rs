@@ -45,7 +45,7 @@ use log::debug;
 use super::{
     DropReason, FlowManager, FlowMaps, NatLease, NatPorts, Output,
     packet::{L4, Packet},
-    table::Flow,
+    table::{Addressing, Flow},
 };
 use crate::fwd::{Proto, Rule};
 
@@ -82,33 +82,25 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         }
         let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
         let client = SocketAddrV4::new(pkt.src, sport);
-        let flow = Flow {
+        let mut flow = Flow::new(
             slot,
-            proto: proto.ip_proto(),
-            guest: SocketAddrV4::new(self.guest.guest_addr, guest_port),
-            remote: client,
-            world: client,
-            nat: SocketAddrV4::new(pkt.dst, dport),
-            guest_mac,
-            // The forwarded port is held by the port reservations.
-            lease: NatLease::new(dport, ()),
-            state,
-            created: now,
-            state_since: now,
-            last_seen: now,
-            guest_isn: 0,
-            guest_fin: None,
-            world_fin: None,
-            guest_fin_acked: false,
-            world_fin_acked: false,
-            deadline: if state == FlowState::Handshake {
-                now.checked_add(self.handshake_timeout)
-            } else {
-                None
+            Addressing {
+                proto: proto.ip_proto(),
+                guest: SocketAddrV4::new(self.guest.guest_addr, guest_port),
+                remote: client,
+                world: client,
+                nat: SocketAddrV4::new(pkt.dst, dport),
+                guest_mac,
             },
-            world_isn,
-            keepalives_unanswered: 0,
-        };
+            // The forwarded port is held by the port reservations.
+            NatLease::new(dport, ()),
+            state,
+            now,
+        );
+        if state == FlowState::Handshake {
+            flow.deadline = now.checked_add(self.handshake_timeout);
+        }
+        flow.world_isn = world_isn;
         debug!(
             "flow: inbound {proto} {client} -> {}:{dport} forwarded to guest port {guest_port}",
             pkt.dst

@@ -116,7 +116,7 @@ pub use policy::HostAddrs;
 
 use packet::{IcmpError, L4, Packet, PacketError};
 use policy::Policy;
-use table::{Flow, FlowTable};
+use table::{Addressing, Flow, FlowTable};
 
 /// How long a flow may stay in `LastAck` waiting for the final ACK (TCP
 /// MSL × 2, as in the seed PR).
@@ -889,28 +889,23 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         } else {
             None
         };
-        let flow = Flow {
+        let nat = SocketAddrV4::new(src, lease.port());
+        let mut flow = Flow::new(
             slot,
-            proto,
-            guest: SocketAddrV4::new(pkt.src, sport),
-            remote: SocketAddrV4::new(pkt.dst, dport),
-            world,
-            nat: SocketAddrV4::new(src, lease.port()),
-            guest_mac,
+            Addressing {
+                proto,
+                guest: SocketAddrV4::new(pkt.src, sport),
+                remote: SocketAddrV4::new(pkt.dst, dport),
+                world,
+                nat,
+                guest_mac,
+            },
             lease,
             state,
-            created: now,
-            state_since: now,
-            last_seen: now,
-            guest_isn,
-            guest_fin: None,
-            world_fin: None,
-            guest_fin_acked: false,
-            world_fin_acked: false,
-            deadline,
-            world_isn: None,
-            keepalives_unanswered: 0,
-        };
+            now,
+        );
+        flow.guest_isn = guest_isn;
+        flow.deadline = deadline;
         let (tk_out, tk_flags) = if local {
             (LOOPBACK_IFINDEX, FLOW_F_LOCAL)
         } else {

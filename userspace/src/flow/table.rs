@@ -83,7 +83,52 @@ pub struct Flow {
     pub keepalives_unanswered: u32,
 }
 
+/// Where a flow's packets come from and go: everything of a [`Flow`] that
+/// its map entries carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addressing {
+    /// IP protocol.
+    pub proto: u8,
+    /// The guest's address and port.
+    pub guest: SocketAddrV4,
+    /// The destination as the guest addressed it.
+    pub remote: SocketAddrV4,
+    /// The real destination in the world.
+    pub world: SocketAddrV4,
+    /// The host's source address and the NAT port.
+    pub nat: SocketAddrV4,
+    /// The guest's MAC address.
+    pub guest_mac: EthernetAddress,
+}
+
 impl Flow {
+    /// A flow in `state` from `now` on, with nothing seen yet of its close
+    /// and no deadline.
+    pub fn new(slot: u32, a: Addressing, lease: NatLease, state: FlowState, now: Instant) -> Self {
+        Self {
+            slot,
+            proto: a.proto,
+            guest: a.guest,
+            remote: a.remote,
+            world: a.world,
+            nat: a.nat,
+            guest_mac: a.guest_mac,
+            lease,
+            state,
+            created: now,
+            state_since: now,
+            last_seen: now,
+            guest_isn: 0,
+            guest_fin: None,
+            world_fin: None,
+            guest_fin_acked: false,
+            world_fin_acked: false,
+            deadline: None,
+            world_isn: None,
+            keepalives_unanswered: 0,
+        }
+    }
+
     /// The key of the guest → world direction.
     pub fn tap_key(&self) -> FlowKey {
         tap_key(
@@ -391,28 +436,20 @@ mod tests {
     use super::*;
 
     fn flow(slot: u32, port: u16, proto: u8, now: Instant) -> Flow {
-        Flow {
+        Flow::new(
             slot,
-            proto,
-            guest: SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 15), port),
-            remote: SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 80),
-            world: SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 80),
-            nat: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), port + 10000),
-            guest_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
-            lease: NatLease::new(port + 10000, ()),
-            state: FlowState::Handshake,
-            created: now,
-            state_since: now,
-            last_seen: now,
-            guest_isn: 0,
-            guest_fin: None,
-            world_fin: None,
-            guest_fin_acked: false,
-            world_fin_acked: false,
-            deadline: None,
-            world_isn: None,
-            keepalives_unanswered: 0,
-        }
+            Addressing {
+                proto,
+                guest: SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 15), port),
+                remote: SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 80),
+                world: SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 80),
+                nat: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), port + 10000),
+                guest_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            },
+            NatLease::new(port + 10000, ()),
+            FlowState::Handshake,
+            now,
+        )
     }
 
     #[test]
