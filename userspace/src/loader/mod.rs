@@ -266,14 +266,7 @@ impl Datapath {
             );
         }
         for name in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| LoaderError::Load {
-                    program: name,
-                    source,
-                })?;
+            let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|source| match source {
                 ProgramError::LoadError {
                     io_error,
@@ -405,12 +398,7 @@ impl Datapath {
                 }
             }
         }
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(LoaderError::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| LoaderError::Load { program, source })?;
+        let prog = classifier(&mut self.ebpf, program)?;
         let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::default())
         } else {
@@ -486,12 +474,7 @@ impl Datapath {
         };
         let pinned = PinnedLink::from_pin(path).map_err(|e| other(&e))?;
         let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| other(&e))?;
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(LoaderError::MissingProgram(program))?
-            .try_into()
-            .map_err(|source| LoaderError::Load { program, source })?;
+        let prog = classifier(&mut self.ebpf, program)?;
         let id = prog.attach_to_link(link).map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
         let fd = FdLink::try_from(link).map_err(|e| other(&e))?;
@@ -620,6 +603,17 @@ impl Drop for Datapath {
     fn drop(&mut self) {
         self.detach();
     }
+}
+
+/// The classifier `program` of `ebpf`.
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(program)
+        .ok_or(LoaderError::MissingProgram(program))?
+        .try_into()
+        .map_err(|source| LoaderError::Load { program, source })
 }
 
 /// Removes a clsact qdisc tapgate added (legacy tc only).
