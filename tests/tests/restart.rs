@@ -194,6 +194,8 @@ fn agent_restarts_without_losing_a_byte() {
         log,
     );
 
+    // The guest's MAC (and lease) came back from the state file.
+    assert!(log().contains("(restored)"), "{}", log());
     // Adopted, with both connections' flows.
     let a = attachment(&agent, cid).unwrap();
     assert_eq!(a["phase"], "running", "{a}");
@@ -286,6 +288,7 @@ fn run_keep_datapath_restarts_without_losing_a_byte() {
     check_transfer(&received, &gaps, all_logs);
     let now = tapgate.stderr();
     assert!(now.contains("adopted the datapath"), "{now}");
+    assert!(now.contains("(restored)"), "guest state not restored:\n{now}");
 
     // Keepalives from the new daemon to the idle guest connection.
     let stats = || -> Result<Value> {
