@@ -288,7 +288,10 @@ fn run_keep_datapath_restarts_without_losing_a_byte() {
     check_transfer(&received, &gaps, all_logs);
     let now = tapgate.stderr();
     assert!(now.contains("adopted the datapath"), "{now}");
-    assert!(now.contains("(restored)"), "guest state not restored:\n{now}");
+    assert!(
+        now.contains("(restored)"),
+        "guest state not restored:\n{now}"
+    );
 
     // Keepalives from the new daemon to the idle guest connection.
     let stats = || -> Result<Value> {

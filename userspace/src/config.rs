@@ -9,7 +9,7 @@
 //! from its frames. Defaults are QEMU's: guest `10.0.2.15/24`, gateway
 //! `10.0.2.2`, DNS `10.0.2.3`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::wire::EthernetAddress;
 
@@ -80,6 +80,97 @@ impl GuestNetConfig {
     }
 }
 
+/// Default IPv6 prefix of the guest subnet (slirp4netns's).
+pub const DEFAULT_PREFIX6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0);
+/// Default prefix length of the guest's IPv6 subnet.
+pub const DEFAULT_PREFIX6_LEN: u8 = 64;
+/// Default IPv6 gateway address (global, in the prefix).
+pub const DEFAULT_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// Default IPv6 DNS address.
+pub const DEFAULT_DNS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3);
+/// Default address DHCPv6 hands to the guest (stateful), mirroring
+/// `10.0.2.15`.
+pub const DEFAULT_GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x15);
+
+/// The guest-facing IPv6 configuration: a private prefix the gateway
+/// advertises (SLAAC) and serves by DHCPv6, a global gateway address and a
+/// link-local router address (RAs come from the link-local one, RFC 4861
+/// §4.2), a DNS address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestNet6Config {
+    /// The prefix (its host bits zero).
+    pub prefix: Ipv6Addr,
+    /// Its length (64 for SLAAC).
+    pub prefix_len: u8,
+    /// The gateway's global address.
+    pub gateway: Ipv6Addr,
+    /// The gateway's link-local address: the source of RAs and the
+    /// guest's default router.
+    pub router_ll: Ipv6Addr,
+    /// The DNS forwarder's address.
+    pub dns: Ipv6Addr,
+    /// The address DHCPv6 hands out.
+    pub guest_addr: Ipv6Addr,
+    /// The gateway's MAC address (shared with IPv4).
+    pub gateway_mac: EthernetAddress,
+    /// The tap's MTU (the RA's MTU option).
+    pub mtu: u16,
+    /// DNS search domains (RA DNSSL, DHCPv6 domain list); empty = none.
+    pub search: Vec<String>,
+    /// Lifetime of the DHCPv6 address and of the advertised prefix, in
+    /// seconds (valid; preferred is the same).
+    pub lease_secs: u32,
+}
+
+/// The modified-EUI-64 link-local address of `mac` (RFC 4291 §2.5.1,
+/// appendix A): `fe80::` + the MAC with `ff:fe` in the middle and the
+/// universal/local bit flipped.
+pub fn link_local_of(mac: EthernetAddress) -> Ipv6Addr {
+    let m = mac.0;
+    Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([m[0] ^ 0x02, m[1]]),
+        u16::from_be_bytes([m[2], 0xff]),
+        u16::from_be_bytes([0xfe, m[3]]),
+        u16::from_be_bytes([m[4], m[5]]),
+    )
+}
+
+impl Default for GuestNet6Config {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX6,
+            prefix_len: DEFAULT_PREFIX6_LEN,
+            gateway: DEFAULT_GATEWAY6,
+            router_ll: link_local_of(DEFAULT_GATEWAY_MAC),
+            dns: DEFAULT_DNS6,
+            guest_addr: DEFAULT_GUEST6,
+            gateway_mac: DEFAULT_GATEWAY_MAC,
+            mtu: 1500,
+            search: Vec::new(),
+            lease_secs: DEFAULT_LEASE_SECS,
+        }
+    }
+}
+
+impl GuestNet6Config {
+    /// Whether `ip` is inside the guest prefix.
+    pub fn in_prefix(&self, ip: Ipv6Addr) -> bool {
+        let bits = u32::from(self.prefix_len.min(128));
+        let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+        u128::from(ip) & mask == u128::from(self.prefix) & mask
+    }
+
+    /// Whether `ip` is one of the gateway's own addresses (global gateway,
+    /// link-local router, DNS).
+    pub fn is_gateway_addr(&self, ip: Ipv6Addr) -> bool {
+        ip == self.gateway || ip == self.router_ll || ip == self.dns
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +185,23 @@ mod tests {
         c.prefix_len = 32;
         assert_eq!(c.netmask(), Ipv4Addr::BROADCAST);
         assert_eq!(c.broadcast(), c.guest_addr);
+    }
+
+    #[test]
+    fn ipv6_defaults_and_prefix() {
+        let c = GuestNet6Config::default();
+        assert_eq!(
+            c.router_ll,
+            "fe80::5055:aff:fe00:202"
+                .parse::<Ipv6Addr>()
+                .unwrap_or(Ipv6Addr::UNSPECIFIED)
+        );
+        assert!(c.in_prefix(c.guest_addr));
+        assert!(c.in_prefix(c.gateway));
+        assert!(!c.in_prefix(c.router_ll));
+        assert!(!c.in_prefix("fd00:0:0:1::15".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)));
+        assert!(c.is_gateway_addr(c.router_ll) && c.is_gateway_addr(c.dns));
+        assert!(!c.is_gateway_addr(c.guest_addr));
     }
 
     #[test]
