@@ -327,6 +327,8 @@ pub struct Agent {
     earlier: String,
     /// Extra arguments of every start.
     extra: Vec<String>,
+    /// The `tapgate` binary it runs.
+    bin: PathBuf,
     _dir: ScratchDir,
 }
 
@@ -338,6 +340,12 @@ impl Agent {
 
     /// [`Agent::start`] with more arguments (e.g. `--listen ADDR`).
     pub fn start_with(extra: &[&str]) -> Result<Agent> {
+        Self::start_bin(&crate::tapgate_bin()?, extra)
+    }
+
+    /// [`Agent::start_with`] running the `tapgate` binary `bin` (e.g. a
+    /// release build for a benchmark).
+    pub fn start_bin(bin: &Path, extra: &[&str]) -> Result<Agent> {
         crate::require_root()?;
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
         let dir = ScratchDir::new("agent")?;
@@ -345,7 +353,8 @@ impl Agent {
         let state = dir.join("state");
         std::fs::create_dir(&state)?;
         let bpffs = crate::bpffs::Bpffs::new()?;
-        let child = spawn_agent(&socket, &state, bpffs.path(), &extra)?;
+        let bin = bin.to_path_buf();
+        let child = spawn_agent(&bin, &socket, &state, bpffs.path(), &extra)?;
         Ok(Agent {
             child,
             socket,
@@ -353,6 +362,7 @@ impl Agent {
             bpffs,
             earlier: String::new(),
             extra,
+            bin,
             _dir: dir,
         })
     }
@@ -369,8 +379,20 @@ impl Agent {
         self.earlier.push_str(&self.child.stderr());
         self.earlier
             .push_str(&format!("--- agent exited ({status}) after {signal} ---\n"));
-        self.child = spawn_agent(&self.socket, &self.state, self.bpffs.path(), &self.extra)?;
+        self.child = spawn_agent(
+            &self.bin,
+            &self.socket,
+            &self.state,
+            self.bpffs.path(),
+            &self.extra,
+        )?;
         Ok((exited, Instant::now()))
+    }
+
+    /// The agent's process id (it runs directly, not under `ip netns
+    /// exec`: this is the agent itself).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 
     /// The agent's socket.
@@ -390,8 +412,14 @@ impl Agent {
 }
 
 /// Starts `tapgate agent` and waits (bounded) until `/healthz` answers.
-fn spawn_agent(socket: &Path, state: &Path, bpffs: &Path, extra: &[String]) -> Result<Child> {
-    let mut cmd = Command::new(crate::tapgate_bin()?);
+fn spawn_agent(
+    bin: &Path,
+    socket: &Path,
+    state: &Path,
+    bpffs: &Path,
+    extra: &[String],
+) -> Result<Child> {
+    let mut cmd = Command::new(bin);
     cmd.arg("agent")
         .arg("--socket")
         .arg(socket)

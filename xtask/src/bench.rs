@@ -39,7 +39,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -54,11 +54,11 @@ use tapgate_tests::{
 };
 
 /// The iperf3 port in the world namespace.
-const IPERF_PORT: u16 = 5201;
+pub(crate) const IPERF_PORT: u16 = 5201;
 /// Slack on top of `-t` before an iperf3 client is killed.
-const RUN_SLACK: Duration = Duration::from_secs(20);
+pub(crate) const RUN_SLACK: Duration = Duration::from_secs(20);
 /// iperf3's own bound on connecting (milliseconds).
-const CONNECT_TIMEOUT_MS: &str = "5000";
+pub(crate) const CONNECT_TIMEOUT_MS: &str = "5000";
 /// How long to wait for the iperf3 server to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -107,7 +107,7 @@ impl Direction {
 }
 
 /// One iperf3 result: bits per second, or why there is none.
-type Measurement = std::result::Result<f64, String>;
+pub(crate) type Measurement = std::result::Result<f64, String>;
 
 /// Results of one peer, per direction (`None`: not measured).
 #[derive(Debug, Default)]
@@ -158,10 +158,7 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
     if opts.seconds == 0 {
         bail!("--seconds must be at least 1");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
+    let stop = interrupt_flag()?;
 
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     let kernel_release = command_line("uname", &["-r"]);
@@ -226,7 +223,21 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check_stop(stop: &AtomicBool) -> Result<()> {
+/// The flag a Ctrl-C sets, checked between steps. The handler is
+/// installed once per process (the agent benchmark shares it).
+pub(crate) fn interrupt_flag() -> Result<Arc<AtomicBool>> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(Arc::clone(flag));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    Ok(Arc::clone(FLAG.get_or_init(|| stop)))
+}
+
+pub(crate) fn check_stop(stop: &AtomicBool) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
@@ -339,7 +350,7 @@ fn fast_slow(bin: &Path, control: &Path) -> std::result::Result<(u64, u64), Stri
 }
 
 /// Waits until something listens on TCP `port` in `ns`.
-fn wait_listening(ns: &Netns, server: &mut Child, port: u16) -> Result<()> {
+pub(crate) fn wait_listening(ns: &Netns, server: &mut Child, port: u16) -> Result<()> {
     let deadline = Instant::now() + LISTEN_TIMEOUT;
     let filter = format!("sport = :{port}");
     loop {
@@ -396,7 +407,7 @@ fn iperf_inner(topo: &Topology, d: Direction, seconds: u32) -> Result<Measuremen
 }
 
 /// Extracts `end.sum_received.bits_per_second` from iperf3's JSON.
-fn parse_iperf(stdout: &[u8], stderr: &[u8]) -> Measurement {
+pub(crate) fn parse_iperf(stdout: &[u8], stderr: &[u8]) -> Measurement {
     let doc: Value = match serde_json::from_slice(stdout) {
         Ok(doc) => doc,
         Err(e) => {
@@ -419,7 +430,7 @@ fn parse_iperf(stdout: &[u8], stderr: &[u8]) -> Measurement {
         .ok_or_else(|| "iperf3 reported no end.sum_received.bits_per_second".to_owned())
 }
 
-fn gbits(bps: f64) -> String {
+pub(crate) fn gbits(bps: f64) -> String {
     format!("{:.1} Gbit/s", bps / 1e9)
 }
 
@@ -444,7 +455,7 @@ fn measurement_json(m: Option<&Measurement>) -> Value {
 }
 
 /// Left-aligns `s` in `width` characters (not bytes: `→` is one).
-fn pad(s: &str, width: usize) -> String {
+pub(crate) fn pad(s: &str, width: usize) -> String {
     let len = s.chars().count();
     format!("{s}{}", " ".repeat(width.saturating_sub(len)))
 }
@@ -504,7 +515,7 @@ fn table(
 }
 
 /// The first line of a command's output, or `?`.
-fn command_line(program: &str, args: &[&str]) -> String {
+pub(crate) fn command_line(program: &str, args: &[&str]) -> String {
     run_with_timeout(Command::new(program).args(args), Duration::from_secs(5))
         .ok()
         .filter(|o| o.status.success())

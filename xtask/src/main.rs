@@ -9,6 +9,7 @@
 //! builds and embeds the programs.
 
 mod bench;
+mod bench_agent;
 mod demo;
 mod setup;
 
@@ -66,7 +67,8 @@ enum Cmd {
     /// (release build) against kernel routing + nft masquerade, both
     /// directions, and fragmented UDP (8 KiB datagrams); writes
     /// target/bench/latest.json (needs root). Then the reassembly and
-    /// clock benchmarks.
+    /// clock benchmarks, then the node agent's scale benchmark
+    /// (`--attachments` pods in one agent; key `agent` of the JSON).
     Bench {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 10)]
@@ -78,11 +80,21 @@ enum Cmd {
         #[arg(long, conflicts_with = "only")]
         skip_kernel: bool,
         /// Run only the clock benchmark (scan cost for 10k/100k/1M flows).
-        #[arg(long, conflicts_with_all = ["only", "skip_kernel", "no_clock"])]
+        #[arg(long, conflicts_with_all = ["only", "skip_kernel", "no_clock", "agent"])]
         clock: bool,
         /// Skip the clock benchmark.
         #[arg(long)]
         no_clock: bool,
+        /// Run only the node agent's scale benchmark: set-up time, memory
+        /// and interference of `--attachments` attachments in one agent.
+        #[arg(long, conflicts_with_all = ["only", "skip_kernel", "no_agent"])]
+        agent: bool,
+        /// Skip the node agent's scale benchmark.
+        #[arg(long)]
+        no_agent: bool,
+        /// Attachments in the agent benchmark.
+        #[arg(long, default_value_t = 100)]
+        attachments: usize,
     },
 }
 
@@ -122,8 +134,19 @@ fn main() -> Result<()> {
             skip_kernel,
             clock,
             no_clock,
+            agent,
+            no_agent,
+            attachments,
         } => {
             setup::ensure()?;
+            let agent_opts = bench_agent::Options {
+                attachments,
+                seconds,
+            };
+            let report = bench::report_path(&target_dir());
+            if agent {
+                return bench_agent::run(&build(true)?, &agent_opts, &report);
+            }
             if !clock {
                 let bin = build(true)?;
                 let only = if skip_kernel {
@@ -131,21 +154,22 @@ fn main() -> Result<()> {
                 } else {
                     only
                 };
-                bench::run(
-                    &bin,
-                    &bench::Options { seconds, only },
-                    &bench::report_path(&target_dir()),
-                )?;
+                bench::run(&bin, &bench::Options { seconds, only }, &report)?;
                 // The reassembly cost per datagram (userspace/benches/frag.rs),
                 // next to the end-to-end fragmented UDP numbers.
                 run(cargo().args(["bench", "-p", "tapgate", "--bench", "frag"]))?;
             }
-            if no_clock {
+            if !no_clock {
+                // The clock benchmark: the daemon's scan on real kernel maps
+                // (userspace/benches/clock.rs); writes target/bench/clock.json.
+                run(cargo().args(["bench", "-p", "tapgate", "--bench", "clock"]))?;
+            }
+            if clock || no_agent {
                 return Ok(());
             }
-            // The clock benchmark: the daemon's scan on real kernel maps
-            // (userspace/benches/clock.rs); writes target/bench/clock.json.
-            run(cargo().args(["bench", "-p", "tapgate", "--bench", "clock"]))
+            // After bench::run, which rewrites latest.json: the agent's
+            // results are merged into it under `agent`.
+            bench_agent::run(&build(true)?, &agent_opts, &report)
         }
     }
 }
