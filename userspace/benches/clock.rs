@@ -188,16 +188,8 @@ fn timed_scan(m: &mut Manager, now: Instant, n: u32, expect_keepalives: u64) -> 
 }
 
 fn bench(n: u32) -> Result<String> {
-    let mut datapath = Datapath::load(
-        EMBEDDED_OBJECT,
-        &LoadOptions {
-            bpf_log_level: 0,
-            max_flows: n,
-            ring_bytes: datapath_common::PUNT_RING_BYTES,
-            pin: None,
-        },
-    )
-    .context("loading the eBPF object")?;
+    let mut datapath = Datapath::load(EMBEDDED_OBJECT, &LoadOptions::new(0, n))
+        .context("loading the eBPF object")?;
     let maps = datapath.take_flow_maps()?;
     let mut cfg = FlowConfig::new(GuestNetConfig::default(), 2, 3);
     cfg.max_flows = n;

@@ -158,6 +158,8 @@ pub struct Hooks {
     pub ready: Option<oneshot::Sender<Ready>>,
     /// Size of the punt ring buffer (fixed for an adopted datapath).
     pub ring_bytes: u32,
+    /// Capacity of the kernel's fragment tracking (datagrams).
+    pub frags_max: u32,
     /// Bind the control socket (`tapgate stats` ...).
     pub control_socket: bool,
 }
@@ -173,6 +175,7 @@ impl Default for Hooks {
             queries: None,
             ready: None,
             ring_bytes: RUN_RING_BYTES,
+            frags_max: datapath_common::FRAGS_MAX,
             control_socket: true,
         }
     }
@@ -284,10 +287,11 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     let mut datapath = Datapath::load(
         object,
         &LoadOptions {
-            bpf_log_level: args.log_level.bpf_level(),
-            max_flows,
             ring_bytes: hooks.ring_bytes,
             pin: hooks.pin_dir.clone(),
+            frags_max: hooks.frags_max,
+            host_egress: args.allow_host,
+            ..LoadOptions::new(args.log_level.bpf_level(), max_flows)
         },
     )?;
     let adopted = datapath.adopted();

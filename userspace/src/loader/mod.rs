@@ -51,9 +51,9 @@ use aya::{
     util::KernelVersion,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FWD_PORTS_MAP, PINNED_MAPS, PROG_TAP_INGRESS,
-    PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason,
-    SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FRAGS_MAP, FWD_PORTS_MAP, PINNED_MAPS,
+    PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE,
+    PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
 };
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -185,6 +185,25 @@ pub struct LoadOptions {
     /// Pin the maps and links under this directory, adopting a datapath
     /// already pinned there (`None`: nothing is pinned).
     pub pin: Option<PathBuf>,
+    /// Capacity of the fragment-tracking LRU map (preallocated, as LRU
+    /// maps are): datagrams of our flows in reassembly at once.
+    pub frags_max: u32,
+    /// Load the uplink egress program too (`--allow-host`).
+    pub host_egress: bool,
+}
+
+impl LoadOptions {
+    /// `tapgate run`'s defaults for `max_flows` flows.
+    pub fn new(bpf_log_level: u8, max_flows: u32) -> Self {
+        Self {
+            bpf_log_level,
+            max_flows,
+            ring_bytes: datapath_common::PUNT_RING_BYTES,
+            pin: None,
+            frags_max: datapath_common::FRAGS_MAX,
+            host_egress: false,
+        }
+    }
 }
 
 /// How tapgate holds one of its links.
@@ -254,6 +273,7 @@ impl Datapath {
             .map_max_entries(FLOWS_MAP, max_flows.saturating_mul(2))
             .map_max_entries(ACTIVITY_MAP, max_flows)
             .map_max_entries(PUNT_RING_MAP, opts.ring_bytes)
+            .map_max_entries(FRAGS_MAP, opts.frags_max.max(1))
             .override_global(aya_log::LEVEL, &level, false);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
@@ -265,7 +285,11 @@ impl Datapath {
                 pin_dir.as_deref().unwrap_or(Path::new("?")).display()
             );
         }
-        for name in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS] {
+        let mut programs = vec![PROG_TAP_INGRESS, PROG_UPLINK_INGRESS];
+        if opts.host_egress {
+            programs.push(PROG_UPLINK_EGRESS);
+        }
+        for name in programs {
             let prog = classifier(&mut ebpf, name)?;
             prog.load().map_err(|source| match source {
                 ProgramError::LoadError {
