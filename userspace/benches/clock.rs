@@ -41,8 +41,8 @@ use smoltcp::{
 use tapgate::{
     config::GuestNetConfig,
     flow::{FlowConfig, FlowManager, HostAddrs, NatError, NatLease, NatPorts, Output},
-    loader::{Datapath, EMBEDDED_OBJECT, LoadOptions},
-    maps::KernelFlowMaps,
+    kernel::loader::{Datapath, EMBEDDED_OBJECT, LoadOptions},
+    kernel::maps::KernelFlowMaps,
 };
 
 const GUEST_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 0x15]);

@@ -75,14 +75,16 @@ use crate::{
     flow::{self, FlowConfig, FlowManager, SocketPorts},
     frag::{self, Reassembler, ReassemblyLimits},
     fwd::{self, PortReservations},
-    guest::{Claim, GuestServices},
     iface::{self, Iface},
-    inject::{Injectors, Output, TapWriter, WorldWriter},
     instance::InstanceLock,
-    loader::{Datapath, EMBEDDED_OBJECT, KernelCounters, LoadOptions},
-    maps::{KernelFlowMaps, KernelFwdPorts},
+    kernel::{
+        inject::{Injectors, Output, TapWriter, WorldWriter},
+        loader::{Datapath, EMBEDDED_OBJECT, KernelCounters, LoadOptions},
+        maps::{KernelFlowMaps, KernelFwdPorts},
+        punt::{self, Punted, ReaderStats},
+    },
     netns,
-    punt::{self, Punted, ReaderStats},
+    services::{Claim, GuestServices},
     state::GuestState,
 };
 
@@ -251,7 +253,7 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
         forwards.port_count() as u64
     };
     let want_fds = u64::from(args.max_flows) + 1024 + held_ports;
-    let max_flows = match flow::nat::raise_nofile_limit(want_fds) {
+    let max_flows = match flow::ports::raise_nofile_limit(want_fds) {
         Ok(got) if got < want_fds => {
             let capped = u32::try_from(got.saturating_sub(1024).max(16)).unwrap_or(u32::MAX);
             warn!("open-file limit {got}: flows capped at {capped}");

@@ -45,7 +45,7 @@
 //! host's socket tables, so a forwarded port must be taken in the host's
 //! own eyes: at startup [`PortReservations::reserve`] creates one socket
 //! per forwarded (protocol, address, port), `bind`s it without listening
-//! (as the NAT ports are held, see `flow::nat`) and keeps it for the
+//! (as the NAT ports are held, see `flow::ports`) and keeps it for the
 //! daemon's life. A port the host already uses fails that `bind`, which is
 //! a startup error naming the port and the rule; while tapgate runs, no
 //! host process can bind the port. A TCP segment that reaches the host

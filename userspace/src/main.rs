@@ -17,7 +17,7 @@ use tapgate::{
     cli::{Cli, Command, QueryArgs, RunArgs},
     control::{self, ControlCommand},
     daemon::{self, Hooks},
-    loader::LoaderError,
+    kernel::loader::LoaderError,
     privileges,
 };
 

@@ -14,7 +14,7 @@ use std::{
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
-use tapgate::inject::WorldWriter;
+use tapgate::kernel::inject::WorldWriter;
 
 /// Runs `f` on a new thread inside a fresh, private network namespace with
 /// `lo` up.

@@ -75,7 +75,7 @@ pub fn run(args: &AgentArgs) -> Result<()> {
     }
     // Every attachment holds sockets (NAT ports, forwarded ports): raise
     // the process's limit once, as far as the hard limit allows.
-    match crate::flow::nat::raise_nofile_limit(u64::MAX) {
+    match crate::flow::ports::raise_nofile_limit(u64::MAX) {
         Ok(n) => info!("open-file limit {n}"),
         Err(e) => warn!("cannot raise the open-file limit: {e}"),
     }

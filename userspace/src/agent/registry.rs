@@ -46,7 +46,8 @@ use super::{
 use crate::{
     cli::LogLevel,
     daemon::{self, Ended, Hooks, Query, Ready, Stop},
-    loader, metrics, netns,
+    kernel::loader,
+    metrics, netns,
 };
 
 /// Datagrams of one attachment's flows the kernel tracks in reassembly

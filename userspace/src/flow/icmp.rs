@@ -65,12 +65,12 @@ use smoltcp::wire::{
 
 use super::{
     DropReason, FlowManager, FlowMaps, NatPorts, Output,
-    maps::{tap_key, uplink_key},
     packet::{
         self, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HEADER_LEN,
         ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IcmpError, IcmpMsg, Packet, PacketError,
     },
     policy::{Denial, Verdict},
+    store::{tap_key, uplink_key},
 };
 
 /// Synthesized ICMP messages allowed per second (Linux's default).

@@ -83,11 +83,11 @@ pub mod adopt;
 pub mod clock;
 pub mod icmp;
 mod inbound;
-pub mod maps;
-pub mod nat;
 pub mod packet;
 pub mod policy;
+pub mod ports;
 pub mod resolv;
+pub mod store;
 pub mod table;
 mod tcp;
 mod udp;
@@ -110,9 +110,9 @@ use smoltcp::wire::{ETHERNET_HEADER_LEN, EthernetAddress};
 use crate::{config::GuestNetConfig, fwd::FwdTable};
 
 pub use icmp::{IcmpCounts, IcmpKind, IcmpStats};
-pub use maps::{FlowMaps, MapsError};
-pub use nat::{NatError, NatLease, NatPorts, NoRoute, SocketPorts, raise_nofile_limit};
 pub use policy::HostAddrs;
+pub use ports::{NatError, NatLease, NatPorts, NoRoute, SocketPorts, raise_nofile_limit};
+pub use store::{FlowMaps, MapsError};
 
 use packet::{IcmpError, L4, Packet, PacketError};
 use policy::Policy;
@@ -130,7 +130,7 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
 /// Default interval of the clock's inactivity scan (the passt seed's).
 pub const INACTIVITY_INTERVAL: Duration = Duration::from_secs(7200);
 
-pub use crate::inject::Output;
+pub use crate::kernel::inject::Output;
 
 /// Configuration of the flow manager.
 #[derive(Debug)]
@@ -757,7 +757,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             }
         }
         let (sport, dport) = pkt.ports();
-        let key = maps::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto());
+        let key = store::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto());
         let slot = match self.table.by_uplink(&key) {
             Some(slot) => slot,
             None if matches!(reason, PuntReason::Forward | PuntReason::Fragment) => {
@@ -799,13 +799,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         let (side, slot) = match origin {
             Origin::Tap => (
                 Side::Guest,
-                self.table.by_tap(&maps::tap_key(
+                self.table.by_tap(&store::tap_key(
                     s.src, s.dst, seg.sport, seg.dport, PROTO_TCP,
                 )),
             ),
             Origin::Uplink => (
                 Side::World,
-                self.table.by_uplink(&maps::uplink_key(
+                self.table.by_uplink(&store::uplink_key(
                     s.src, s.dst, seg.sport, seg.dport, PROTO_TCP,
                 )),
             ),

@@ -32,9 +32,9 @@ use datapath_common::{FlowEntry, FlowKey, FlowState, PROTO_TCP, ipv4_to_16};
 use smoltcp::wire::EthernetAddress;
 
 use super::{
-    maps::{tap_key, uplink_key},
-    nat::NatLease,
     packet::Rewrite,
+    ports::NatLease,
+    store::{tap_key, uplink_key},
 };
 
 /// One flow as user space tracks it.

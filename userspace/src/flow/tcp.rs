@@ -54,9 +54,9 @@ use smoltcp::wire::{EthernetAddress, Icmpv4DstUnreachable};
 
 use super::{
     DropReason, FlowManager, FlowMaps, NatPorts, Output, Side,
-    maps::tap_key,
     packet::{self, IcmpError, Packet, TcpSeg, seq_ge},
     policy::{Denial, Verdict},
+    store::tap_key,
     table::Flow,
 };
 

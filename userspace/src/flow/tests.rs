@@ -317,11 +317,11 @@ impl T {
 }
 
 fn tap_k(port: u16) -> FlowKey {
-    maps::tap_key(GUEST, REMOTE_IP, port, 80, PROTO_TCP)
+    store::tap_key(GUEST, REMOTE_IP, port, 80, PROTO_TCP)
 }
 
 fn uplink_k(natp: u16) -> FlowKey {
-    maps::uplink_key(REMOTE_IP, HOST, 80, natp, PROTO_TCP)
+    store::uplink_key(REMOTE_IP, HOST, 80, natp, PROTO_TCP)
 }
 
 fn to_world(out: Vec<Output>) -> Vec<u8> {
@@ -1082,8 +1082,8 @@ fn udp_first_datagram_installs_an_established_flow() {
     assert_eq!((sp, dp), (FIRST_PORT, 9999));
     assert_eq!(payload, b"hello");
     assert_eq!(r.hop_limit, 63);
-    let tk = maps::tap_key(GUEST, REMOTE_IP, 5000, 9999, PROTO_UDP);
-    let uk = maps::uplink_key(REMOTE_IP, HOST, 9999, FIRST_PORT, PROTO_UDP);
+    let tk = store::tap_key(GUEST, REMOTE_IP, 5000, 9999, PROTO_UDP);
+    let uk = store::uplink_key(REMOTE_IP, HOST, 9999, FIRST_PORT, PROTO_UDP);
     assert_eq!(state(&t.maps().entry(&tk)), FlowState::Established);
     let ue = t.maps().entry(&uk);
     assert_eq!(state(&ue), FlowState::Established);
@@ -1155,7 +1155,7 @@ fn udp_activity_keeps_the_flow_alive() {
         &udp_frame(guest(5000), udp_remote(), b"x"),
         PuntReason::Ipv4NoFlow,
     );
-    let uk = maps::uplink_key(REMOTE_IP, HOST, 9999, FIRST_PORT, PROTO_UDP);
+    let uk = store::uplink_key(REMOTE_IP, HOST, 9999, FIRST_PORT, PROTO_UDP);
     let start = t.now;
     // Replies every 100 s for 1000 s (forwarded by the kernel).
     let mut last = start;
@@ -1210,8 +1210,8 @@ fn dns_over_udp_is_dnat_to_the_upstream() {
     assert_eq!((sp, dp), (FIRST_PORT, 53));
     assert_eq!(payload, b"query");
 
-    let tk = maps::tap_key(GUEST, *dns().ip(), 33333, 53, PROTO_UDP);
-    let uk = maps::uplink_key(UPSTREAM, HOST, 53, FIRST_PORT, PROTO_UDP);
+    let tk = store::tap_key(GUEST, *dns().ip(), 33333, 53, PROTO_UDP);
+    let uk = store::uplink_key(UPSTREAM, HOST, 53, FIRST_PORT, PROTO_UDP);
     let te = t.maps().entry(&tk);
     assert_eq!(te.new_dst, ipv4_to_16(UPSTREAM.octets()));
     assert_eq!(te.new_dport, 53);
@@ -1371,12 +1371,12 @@ fn allow_host_lets_the_guest_reach_the_host() {
     assert_eq!(r.src_addr, gateway);
     let te =
         t.m.maps()
-            .entry(&maps::tap_key(GUEST, HOST, 40000, 22, PROTO_TCP));
+            .entry(&store::tap_key(GUEST, HOST, 40000, 22, PROTO_TCP));
     assert_eq!(te.out_ifindex, LOOPBACK_IFINDEX);
     assert_eq!(te.flags & FLOW_F_LOCAL, FLOW_F_LOCAL);
     assert_eq!(ipv4_from_16(&te.new_src), gateway.octets());
     // Its return entry is keyed on the gateway's address.
-    let ue = t.m.maps().entry(&maps::uplink_key(
+    let ue = t.m.maps().entry(&store::uplink_key(
         HOST,
         gateway,
         22,
@@ -2069,11 +2069,11 @@ fn fwd_t() -> T {
 }
 
 fn fwd_tap_k(gport: u16, proto: u8) -> FlowKey {
-    maps::tap_key(GUEST, REMOTE_IP, gport, 41000, proto)
+    store::tap_key(GUEST, REMOTE_IP, gport, 41000, proto)
 }
 
 fn fwd_uplink_k(hport: u16, proto: u8) -> FlowKey {
-    maps::uplink_key(REMOTE_IP, HOST, 41000, hport, proto)
+    store::uplink_key(REMOTE_IP, HOST, 41000, hport, proto)
 }
 
 #[test]

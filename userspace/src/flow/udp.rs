@@ -37,9 +37,9 @@ use smoltcp::wire::{EthernetAddress, Icmpv4DstUnreachable};
 
 use super::{
     DropReason, FlowManager, FlowMaps, NatPorts, Output,
-    maps::tap_key,
     packet::{IcmpError, Packet},
     policy::{Denial, Verdict},
+    store::tap_key,
 };
 
 impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {

@@ -77,12 +77,12 @@ fn echo_to_the_world_opens_a_natted_flow() {
     // port, the reply by the NAT identifier as destination port.
     let te = t
         .maps()
-        .entry(&maps::tap_key(GUEST, REMOTE_IP, 0x1234, 0, PROTO_ICMP));
+        .entry(&store::tap_key(GUEST, REMOTE_IP, 0x1234, 0, PROTO_ICMP));
     assert_eq!(te.new_sport, natid);
     assert_eq!(state(&te), FlowState::Established);
     let ue = t
         .maps()
-        .entry(&maps::uplink_key(REMOTE_IP, HOST, 0, natid, PROTO_ICMP));
+        .entry(&store::uplink_key(REMOTE_IP, HOST, 0, natid, PROTO_ICMP));
     assert_eq!(ue.new_dport, 0x1234);
     assert_eq!(ipv4_from_16(&ue.new_dst), GUEST.octets());
     // A reply the kernel punted (say, too big for it) still gets home.

@@ -596,7 +596,7 @@ impl Datapath {
     }
 
     /// Takes the flow map and the activity array out of the object.
-    pub fn take_flow_maps(&mut self) -> Result<crate::maps::KernelFlowMaps, LoaderError> {
+    pub fn take_flow_maps(&mut self) -> Result<crate::kernel::maps::KernelFlowMaps, LoaderError> {
         let flows = self
             .ebpf
             .take_map(FLOWS_MAP)
@@ -605,16 +605,16 @@ impl Datapath {
             .ebpf
             .take_map(ACTIVITY_MAP)
             .ok_or(LoaderError::MissingMap(ACTIVITY_MAP))?;
-        crate::maps::KernelFlowMaps::new(flows, activity)
+        crate::kernel::maps::KernelFlowMaps::new(flows, activity)
     }
 
     /// Takes the forwarded-ports map out of the object.
-    pub fn take_fwd_ports(&mut self) -> Result<crate::maps::KernelFwdPorts, LoaderError> {
+    pub fn take_fwd_ports(&mut self) -> Result<crate::kernel::maps::KernelFwdPorts, LoaderError> {
         let map = self
             .ebpf
             .take_map(FWD_PORTS_MAP)
             .ok_or(LoaderError::MissingMap(FWD_PORTS_MAP))?;
-        crate::maps::KernelFwdPorts::new(map)
+        crate::kernel::maps::KernelFwdPorts::new(map)
     }
 
     /// The underlying aya object (for the log forwarder).

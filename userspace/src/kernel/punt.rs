@@ -22,7 +22,7 @@ use datapath_common::{Origin, PuntHeader, PuntReason};
 use log::warn;
 use tokio::io::Interest;
 
-use crate::inject::{Injectors, Output};
+use crate::kernel::inject::{Injectors, Output};
 
 /// Records handled per wake-up before yielding to other tasks.
 pub const PUNT_BATCH: usize = 64;

@@ -17,13 +17,15 @@ use std::time::Instant;
 use log::{debug, info};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet};
 
-use crate::{
-    arp,
-    config::GuestNetConfig,
-    dhcp::{self, DhcpServer},
-    frame::FrameError,
-    icmp,
-};
+use crate::config::GuestNetConfig;
+
+pub mod arp;
+pub mod dhcpv4;
+pub mod echo;
+pub mod error;
+
+use dhcpv4::DhcpServer;
+use error::FrameError;
 
 /// Counters of the guest services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -121,14 +123,14 @@ impl GuestServices {
     }
 
     fn ipv4(&mut self, frame: &[u8], packet: &[u8], now: Instant) -> Result<Claim, FrameError> {
-        if dhcp::is_dhcp_request(frame) {
+        if dhcpv4::is_dhcp_request(frame) {
             let reply = self.dhcp.handle(frame, now)?;
             return Ok(Claim::from(reply.inspect(|_| self.stats.dhcp_replies += 1)));
         }
         let ip = Ipv4Packet::new_checked(packet).map_err(FrameError::malformed("ipv4"))?;
         let dst: Ipv4Address = ip.dst_addr();
         if ip.next_header() == IpProtocol::Icmp && self.cfg.is_gateway_addr(dst) {
-            let reply = icmp::echo_reply(&self.cfg, frame)?;
+            let reply = echo::echo_reply(&self.cfg, frame)?;
             return Ok(Claim::from(reply.inspect(|_| self.stats.echo_replies += 1)));
         }
         Ok(Claim::NotMine)

@@ -26,7 +26,7 @@ use smoltcp::wire::{
 };
 
 use crate::config::GuestNetConfig;
-use crate::frame::FrameError;
+use crate::services::error::FrameError;
 
 /// TTL of the replies the gateway originates.
 const REPLY_TTL: u8 = 64;

@@ -37,7 +37,7 @@ use datapath_common::{
 
 use crate::{
     flow::{FlowMaps, MapsError},
-    loader::LoaderError,
+    kernel::loader::LoaderError,
 };
 
 /// The activity array, mapped into this process.

@@ -22,7 +22,7 @@ use smoltcp::wire::{
 };
 
 use crate::config::GuestNetConfig;
-use crate::frame::FrameError;
+use crate::services::error::FrameError;
 
 /// Answers an ARP request from the guest for one of the gateway's virtual
 /// addresses (`cfg.gateway` or `cfg.dns`) with a complete Ethernet frame;

@@ -49,7 +49,7 @@ use smoltcp::wire::{
 };
 
 use crate::config::GuestNetConfig;
-use crate::frame::FrameError;
+use crate::services::error::FrameError;
 
 /// Option 26, interface MTU (RFC 2132 §5.1).
 const OPT_INTERFACE_MTU: u8 = 26;
