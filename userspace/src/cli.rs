@@ -8,7 +8,10 @@
 //! checks (gateway inside the guest subnet, ...) live in
 //! [`RunArgs::guest_config`].
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use smoltcp::wire::EthernetAddress;
@@ -31,6 +34,9 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// `Run` is much larger than the others; the value is parsed once and
+// lives for the whole process, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach to a tap device and serve the guest behind it (runs in the
@@ -255,6 +261,30 @@ pub struct RunArgs {
     #[arg(long, value_name = "MAC", default_value = "52:55:0a:00:02:02", value_parser = parse_mac)]
     pub mac: EthernetAddress,
 
+    /// The guest's IPv6 address (handed out by DHCPv6) and the prefix the
+    /// router advertisements announce for SLAAC.
+    #[arg(long, value_name = "CIDR6", default_value = "fd00::15/64", value_parser = parse_cidr6)]
+    pub address6: (Ipv6Addr, u8),
+
+    /// The gateway's global IPv6 address (its link-local router address
+    /// is derived from --mac).
+    #[arg(long, value_name = "IP6", default_value_t = config::DEFAULT_GATEWAY6)]
+    pub gateway6: Ipv6Addr,
+
+    /// The IPv6 DNS server address handed to the guest (RDNSS, DHCPv6).
+    #[arg(long, value_name = "IP6", default_value_t = config::DEFAULT_DNS6)]
+    pub dns6: Ipv6Addr,
+
+    /// A DNS search domain for the guest (RA DNSSL and the DHCPv6 domain
+    /// list); repeatable.
+    #[arg(long = "dns-search", value_name = "DOMAIN", value_parser = parse_domain)]
+    pub dns_search: Vec<String>,
+
+    /// Serve no IPv6 at all: no router advertisements, NDP or DHCPv6; the
+    /// guest's IPv6 frames are dropped and counted.
+    #[arg(long)]
+    pub no_ipv6: bool,
+
     /// DHCP lease time in seconds.
     #[arg(long, value_name = "SECS", default_value_t = config::DEFAULT_LEASE_SECS,
           value_parser = clap::value_parser!(u32).range(2..))]
@@ -451,7 +481,77 @@ pub enum ConfigError {
     },
 }
 
+/// An IPv6 address setting that makes no sense.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum Config6Error {
+    /// The prefix is too short or too long.
+    #[error("--address6: prefix length /{0} is not usable (use /8 to /126; SLAAC needs /64)")]
+    Prefix(u8),
+    /// The guest address is not a global or unique-local unicast address.
+    #[error("--address6 {0}: not a unicast address outside fe80::/10")]
+    GuestAddress(Ipv6Addr),
+    /// Gateway or DNS outside the prefix, or clashing.
+    #[error("--{flag} {addr}: must be a unicast address in {prefix}/{len}, other than the guest's")]
+    OutsidePrefix {
+        /// Which flag.
+        flag: &'static str,
+        /// Its value.
+        addr: Ipv6Addr,
+        /// The prefix.
+        prefix: Ipv6Addr,
+        /// Its length.
+        len: u8,
+    },
+}
+
 impl RunArgs {
+    /// Checks the IPv6 addresses against each other and builds the guest's
+    /// IPv6 configuration; `None` with `--no-ipv6`.
+    pub fn guest_config6(&self) -> Result<Option<config::GuestNet6Config>, Config6Error> {
+        if self.no_ipv6 {
+            return Ok(None);
+        }
+        let (guest_addr, len) = self.address6;
+        if !(8..=126).contains(&len) {
+            return Err(Config6Error::Prefix(len));
+        }
+        let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        let prefix = Ipv6Addr::from(u128::from(guest_addr) & mask);
+        let usable = |ip: Ipv6Addr| {
+            !ip.is_multicast()
+                && !ip.is_unspecified()
+                && !ip.is_loopback()
+                && !ip.is_unicast_link_local()
+                && u128::from(ip) & !mask != 0
+        };
+        if !usable(guest_addr) {
+            return Err(Config6Error::GuestAddress(guest_addr));
+        }
+        for (flag, addr) in [("gateway6", self.gateway6), ("dns6", self.dns6)] {
+            if !usable(addr) || u128::from(addr) & mask != u128::from(prefix) || addr == guest_addr
+            {
+                return Err(Config6Error::OutsidePrefix {
+                    flag,
+                    addr,
+                    prefix,
+                    len,
+                });
+            }
+        }
+        Ok(Some(config::GuestNet6Config {
+            prefix,
+            prefix_len: len,
+            gateway: self.gateway6,
+            router_ll: config::link_local_of(self.mac),
+            dns: self.dns6,
+            guest_addr,
+            gateway_mac: self.mac,
+            mtu: 1500,
+            search: self.dns_search.clone(),
+            lease_secs: self.dhcp_lease,
+        }))
+    }
+
     /// Checks the addresses against each other and builds the guest
     /// configuration (the MTU is filled in from the tap later).
     pub fn guest_config(&self) -> Result<GuestNetConfig, ConfigError> {
@@ -505,6 +605,41 @@ pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
         .filter(|p| *p <= 32)
         .ok_or_else(|| format!("\"{prefix}\" is not a prefix length (0-32)"))?;
     Ok((addr, prefix))
+}
+
+/// Parses `IPV6/N`.
+pub fn parse_cidr6(s: &str) -> Result<(Ipv6Addr, u8), String> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("\"{s}\" is not ADDRESS/PREFIX (e.g. fd00::15/64)"))?;
+    let addr: Ipv6Addr = addr
+        .parse()
+        .map_err(|_| format!("\"{addr}\" is not an IPv6 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| *p <= 128)
+        .ok_or_else(|| format!("\"{prefix}\" is not a prefix length (0-128)"))?;
+    Ok((addr, prefix))
+}
+
+/// Parses a DNS domain name (labels of 1 to 63 letters, digits or
+/// hyphens, 253 characters at most).
+pub fn parse_domain(s: &str) -> Result<String, String> {
+    let name = s.trim_end_matches('.');
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(format!("\"{s}\" is not a domain name"))
+    }
 }
 
 /// Parses a unicast MAC address `aa:bb:cc:dd:ee:ff`.

@@ -221,6 +221,7 @@ async fn answer(queries: Option<mpsc::Receiver<Query>>, state: &State) {
 /// served.
 pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     let mut cfg = args.guest_config()?;
+    let mut cfg6 = args.guest_config6()?;
     let tap = Iface::by_name(&args.tap).context("tap")?;
     let uplink_name = if args.uplink == "auto" {
         iface::default_route_iface().context("uplink")?
@@ -244,6 +245,16 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     };
     let tap_mtu = tap.mtu().context("tap")?;
     cfg.mtu = u16::try_from(tap_mtu).unwrap_or(u16::MAX);
+    if let Some(c) = cfg6.as_mut() {
+        c.mtu = cfg.mtu;
+    }
+    if cfg6.is_some() && tap_mtu < 1280 {
+        warn!(
+            "tap {} has MTU {tap_mtu}, below IPv6's 1280: IPv6 is off",
+            tap.name
+        );
+        cfg6 = None;
+    }
 
     // One socket per flow holds its NAT port, one per forwarded port holds
     // that: make room for them.
@@ -347,7 +358,7 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
         ),
     }
     let mut manager = FlowManager::new(fcfg, flow_maps, SocketPorts::new());
-    let mut services = GuestServices::new(cfg.clone());
+    let mut services = GuestServices::new(cfg.clone(), cfg6.clone());
     let mut flows_adopted = 0;
     if adopted {
         flows_adopted = manager.adopt(Instant::now()).flows;
@@ -384,7 +395,7 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
         };
         datapath.attach(&tap, &uplink, args.allow_host)?;
         info!(
-            "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={}{}{}",
+            "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={}{}{}{}",
             tap.name,
             uplink.name,
             cfg.guest_addr,
@@ -392,6 +403,12 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
             cfg.gateway,
             cfg.dns,
             cfg.mtu,
+            cfg6.as_ref()
+                .map(|c| format!(
+                    " guest6={}/{} gateway6={} router={} dns6={}",
+                    c.guest_addr, c.prefix_len, c.gateway, c.router_ll, c.dns
+                ))
+                .unwrap_or_else(|| " ipv6=off".to_owned()),
             control_socket
                 .as_ref()
                 .map(|c| format!(" control={}", c.path().display()))
@@ -450,6 +467,15 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
                     manager.tick(now, &mut out);
                     manager.clock_busy()
                 };
+                // Unsolicited router advertisements.
+                out.extend(
+                    state
+                        .services
+                        .borrow_mut()
+                        .poll(now)
+                        .into_iter()
+                        .map(Output::ToGuest),
+                );
                 state.expire_fragments(now, &mut out);
                 if let Some(path) = &hooks.state_file {
                     state.save_guest_state(path);
@@ -920,6 +946,11 @@ impl ControlSource for State {
                 "arp_replies": s.arp_replies,
                 "dhcp_replies": s.dhcp_replies,
                 "echo_replies": s.echo_replies,
+                "dhcpv6_replies": s.dhcpv6_replies,
+                "neighbor_adverts": s.neighbor_adverts,
+                "router_adverts": s.router_adverts,
+                "icmpv6_errors": s.icmpv6_errors,
+                "ipv6_bad_source": s.ipv6_bad_source,
                 "malformed": s.malformed,
                 "unhandled": s.unhandled,
             },

@@ -48,6 +48,10 @@ pub const PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "util-linux",
     "ethtool",
+    // IPv6 guest tools: rdisc6/ndisc6, dhclient -6, dhcpcd
+    "ndisc6",
+    "isc-dhcp-client",
+    "dhcpcd-base",
     // deploy/ checks: a virtualenv for kubernetes-validate, and
     // systemd-analyze for the unit file
     "python3-venv",

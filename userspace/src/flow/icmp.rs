@@ -229,13 +229,14 @@ pub struct IcmpStats {
 
 /// A token bucket for synthesized ICMP.
 #[derive(Debug)]
-pub(super) struct Limiter {
+pub(crate) struct Limiter {
     tokens: f64,
     last: Option<Instant>,
 }
 
 impl Limiter {
-    pub(super) fn new() -> Self {
+    /// A full bucket.
+    pub(crate) fn new() -> Self {
         Self {
             tokens: f64::from(ICMP_BURST),
             last: None,
@@ -243,7 +244,7 @@ impl Limiter {
     }
 
     /// Takes a token if there is one.
-    pub(super) fn allow(&mut self, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
         if let Some(last) = self.last {
             let dt = now.saturating_duration_since(last).as_secs_f64();
             self.tokens = (self.tokens + dt * f64::from(ICMP_RATE)).min(f64::from(ICMP_BURST));

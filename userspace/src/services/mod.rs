@@ -1,31 +1,55 @@
-//! Dispatching frames from the guest to the gateway's services.
+//! The gateway's own services for the guest, and the dispatch of guest
+//! frames to them.
 //!
 //! # Theory of operation
 //!
 //! Every frame the kernel punts from the tap lands here. The dispatcher
 //! checks the Ethernet header, learns the guest's MAC address, and hands the
-//! frame to the one service that owns it: ARP for the gateway's addresses,
-//! the DHCPv4 server, or ICMP echo to the gateway. Each service returns at
-//! most one reply frame, which the caller writes back on the tap. Other
-//! IPv4 traffic is handed back unclaimed ([`Claim::NotMine`]) for the flow
-//! manager. Whatever no one owns, or fails to parse, is counted by kind and
-//! dropped — the guest is untrusted and nothing it sends can stop the
-//! dispatcher.
+//! frame to the one service that owns it, one file per protocol:
+//!
+//! | family | service | file |
+//! |---|---|---|
+//! | IPv4 | ARP for the gateway's addresses | [`arp`] |
+//! | IPv4 | DHCPv4 server | [`dhcpv4`] |
+//! | IPv4 | echo to the gateway | [`echo`] |
+//! | IPv6 | Neighbor Discovery: NA for the gateway's addresses, RAs | [`ndp`] |
+//! | IPv6 | DHCPv6 server | [`dhcpv6`] |
+//! | IPv6 | echo to the gateway, errors the gateway originates | [`icmpv6`] |
+//!
+//! Each service returns at most one reply frame, which the caller writes
+//! back on the tap; [`GuestServices::poll`] yields what the services send
+//! unasked (unsolicited router advertisements). Other IPv4 traffic is
+//! handed back unclaimed ([`Claim::NotMine`]) for the flow manager. The
+//! IPv6 flow path is not built yet: the guest's IPv6 packets to anything
+//! but the gateway get an ICMPv6 "no route" at once (rate limited), so a
+//! dual-stack guest falls back to IPv4 instead of waiting on a black hole;
+//! packets from a source outside the guest prefix are dropped and
+//! counted. With IPv6 turned off, IPv6 frames are only counted.
+//! Whatever no one owns, or fails to parse, is counted by kind and dropped
+//! — the guest is untrusted and nothing it sends can stop the dispatcher.
 
 use std::time::Instant;
 
 use log::{debug, info};
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet};
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, Ipv6Packet,
+};
 
-use crate::config::GuestNetConfig;
+use crate::config::{GuestNet6Config, GuestNetConfig};
+use crate::flow::icmp::Limiter;
 
 pub mod arp;
 pub mod dhcpv4;
+pub mod dhcpv6;
 pub mod echo;
 pub mod error;
+pub mod icmpv6;
+pub mod ndp;
 
 use dhcpv4::DhcpServer;
+use dhcpv6::Dhcpv6Server;
 use error::FrameError;
+use ndp::Ndp;
 
 /// Counters of the guest services.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -34,28 +58,55 @@ pub struct ServiceStats {
     pub arp_replies: u64,
     /// DHCP replies sent.
     pub dhcp_replies: u64,
-    /// ICMP echo replies sent by the gateway.
+    /// ICMP and ICMPv6 echo replies sent by the gateway.
     pub echo_replies: u64,
+    /// DHCPv6 replies sent (Advertise and Reply).
+    pub dhcpv6_replies: u64,
+    /// Neighbor Advertisements sent.
+    pub neighbor_adverts: u64,
+    /// Router Advertisements sent (solicited and unsolicited).
+    pub router_adverts: u64,
+    /// ICMPv6 errors the gateway sent about the guest's IPv6 packets.
+    pub icmpv6_errors: u64,
+    /// The guest's IPv6 packets from a source outside its prefix.
+    pub ipv6_bad_source: u64,
     /// Frames dropped because they failed to parse.
     pub malformed: u64,
     /// Well-formed frames no service handles (yet).
     pub unhandled: u64,
 }
 
+/// The IPv6 side of the services (absent when IPv6 is off).
+struct V6 {
+    cfg: GuestNet6Config,
+    ndp: Ndp,
+    dhcp: Dhcpv6Server,
+    limit: Limiter,
+}
+
 /// The gateway's services for one guest.
 pub struct GuestServices {
     cfg: GuestNetConfig,
     dhcp: DhcpServer,
+    v6: Option<V6>,
     guest_mac: Option<smoltcp::wire::EthernetAddress>,
     stats: ServiceStats,
 }
 
 impl GuestServices {
-    /// Services for the subnet described by `cfg`.
-    pub fn new(cfg: GuestNetConfig) -> Self {
+    /// Services for the subnet described by `cfg`, and for the IPv6
+    /// prefix of `cfg6` unless it is `None`.
+    pub fn new(cfg: GuestNetConfig, cfg6: Option<GuestNet6Config>) -> Self {
+        let now = Instant::now();
         Self {
             dhcp: DhcpServer::new(cfg.clone()),
             cfg,
+            v6: cfg6.map(|cfg| V6 {
+                ndp: Ndp::new(cfg.clone(), now),
+                dhcp: Dhcpv6Server::new(cfg.clone()),
+                cfg,
+                limit: Limiter::new(),
+            }),
             guest_mac: None,
             stats: ServiceStats::default(),
         }
@@ -89,6 +140,17 @@ impl GuestServices {
         }
     }
 
+    /// Frames the services send unasked at `now` (unsolicited router
+    /// advertisements).
+    pub fn poll(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        let Some(v6) = self.v6.as_mut() else {
+            return Vec::new();
+        };
+        let adverts: Vec<Vec<u8>> = v6.ndp.poll(now).into_iter().collect();
+        self.stats.router_adverts += adverts.len() as u64;
+        adverts
+    }
+
     /// Handles one frame from the guest.
     pub fn handle(&mut self, frame: &[u8], now: Instant) -> Claim {
         match self.dispatch(frame, now) {
@@ -118,6 +180,7 @@ impl GuestServices {
                 arp::reply(&self.cfg, frame)?.inspect(|_| self.stats.arp_replies += 1),
             )),
             EthernetProtocol::Ipv4 => self.ipv4(frame, eth.payload(), now),
+            EthernetProtocol::Ipv6 => self.ipv6(frame, eth.payload(), now),
             _ => Ok(Claim::Consumed),
         }
     }
@@ -134,6 +197,65 @@ impl GuestServices {
             return Ok(Claim::from(reply.inspect(|_| self.stats.echo_replies += 1)));
         }
         Ok(Claim::NotMine)
+    }
+
+    fn ipv6(&mut self, frame: &[u8], packet: &[u8], now: Instant) -> Result<Claim, FrameError> {
+        let Some(v6) = self.v6.as_mut() else {
+            return Ok(Claim::Consumed);
+        };
+        let ip = Ipv6Packet::new_checked(packet).map_err(FrameError::malformed("ipv6"))?;
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        match ip.next_header() {
+            IpProtocol::Icmpv6 => match ip.payload().first().copied() {
+                // Router/Neighbor Solicitation and Advertisement, Redirect.
+                Some(ty @ 133..=137) => {
+                    let reply = v6.ndp.handle(frame)?;
+                    if reply.is_some() {
+                        match ty {
+                            133 => self.stats.router_adverts += 1,
+                            _ => self.stats.neighbor_adverts += 1,
+                        }
+                    }
+                    return Ok(Claim::from(reply));
+                }
+                Some(128) if v6.cfg.is_gateway_addr(dst) => {
+                    let reply = icmpv6::echo_reply(&v6.cfg, frame)?;
+                    return Ok(Claim::from(reply.inspect(|_| self.stats.echo_replies += 1)));
+                }
+                _ => {}
+            },
+            IpProtocol::Udp if dhcpv6::is_dhcpv6_request(frame) => {
+                let reply = v6.dhcp.handle(frame, now)?;
+                return Ok(Claim::from(
+                    reply.inspect(|_| self.stats.dhcpv6_replies += 1),
+                ));
+            }
+            _ => {}
+        }
+        // MLD reports, mDNS, LLMNR ...: nothing on this link listens.
+        if dst.is_multicast() {
+            return Ok(Claim::Consumed);
+        }
+        let why = if v6.cfg.is_gateway_addr(dst) {
+            // A gateway port without a service.
+            icmpv6::Refusal::PortUnreachable
+        } else if v6.cfg.in_prefix(src) {
+            icmpv6::Refusal::NoRoute
+        } else {
+            // Link-local or spoofed sources never leave the link.
+            self.stats.ipv6_bad_source += 1;
+            return Ok(Claim::Consumed);
+        };
+        if !v6.limit.allow(now) {
+            return Ok(Claim::Consumed);
+        }
+        match icmpv6::error(&v6.cfg, frame, why) {
+            Some(reply) => {
+                self.stats.icmpv6_errors += 1;
+                Ok(Claim::Reply(reply))
+            }
+            None => Ok(Claim::Consumed),
+        }
     }
 }
 
@@ -156,12 +278,13 @@ impl From<Option<Vec<u8>>> for Claim {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn garbage_is_counted_not_fatal() {
-        let mut s = GuestServices::new(GuestNetConfig::default());
+        let mut s = GuestServices::new(GuestNetConfig::default(), None);
         let now = Instant::now();
         assert_eq!(s.handle(&[], now), Claim::Consumed);
         assert_eq!(s.handle(&[0u8; 13], now), Claim::Consumed);
@@ -181,11 +304,63 @@ mod tests {
 
     #[test]
     fn truncated_ipv4_is_malformed() {
-        let mut s = GuestServices::new(GuestNetConfig::default());
+        let mut s = GuestServices::new(GuestNetConfig::default(), None);
         let mut f = vec![0u8; 20];
         f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
         f[12..14].copy_from_slice(&[0x08, 0x00]);
         assert_eq!(s.handle(&f, Instant::now()), Claim::Consumed);
         assert_eq!(s.stats().malformed, 1);
+    }
+
+    /// An IPv6 UDP frame from the guest's MAC.
+    fn udp6(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 40 + 8];
+        f[0..6].copy_from_slice(&[0x52, 0x55, 10, 0, 2, 2]);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[14] = 0x60;
+        f[18..20].copy_from_slice(&8u16.to_be_bytes());
+        f[20] = 17;
+        f[21] = 64;
+        f[22..38].copy_from_slice(&src.octets());
+        f[38..54].copy_from_slice(&dst.octets());
+        f
+    }
+
+    #[test]
+    fn ipv6_beyond_the_gateway() {
+        let cfg6 = GuestNet6Config::default();
+        let mut s = GuestServices::new(GuestNetConfig::default(), Some(cfg6.clone()));
+        let now = Instant::now();
+        let world: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        // From the prefix to the world: "no route", until the rate limit.
+        let reply = s.handle(&udp6(cfg6.guest_addr, world), now);
+        assert!(matches!(reply, Claim::Reply(_)));
+        assert_eq!(s.stats().icmpv6_errors, 1);
+        // From outside the prefix (link-local, spoofed): dropped, counted.
+        let ll: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
+        assert_eq!(s.handle(&udp6(ll, world), now), Claim::Consumed);
+        let spoofed: std::net::Ipv6Addr = "2001:db8::99".parse().unwrap();
+        assert_eq!(s.handle(&udp6(spoofed, world), now), Claim::Consumed);
+        assert_eq!(s.stats().ipv6_bad_source, 2);
+        // Multicast nobody serves: dropped.
+        let mdns: std::net::Ipv6Addr = "ff02::fb".parse().unwrap();
+        assert_eq!(s.handle(&udp6(cfg6.guest_addr, mdns), now), Claim::Consumed);
+        // The rate limit holds under a flood.
+        for _ in 0..10_000 {
+            let _ = s.handle(&udp6(cfg6.guest_addr, world), now);
+        }
+        assert!(s.stats().icmpv6_errors < 100, "{:?}", s.stats());
+        // Without IPv6, nothing is answered.
+        let mut off = GuestServices::new(GuestNetConfig::default(), None);
+        assert_eq!(
+            off.handle(&udp6(cfg6.guest_addr, world), now),
+            Claim::Consumed
+        );
+        assert!(off.poll(now).is_empty());
+        assert_eq!(off.stats().icmpv6_errors, 0);
+        // With it, the first unsolicited RA is due at once.
+        assert_eq!(s.poll(now).len(), 1);
+        assert_eq!(s.stats().router_adverts, 1);
     }
 }

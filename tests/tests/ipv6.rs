@@ -1,0 +1,454 @@
+//! End-to-end tests of the gateway's IPv6 services, with the guest's real
+//! tools: `rdisc6` and `ndisc6` (ndisc6), the kernel's own SLAAC and
+//! duplicate-address detection, `ping -6`, `dhclient -6` and `dhcpcd`.
+//!
+//! Every test builds its own [`Topology`] and runs the real `tapgate`
+//! binary in the host namespace (root; `cargo xtask test`). The guest is
+//! behind a real tap unless a test says otherwise.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use tapgate_tests::child::Child;
+use tapgate_tests::control;
+use tapgate_tests::running::Running;
+use tapgate_tests::scratch::ScratchDir;
+use tapgate_tests::topology::GUEST_IFACE;
+use tapgate_tests::{GuestKind, require_root};
+
+/// The gateway's link-local router address for the default MAC
+/// 52:55:0a:00:02:02 (modified EUI-64).
+const ROUTER_LL: &str = "fe80::5055:aff:fe00:202";
+/// The gateway's global address.
+const GATEWAY6: &str = "fd00::2";
+/// The DNS address.
+const DNS6: &str = "fd00::3";
+/// The address DHCPv6 hands out.
+const GUEST6: &str = "fd00::15";
+/// Bound on the guest's autoconfiguration.
+const SLAAC_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// This file's helpers on the shared fixture.
+trait Ipv6Run {
+    /// Runs `argv` in the guest (bounded) and returns its output, whatever
+    /// its exit status.
+    fn guest_out(&self, argv: &[&str], timeout: Duration) -> (bool, String);
+    /// Waits until the guest's `ip -6 addr` / `ip -6 route` output
+    /// satisfies `cond`, failing with the last output after `timeout`.
+    fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String;
+    /// Waits for the guest's link-local address to leave `tentative`, and
+    /// for an autoconfigured address in fd00::/64 and the default route.
+    fn wait_slaac(&self);
+    /// Waits for the guest's link-local address to leave `tentative`.
+    fn wait_link_local(&self);
+    /// `tapgate stats --json`'s `services` counter `key`.
+    fn service(&self, key: &str) -> u64;
+}
+
+impl Ipv6Run for Running {
+    fn guest_out(&self, argv: &[&str], timeout: Duration) -> (bool, String) {
+        let out = self.ok(self.topo.guest().output_timeout(argv, timeout));
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + SLAAC_TIMEOUT;
+        loop {
+            let text = self.ok(self.topo.guest().stdout(argv));
+            if cond(&text) {
+                return text;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!("{what} within {SLAAC_TIMEOUT:?}; last:\n{text}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_slaac(&self) {
+        let show = ["ip", "-6", "addr", "show", "dev", GUEST_IFACE];
+        self.wait_guest(&show, "a SLAAC address in fd00::/64", |t| {
+            t.lines().any(|l| {
+                l.contains("inet6 fd00::") && l.contains("scope global") && !l.contains("tentative")
+            }) && t.contains("inet6 fe80::")
+                && !t
+                    .lines()
+                    .any(|l| l.contains("fe80") && l.contains("tentative"))
+        });
+        self.wait_guest(
+            &["ip", "-6", "route", "show", "default"],
+            "a default route via the router's link-local address",
+            |t| t.contains(&format!("default via {ROUTER_LL} dev {GUEST_IFACE}")),
+        );
+    }
+
+    fn wait_link_local(&self) {
+        let show = ["ip", "-6", "addr", "show", "dev", GUEST_IFACE];
+        self.wait_guest(&show, "a usable link-local address", |t| {
+            t.lines()
+                .any(|l| l.contains("inet6 fe80::") && !l.contains("tentative"))
+        });
+    }
+
+    fn service(&self, key: &str) -> u64 {
+        let stats = self.ok(control::stats(&self.topo));
+        stats["services"][key]
+            .as_u64()
+            .unwrap_or_else(|| self.fail(format!("stats lack services.{key}: {stats}")))
+    }
+}
+
+/// Whitespace runs folded to one space, so rdisc6's aligned columns can be
+/// matched as `Key : value`.
+fn squeeze(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn start(args: &[&str]) -> Option<Running> {
+    if let Err(e) = require_root() {
+        eprintln!("skipping: {e}");
+        return None;
+    }
+    Some(Running::start(GuestKind::RealTap, args))
+}
+
+#[test]
+fn router_advertisement_as_rdisc6_sees_it() {
+    let Some(run) = start(&["--dns-search", "example.test"]) else {
+        return;
+    };
+    // Capture the advertisement itself, to check the IP header rdisc6
+    // does not print.
+    let mut dump = Child::spawn(
+        {
+            let mut c = run.topo.guest().cmd("tcpdump");
+            c.args([
+                "-n",
+                "-vv",
+                "-l",
+                "-i",
+                GUEST_IFACE,
+                "-c",
+                "1",
+                "icmp6 and ip6[40] == 134",
+            ]);
+            c
+        },
+        "tcpdump",
+    )
+    .unwrap();
+    run.wait_link_local();
+    std::thread::sleep(Duration::from_millis(300));
+    // One solicitation, 500 ms to answer it (RFC 4861 asks a router to
+    // answer within MAX_RA_DELAY_TIME, 0.5 s).
+    let (ok, out) = run.guest_out(
+        &["rdisc6", "-1", "-r", "1", "-w", "500", GUEST_IFACE],
+        Duration::from_secs(10),
+    );
+    let s = squeeze(&out);
+    run.check(ok, format!("rdisc6 got no advertisement in 0.5 s:\n{out}"));
+    for want in [
+        "Hop limit : 64",
+        "Stateful address conf. : Yes",
+        "Stateful other conf. : Yes",
+        "Router lifetime : 1800",
+        "Source link-layer address: 52:55:0A:00:02:02",
+        "MTU : 1500 bytes",
+        "Prefix : fd00::/64",
+        "On-link : Yes",
+        "Autonomous address conf.: Yes",
+        &format!("Recursive DNS server : {DNS6}"),
+        "DNS search list : example.test",
+        &format!("from {ROUTER_LL}"),
+    ] {
+        run.check(s.contains(want), format!("rdisc6 lacks \"{want}\":\n{out}"));
+    }
+    dump.wait_exit(Duration::from_secs(10)).unwrap();
+    let captured = dump.stdout();
+    run.check(
+        captured.contains("hlim 255") && captured.contains(&format!("{ROUTER_LL} >")),
+        format!("the advertisement is not from {ROUTER_LL} with hop limit 255:\n{captured}"),
+    );
+    run.check(
+        run.service("router_adverts") >= 1,
+        "router_adverts not counted",
+    );
+}
+
+#[test]
+fn guest_autoconfigures_and_reaches_the_gateway() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    // The gateway's addresses answer Neighbor Solicitations ...
+    let (ok, out) = run.guest_out(
+        &["ndisc6", "-1", "-r", "3", GATEWAY6, GUEST_IFACE],
+        Duration::from_secs(10),
+    );
+    run.check(
+        ok && out.contains("Target link-layer address: 52:55:0A:00:02:02"),
+        format!("ndisc6 {GATEWAY6}:\n{out}"),
+    );
+    // ... and pings.
+    for target in [GATEWAY6, DNS6, &format!("{ROUTER_LL}%{GUEST_IFACE}")] {
+        let (ok, out) = run.guest_out(
+            &[
+                "ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", target,
+            ],
+            Duration::from_secs(10),
+        );
+        run.check(
+            ok && out.contains(" 0% packet loss"),
+            format!("ping -6 {target}:\n{out}"),
+        );
+    }
+    // The guest's neighbour cache marks the gateway as a router (the NA's
+    // Router flag).
+    let neigh = run.ok(run.topo.guest().stdout(&[
+        "ip",
+        "-6",
+        "neigh",
+        "show",
+        GATEWAY6,
+        "dev",
+        GUEST_IFACE,
+    ]));
+    run.check(
+        neigh.contains("lladdr 52:55:0a:00:02:02") && neigh.contains("router"),
+        format!("neighbour entry of {GATEWAY6}: {neigh}"),
+    );
+    run.check(
+        run.service("neighbor_adverts") >= 1 && run.service("echo_replies") >= 9,
+        "NAs or echo replies not counted",
+    );
+}
+
+#[test]
+fn duplicate_address_detection() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    // The guest's own address: the gateway stays silent, DAD succeeds.
+    run.ok(run.topo.guest().ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{GUEST6}/64"),
+        "dev",
+        GUEST_IFACE,
+    ]));
+    // The gateway's address: the gateway defends it, DAD fails.
+    run.ok(run
+        .topo
+        .guest()
+        .ip(&["-6", "addr", "add", "fd00::2/64", "dev", GUEST_IFACE]));
+    let show = ["ip", "-6", "addr", "show", "dev", GUEST_IFACE];
+    let text = run.wait_guest(&show, "DAD to finish for both addresses", |t| {
+        let line = |a: &str| {
+            t.lines()
+                .find(|l| l.contains(&format!("inet6 {a}/64")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        !line(GUEST6).is_empty()
+            && !line(GUEST6).contains("tentative")
+            && line("fd00::2").contains("dadfailed")
+    });
+    run.check(
+        !text
+            .lines()
+            .any(|l| l.contains(&format!("inet6 {GUEST6}/64")) && l.contains("dadfailed")),
+        format!("the gateway answered a DAD probe for the guest's address:\n{text}"),
+    );
+}
+
+#[test]
+fn ipv6_beyond_the_gateway_is_refused_at_once() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    // No IPv6 flow path yet: a connection to the world fails at once with
+    // "no route" instead of hanging.
+    let began = Instant::now();
+    let (ok, out) = run.guest_out(
+        &[
+            "curl",
+            "-6",
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            "http://[2001:db8::80]/",
+        ],
+        Duration::from_secs(15),
+    );
+    let took = began.elapsed();
+    run.check(
+        !ok && out.contains("Couldn't connect") && took < Duration::from_secs(3),
+        format!("curl -6 to the world after {took:?}:\n{out}"),
+    );
+    let (_, out) = run.guest_out(
+        &["ping", "-6", "-n", "-c", "1", "-W", "2", "2001:db8::80"],
+        Duration::from_secs(10),
+    );
+    run.check(
+        out.contains("Destination unreachable: No route"),
+        format!("ping -6 to the world:\n{out}"),
+    );
+    // A UDP port of the gateway without a service: port unreachable.
+    let (_, out) = run.guest_out(
+        &[
+            "ping", "-6", "-n", "-c", "1", "-W", "2", "-s", "16", GATEWAY6,
+        ],
+        Duration::from_secs(10),
+    );
+    run.check(out.contains(" 0% packet loss"), out);
+    run.check(
+        run.service("icmpv6_errors") >= 2,
+        "ICMPv6 errors not counted",
+    );
+}
+
+#[test]
+fn no_ipv6_turns_every_ipv6_service_off() {
+    let Some(run) = start(&["--no-ipv6"]) else {
+        return;
+    };
+    run.wait_link_local();
+    let (ok, out) = run.guest_out(
+        &["rdisc6", "-1", "-r", "2", "-w", "500", GUEST_IFACE],
+        Duration::from_secs(10),
+    );
+    run.check(!ok, format!("rdisc6 got an answer with --no-ipv6:\n{out}"));
+    let (ok, _) = run.guest_out(
+        &[
+            "ping",
+            "-6",
+            "-n",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            &format!("{ROUTER_LL}%{GUEST_IFACE}"),
+        ],
+        Duration::from_secs(10),
+    );
+    run.check(!ok, "the router address answered with --no-ipv6");
+    run.check(
+        run.service("router_adverts") == 0 && run.service("neighbor_adverts") == 0,
+        "IPv6 services answered with --no-ipv6",
+    );
+}
+
+#[test]
+fn dhcpv6_lease_renew_and_release_with_dhclient() {
+    let Some(run) = start(&["--dhcp-lease", "6"]) else {
+        return;
+    };
+    run.wait_slaac();
+    let dir = ScratchDir::new("dhclient6").unwrap();
+    let lease = dir.join("dhclient6.leases");
+    let pid = dir.join("dhclient6.pid");
+    let (lease, pid) = (lease.to_str().unwrap(), pid.to_str().unwrap());
+    // In the foreground with a 6 s lease: the binding, then a renewal at
+    // T1 (3 s).
+    let mut client = Child::spawn(
+        {
+            let mut c = run.topo.guest().cmd("dhclient");
+            c.args(["-6", "-d", "-v", "-lf", lease, "-pf", pid, GUEST_IFACE]);
+            c
+        },
+        "dhclient -6",
+    )
+    .unwrap();
+    client
+        .wait_stderr_contains("XMT: Renew", Duration::from_secs(30))
+        .unwrap_or_else(|e| run.fail(format!("{e:#}\n{}", client.stderr())));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.stderr().matches("RCV: Reply message").count() < 2 {
+        if Instant::now() > deadline {
+            run.fail(format!("no Reply to the Renew:\n{}", client.stderr()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    run.wait_guest(
+        &["ip", "-6", "addr", "show", "dev", GUEST_IFACE],
+        "the DHCPv6 address on eth0",
+        |t| t.contains(&format!("inet6 {GUEST6}/128")),
+    );
+    client.stop().unwrap();
+    let before = run.service("dhcpv6_replies");
+    // dhclient retransmits an unanswered Release (RFC 8415 §18.2.7: 1 s,
+    // then doubling, 4 times): a release answered at once ends before its
+    // first retransmission.
+    let began = Instant::now();
+    let (ok, out) = run.guest_out(
+        &[
+            "dhclient",
+            "-6",
+            "-r",
+            "-v",
+            "-lf",
+            lease,
+            "-pf",
+            pid,
+            GUEST_IFACE,
+        ],
+        Duration::from_secs(20),
+    );
+    let took = began.elapsed();
+    run.check(
+        ok && out.contains("XMT: Release") && !out.contains("XMT: Release on eth0, interval 2"),
+        format!("dhclient -6 -r after {took:?}:\n{out}"),
+    );
+    run.check(
+        run.service("dhcpv6_replies") == before + 1,
+        "the Release was not answered",
+    );
+    run.wait_guest(
+        &["ip", "-6", "addr", "show", "dev", GUEST_IFACE],
+        "the released address gone from eth0",
+        |t| !t.contains(&format!("inet6 {GUEST6}/128")),
+    );
+}
+
+#[test]
+fn dhcpv6_with_dhcpcd() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    let dir = ScratchDir::new("dhcpcd6").unwrap();
+    let conf = dir.join("dhcpcd.conf");
+    std::fs::write(
+        &conf,
+        "ipv6only\nnoipv6rs\nia_na 1\nduid\nnohook resolv.conf\noption dhcp6_name_servers, dhcp6_domain_search\n",
+    )
+    .unwrap();
+    let (ok, out) = run.guest_out(
+        &[
+            "dhcpcd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-1",
+            "-t",
+            "15",
+            "-B",
+            "-d",
+            GUEST_IFACE,
+        ],
+        Duration::from_secs(30),
+    );
+    run.check(ok, format!("dhcpcd failed:\n{out}"));
+    run.wait_guest(
+        &["ip", "-6", "addr", "show", "dev", GUEST_IFACE],
+        "dhcpcd's DHCPv6 address on eth0",
+        |t| t.contains(&format!("inet6 {GUEST6}/128")),
+    );
+}
