@@ -25,7 +25,7 @@
 
 use std::{
     collections::HashMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -53,24 +53,27 @@ const PORTS_PER_REMOTE: u32 = 60_000;
 /// ports counted up per address.
 #[derive(Default)]
 struct SyntheticPorts {
-    next: HashMap<Ipv4Addr, u16>,
+    next: HashMap<IpAddr, u16>,
 }
 
 impl NatPorts for SyntheticPorts {
-    fn reserve(&mut self, _proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
+    fn reserve(&mut self, _proto: u8, local: IpAddr) -> Result<NatLease, NatError> {
         let port = self.next.entry(local).or_insert(1024);
         let p = *port;
         *port = port.checked_add(1).ok_or(NatError::Exhausted(local))?;
         Ok(NatLease::new(p, ()))
     }
 
-    fn hold(&mut self, _proto: u8, _local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+    fn hold(&mut self, _proto: u8, _local: IpAddr, port: u16) -> Result<NatLease, NatError> {
         Ok(NatLease::new(port, ()))
     }
 
-    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
+    fn source_for(&mut self, remote: IpAddr) -> Result<IpAddr, NatError> {
+        let IpAddr::V4(remote) = remote else {
+            return Err(NatError::Protocol(0));
+        };
         let [_, _, c, d] = remote.octets();
-        Ok(Ipv4Addr::new(198, 19, c, d))
+        Ok(IpAddr::V4(Ipv4Addr::new(198, 19, c, d)))
     }
 }
 
@@ -193,7 +196,7 @@ fn bench(n: u32) -> Result<String> {
     let maps = datapath.take_flow_maps()?;
     let mut cfg = FlowConfig::new(GuestNetConfig::default(), 2, 3);
     cfg.max_flows = n;
-    cfg.host_addrs = HostAddrs::fixed(Vec::new());
+    cfg.host_addrs = HostAddrs::fixed(Vec::<IpAddr>::new());
     cfg.keepalive_interval = Duration::from_secs(10);
     cfg.inactivity_interval = Duration::ZERO;
     let guest_ip = cfg.guest.guest_addr;

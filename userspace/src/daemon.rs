@@ -340,6 +340,8 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     let flow_maps = datapath.take_flow_maps()?;
 
     let mut fcfg = FlowConfig::new(cfg.clone(), tap.index, uplink.index);
+    fcfg.guest6 = cfg6.clone();
+    fcfg.dns_upstream6 = flow::resolv::resolve_upstream6();
     fcfg.uplink_mtu = uplink_mtu(&uplink).context("uplink")?;
     fcfg.last_ack_timeout = Duration::from_secs(args.last_ack_timeout);
     fcfg.udp_timeout = Duration::from_secs(args.udp_timeout);
@@ -949,7 +951,6 @@ impl ControlSource for State {
                 "dhcpv6_replies": s.dhcpv6_replies,
                 "neighbor_adverts": s.neighbor_adverts,
                 "router_adverts": s.router_adverts,
-                "icmpv6_errors": s.icmpv6_errors,
                 "ipv6_bad_source": s.ipv6_bad_source,
                 "malformed": s.malformed,
                 "unhandled": s.unhandled,

@@ -29,21 +29,15 @@
 //! The activity bits are left as the kernel set them, so the clock's next
 //! scans see the gap's traffic.
 
-use std::{
-    collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
-    time::Instant,
-};
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
-use datapath_common::{
-    DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_LOCAL, FlowEntry, FlowKey, FlowState,
-    ipv4_from_16,
-};
+use datapath_common::{DIR_FROM_TAP, DIR_FROM_UPLINK, FLOW_F_LOCAL, FlowEntry, FlowKey, FlowState};
 use log::{info, warn};
 use smoltcp::wire::EthernetAddress;
 
 use super::{
     FlowManager, FlowMaps, NatLease, NatPorts,
+    store::addr_of16,
     table::{Addressing, Flow},
 };
 use crate::fwd::Proto;
@@ -59,8 +53,9 @@ pub struct AdoptReport {
     pub orphans: u64,
 }
 
-fn v4(addr: &[u8; 16], port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(ipv4_from_16(addr)), port)
+/// The socket address of a map field of `family`.
+fn sock(family: u8, addr: &[u8; 16], port: u16) -> Option<SocketAddr> {
+    addr_of16(family, addr).map(|ip| SocketAddr::new(ip, port))
 }
 
 impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
@@ -129,12 +124,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         now: Instant,
         report: &mut AdoptReport,
     ) -> Option<u32> {
-        if tk.family != FAMILY_IPV4 || uk.family != FAMILY_IPV4 || tk.proto != uk.proto {
+        if tk.family != uk.family || tk.proto != uk.proto {
             return None;
         }
+        let f = tk.family;
         let state = FlowState::from_u8(te.state)?;
         let proto = tk.proto;
-        let nat = v4(&te.new_src, te.new_sport);
+        let nat = sock(f, &te.new_src, te.new_sport)?;
         let slot = te.slot;
         let deadline = match state {
             FlowState::Handshake => now.checked_add(self.handshake_timeout),
@@ -145,9 +141,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             slot,
             Addressing {
                 proto,
-                guest: v4(&tk.src, tk.sport),
-                remote: v4(&tk.dst, tk.dport),
-                world: v4(&te.new_dst, te.new_dport),
+                guest: sock(f, &tk.src, tk.sport)?,
+                remote: sock(f, &tk.dst, tk.dport)?,
+                world: sock(f, &te.new_dst, te.new_dport)?,
                 nat,
                 guest_mac: EthernetAddress(ue.eth_dst),
             },
@@ -160,13 +156,11 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return None;
         }
         // An inbound forward's port is held by its rule's reservation.
-        let forwarded = Proto::from_ip_proto(proto).is_some_and(|p| {
-            self.forwards
-                .rule_for(p, std::net::IpAddr::V4(*nat.ip()), nat.port())
-                .is_some()
-        }) && te.flags & FLOW_F_LOCAL == 0;
+        let forwarded = Proto::from_ip_proto(proto)
+            .is_some_and(|p| self.forwards.rule_for(p, nat.ip(), nat.port()).is_some())
+            && te.flags & FLOW_F_LOCAL == 0;
         if !forwarded {
-            match self.ports.hold(proto, *nat.ip(), nat.port()) {
+            match self.ports.hold(proto, nat.ip(), nat.port()) {
                 Ok(lease) => flow.lease = lease,
                 Err(e) => {
                     warn!(

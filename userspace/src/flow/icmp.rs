@@ -53,7 +53,7 @@
 //! forwarded.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     time::Instant,
 };
 
@@ -452,7 +452,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return self.forward_to_world(slot, pkt, out);
         }
         let world = match self.policy.check(pkt.dst_sock(), now) {
-            Verdict::Allow(w) => SocketAddrV4::new(*w.ip(), 0),
+            Verdict::Allow(w) => SocketAddr::new(w.ip(), 0),
             Verdict::Deny(Denial::Silent) => {
                 self.stats.policy_denied += 1;
                 return Ok(());
@@ -461,7 +461,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 debug!("flow: icmp echo {} -> {} denied ({d:?})", pkt.src, pkt.dst);
                 self.stats.policy_denied += 1;
                 let kind = IcmpError::Unreachable(Icmpv4DstUnreachable::CommProhibited);
-                self.icmp_to_guest(self.guest.gateway, pkt, kind, guest_mac, out);
+                self.icmp_to_guest(self.gateway_for(pkt.src), pkt, kind, guest_mac, out);
                 return Ok(());
             }
         };
@@ -490,7 +490,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             _ => return,
         };
         self.icmp_to_guest(
-            self.guest.gateway,
+            self.gateway_for(pkt.src),
             pkt,
             IcmpError::Unreachable(code),
             guest_mac,
@@ -513,11 +513,14 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.stats.icmp.unknown_flow += 1;
             return Err(DropReason::UnknownFlow);
         };
+        let (Some(nat), Some(world)) = (v4(flow.nat), v4(flow.world)) else {
+            return Err(DropReason::Protocol);
+        };
         let rw = ErrorRewrite {
-            outer_src: *flow.nat.ip(),
-            outer_dst: *flow.world.ip(),
-            inner_src: flow.world,
-            inner_dst: flow.nat,
+            outer_src: *nat.ip(),
+            outer_dst: *world.ip(),
+            inner_src: world,
+            inner_dst: nat,
         };
         let ip = translate_error(pkt.ip, rw)?;
         if let packet::L4::Icmp(m) = pkt.l4 {
@@ -552,16 +555,21 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         // The world host itself complains: it is the remote the guest
         // addressed (they differ for DNS). A router on the way keeps its
         // own address (traceroute shows it).
-        let outer_src = if pkt.src == *flow.world.ip() {
-            *flow.remote.ip()
+        let (Some(guest), Some(remote), IpAddr::V4(src)) =
+            (v4(flow.guest), v4(flow.remote), pkt.src)
+        else {
+            return Err(DropReason::Protocol);
+        };
+        let outer_src = if pkt.src == flow.world.ip() {
+            *remote.ip()
         } else {
-            pkt.src
+            src
         };
         let rw = ErrorRewrite {
             outer_src,
-            outer_dst: *flow.guest.ip(),
-            inner_src: flow.guest,
-            inner_dst: flow.remote,
+            outer_dst: *guest.ip(),
+            inner_src: guest,
+            inner_dst: remote,
         };
         let mac = flow.guest_mac;
         let ip = translate_error(pkt.ip, rw)?;
@@ -582,7 +590,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     /// the guest, within the rate limit.
     pub(super) fn icmp_to_guest(
         &mut self,
-        from: Ipv4Addr,
+        from: IpAddr,
         pkt: &Packet<'_>,
         kind: IcmpError,
         guest_mac: EthernetAddress,
@@ -629,7 +637,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     /// its source in the world, within the rate limit.
     pub(super) fn icmp_to_world(
         &mut self,
-        from: Ipv4Addr,
+        from: IpAddr,
         pkt: &Packet<'_>,
         kind: IcmpError,
         out: &mut Vec<Output>,
@@ -663,11 +671,20 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return;
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
-        if src != self.guest.guest_addr || !super::is_unicast(dst) {
+        if src != self.guest.guest_addr || !super::is_unicast(IpAddr::V4(dst)) {
             return;
         }
         let kind = IcmpError::ReassemblyTimeout;
         let ip = packet::icmp_error_quoting(self.guest.gateway, src, first, kind);
         self.emit_to_guest(ip, kind, guest_mac, out);
+    }
+}
+
+/// `a` if it is an IPv4 socket address (the ICMPv4 paths handle IPv4 flows
+/// only).
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
     }
 }

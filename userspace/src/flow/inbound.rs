@@ -37,7 +37,10 @@
 //! outbound flow's NAT port is never one: forwarded ports are held by
 //! their reservations, so the host cannot hand them out).
 
-use std::{net::SocketAddrV4, time::Instant};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
 
 use datapath_common::FlowState;
 use log::debug;
@@ -80,16 +83,22 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if !self.table.has_room() {
             return Err(DropReason::TableFull);
         }
+        // Inbound IPv6 needs the guest's current IPv6 address, which the
+        // flow manager does not track yet.
+        let guest = match pkt.dst {
+            IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.guest.guest_addr), guest_port),
+            IpAddr::V6(_) => return Err(DropReason::NoForward),
+        };
         let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
-        let client = SocketAddrV4::new(pkt.src, sport);
+        let client = SocketAddr::new(pkt.src, sport);
         let mut flow = Flow::new(
             slot,
             Addressing {
                 proto: proto.ip_proto(),
-                guest: SocketAddrV4::new(self.guest.guest_addr, guest_port),
+                guest,
                 remote: client,
                 world: client,
-                nat: SocketAddrV4::new(pkt.dst, dport),
+                nat: SocketAddr::new(pkt.dst, dport),
                 guest_mac,
             },
             // The forwarded port is held by the port reservations.
@@ -122,8 +131,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 rules.iter().any(|r| {
                     r.proto.ip_proto() == f.proto
                         && r.host.contains(f.nat.port())
-                        && r.addr
-                            .is_none_or(|a| a == std::net::IpAddr::V4(*f.nat.ip()))
+                        && r.addr.is_none_or(|a| a == f.nat.ip())
                 })
             })
             .map(|f| (f.slot, f.is_tcp()))

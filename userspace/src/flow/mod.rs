@@ -96,7 +96,7 @@ mod udp;
 mod tests;
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -107,7 +107,10 @@ use datapath_common::{
 use log::{debug, info, warn};
 use smoltcp::wire::{ETHERNET_HEADER_LEN, EthernetAddress};
 
-use crate::{config::GuestNetConfig, fwd::FwdTable};
+use crate::{
+    config::{GuestNet6Config, GuestNetConfig},
+    fwd::FwdTable,
+};
 
 pub use icmp::{IcmpCounts, IcmpKind, IcmpStats};
 pub use policy::HostAddrs;
@@ -137,6 +140,9 @@ pub use crate::kernel::inject::Output;
 pub struct FlowConfig {
     /// The guest subnet, gateway and DNS addresses, gateway MAC, tap MTU.
     pub guest: GuestNetConfig,
+    /// The guest's IPv6 prefix and the gateway's IPv6 addresses; `None`
+    /// when IPv6 is off (the guest's IPv6 packets are then dropped).
+    pub guest6: Option<GuestNet6Config>,
     /// The tap's interface index (egress of the world → guest entries).
     pub tap_ifindex: u32,
     /// The uplink's interface index (egress of the guest → world entries).
@@ -159,6 +165,8 @@ pub struct FlowConfig {
     /// The upstream resolver of the DNS forwarder; `None` makes DNS
     /// unavailable. See [`resolv::resolve_upstream`].
     pub dns_upstream: Option<Ipv4Addr>,
+    /// The IPv6 upstream resolver behind the IPv6 DNS address, if any.
+    pub dns_upstream6: Option<Ipv6Addr>,
     /// Interval of the keepalive scan; zero turns keepalives off.
     pub keepalive_interval: Duration,
     /// Interval of the inactivity scan; zero turns inactivity resets off.
@@ -177,6 +185,7 @@ impl FlowConfig {
     pub fn new(guest: GuestNetConfig, tap_ifindex: u32, uplink_ifindex: u32) -> Self {
         Self {
             guest,
+            guest6: None,
             tap_ifindex,
             uplink_ifindex,
             uplink_mtu: 1500,
@@ -187,6 +196,7 @@ impl FlowConfig {
             allow_host: false,
             host_addrs: HostAddrs::system(),
             dns_upstream: None,
+            dns_upstream6: None,
             keepalive_interval: KEEPALIVE_INTERVAL,
             inactivity_interval: INACTIVITY_INTERVAL,
             keepalive_probes: 0,
@@ -201,13 +211,13 @@ pub struct FlowInfo {
     /// "tcp", "udp" or "icmp".
     pub proto: &'static str,
     /// The guest's address and port.
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The remote as the guest sees it.
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     /// The real destination (differs from `remote` for DNS).
-    pub upstream: SocketAddrV4,
+    pub upstream: SocketAddr,
     /// The host address and NAT port.
-    pub nat: SocketAddrV4,
+    pub nat: SocketAddr,
     /// State, lower case ("handshake", "established", "fin_wait",
     /// "close_wait", "last_ack").
     pub state: &'static str,
@@ -226,7 +236,7 @@ pub enum DropReason {
     /// A header failed to parse.
     Malformed = 0,
     /// Not an IPv4 frame.
-    NotIpv4,
+    NotIp,
     /// IPv4 options.
     IpOptions,
     /// IPv4 fragment.
@@ -271,7 +281,7 @@ impl DropReason {
     /// All reasons, in counter order.
     pub const ALL: [DropReason; 21] = [
         Self::Malformed,
-        Self::NotIpv4,
+        Self::NotIp,
         Self::IpOptions,
         Self::Fragment,
         Self::Protocol,
@@ -297,7 +307,7 @@ impl DropReason {
     pub const fn name(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
-            Self::NotIpv4 => "not_ipv4",
+            Self::NotIp => "not_ip",
             Self::IpOptions => "ip_options",
             Self::Fragment => "fragment",
             Self::Protocol => "protocol",
@@ -325,7 +335,7 @@ impl From<PacketError> for DropReason {
     fn from(e: PacketError) -> Self {
         match e {
             PacketError::Malformed(_) => Self::Malformed,
-            PacketError::NotIpv4 => Self::NotIpv4,
+            PacketError::NotIp => Self::NotIp,
             PacketError::IpOptions => Self::IpOptions,
             PacketError::Fragment => Self::Fragment,
             PacketError::Protocol(_) | PacketError::IcmpType(_) => Self::Protocol,
@@ -445,6 +455,7 @@ enum Side {
 /// The flow manager (see the module documentation).
 pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     guest: GuestNetConfig,
+    guest6: Option<GuestNet6Config>,
     tap_ifindex: u32,
     uplink_ifindex: u32,
     uplink_mtu: u16,
@@ -468,6 +479,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     pub fn new(cfg: FlowConfig, maps: M, ports: P) -> Self {
         let FlowConfig {
             guest,
+            guest6,
             tap_ifindex,
             uplink_ifindex,
             uplink_mtu,
@@ -478,6 +490,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             allow_host,
             host_addrs,
             dns_upstream,
+            dns_upstream6,
             keepalive_interval,
             inactivity_interval,
             keepalive_probes,
@@ -492,9 +505,14 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             }
             ok
         });
+        let mut policy = Policy::new(guest.clone(), allow_host, dns_upstream, host_addrs);
+        if let Some(g6) = &guest6 {
+            policy = policy.with_ipv6(g6.clone(), dns_upstream6);
+        }
         Self {
-            policy: Policy::new(guest.clone(), allow_host, dns_upstream, host_addrs),
+            policy,
             guest,
+            guest6,
             tap_ifindex,
             uplink_ifindex,
             uplink_mtu,
@@ -717,13 +735,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
         let pkt = packet::parse_frame(frame)?;
-        if pkt.src != self.guest.guest_addr || !guest_mac.is_unicast() {
+        if !self.is_guest_source(pkt.src) || !guest_mac.is_unicast() {
             return Err(DropReason::BadSource);
         }
         if pkt.ttl <= 1 {
             if is_unicast(pkt.dst) {
                 self.icmp_to_guest(
-                    self.guest.gateway,
+                    self.gateway_for(pkt.src),
                     &pkt,
                     IcmpError::TtlExceeded,
                     guest_mac,
@@ -735,7 +753,33 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         match pkt.l4 {
             L4::Tcp(seg) => self.guest_tcp(&pkt, seg, guest_mac, now, out),
             L4::Udp { .. } => self.guest_udp(&pkt, guest_mac, now, out),
+            // ICMPv6 echo flows and error translation are not built yet.
+            L4::Icmp(msg) if msg.v6 => {
+                self.stats.icmp.unsupported += 1;
+                Err(DropReason::Protocol)
+            }
             L4::Icmp(msg) => self.guest_icmp(&pkt, msg, guest_mac, now, out),
+        }
+    }
+
+    /// Whether `src` is an address the guest may send from: its IPv4
+    /// address, or any address of its IPv6 prefix but the gateway's.
+    fn is_guest_source(&self, src: IpAddr) -> bool {
+        match src {
+            IpAddr::V4(a) => a == self.guest.guest_addr,
+            IpAddr::V6(a) => self
+                .guest6
+                .as_ref()
+                .is_some_and(|g| g.in_prefix(a) && !g.is_gateway_addr(a)),
+        }
+    }
+
+    /// The gateway's address of `peer`'s family (the source of what the
+    /// gateway originates); the IPv4 gateway when IPv6 is off.
+    fn gateway_for(&self, peer: IpAddr) -> IpAddr {
+        match (peer, &self.guest6) {
+            (IpAddr::V6(_), Some(g)) => IpAddr::V6(g.gateway),
+            _ => IpAddr::V4(self.guest.gateway),
         }
     }
 
@@ -748,6 +792,11 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     ) -> Result<(), DropReason> {
         let pkt = packet::parse_frame(frame)?;
         if let L4::Icmp(msg) = pkt.l4 {
+            if msg.v6 {
+                // ICMPv6 flows and error translation are not built yet.
+                self.stats.icmp.unsupported += 1;
+                return Err(DropReason::Protocol);
+            }
             if msg.is_error() {
                 return self.world_icmp_error(&pkt, msg, out);
             }
@@ -773,7 +822,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if pkt.ttl <= 1 {
             // A router between the world and the guest: its TTL runs out
             // here. The error comes from the address the world sent to.
-            self.icmp_to_world(*pkt.dst_sock().ip(), &pkt, IcmpError::TtlExceeded, out);
+            self.icmp_to_world(pkt.dst, &pkt, IcmpError::TtlExceeded, out);
             return Err(DropReason::TtlExpired);
         }
         match pkt.l4 {
@@ -846,7 +895,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     fn install(
         &mut self,
         pkt: &Packet<'_>,
-        world: SocketAddrV4,
+        world: SocketAddr,
         guest_mac: EthernetAddress,
         state: FlowState,
         guest_isn: u32,
@@ -857,7 +906,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return Err(DropReason::TableFull);
         }
         let proto = pkt.proto();
-        let routed_src = self.ports.source_for(*world.ip()).map_err(|e| {
+        let routed_src = self.ports.source_for(world.ip()).map_err(|e| {
             debug!("flow: no source address towards {world}: {e}");
             match e {
                 NatError::NoRoute(_, NoRoute::Host) => DropReason::HostUnreachable,
@@ -872,9 +921,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         // there would be a martian, and the host's replies to the gateway's
         // address leave through the uplink, where the egress program takes
         // them.
-        let local = routed_src == *world.ip();
+        let local = routed_src == world.ip();
         let src = if local {
-            self.guest.gateway
+            self.gateway_for(routed_src)
         } else {
             routed_src
         };
@@ -889,13 +938,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         } else {
             None
         };
-        let nat = SocketAddrV4::new(src, lease.port());
+        let nat = SocketAddr::new(src, lease.port());
         let mut flow = Flow::new(
             slot,
             Addressing {
                 proto,
-                guest: SocketAddrV4::new(pkt.src, sport),
-                remote: SocketAddrV4::new(pkt.dst, dport),
+                guest: SocketAddr::new(pkt.src, sport),
+                remote: SocketAddr::new(pkt.dst, dport),
                 world,
                 nat,
                 guest_mac,
@@ -1035,7 +1084,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
         let (rw, mac) = (flow.to_world(), flow.guest_mac);
         // Host-local flows enter through loopback, which takes anything.
-        let mtu = if *flow.nat.ip() == self.guest.gateway {
+        let mtu = if flow.nat.ip() == self.gateway_for(flow.nat.ip()) {
             usize::from(u16::MAX)
         } else {
             usize::from(self.uplink_mtu)
@@ -1044,7 +1093,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             let kind = IcmpError::FragNeeded {
                 mtu: self.uplink_mtu,
             };
-            self.icmp_to_guest(self.guest.gateway, pkt, kind, mac, out);
+            self.icmp_to_guest(self.gateway_for(pkt.src), pkt, kind, mac, out);
             return Err(DropReason::TooBig);
         }
         let ip = packet::rewrite(pkt.ip, rw)?;
@@ -1114,8 +1163,11 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
 
 /// Whether `ip` is a destination errors may be sent about (RFC 1122
 /// §3.2.2: never about broadcast or multicast).
-fn is_unicast(ip: Ipv4Addr) -> bool {
-    !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified())
+fn is_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => !(ip.is_broadcast() || ip.is_multicast() || ip.is_unspecified()),
+        IpAddr::V6(ip) => !(ip.is_multicast() || ip.is_unspecified()),
+    }
 }
 
 /// "tcp", "udp", "icmp" or "other".
@@ -1124,6 +1176,7 @@ fn proto_name(proto: u8) -> &'static str {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
         PROTO_ICMP => "icmp",
+        packet::PROTO_ICMPV6 => "icmpv6",
         _ => "other",
     }
 }

@@ -31,14 +31,15 @@
 //!   packet's IP header and first 8 payload bytes (RFC 792, the passt
 //!   seed's rule), as IP packets (wrapped in Ethernet for the guest).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use smoltcp::{
     phy::ChecksumCapabilities,
     wire::{
         ETHERNET_HEADER_LEN, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr,
-        IPV4_HEADER_LEN, Icmpv4DstUnreachable, Icmpv4Packet, IpAddress, IpProtocol, Ipv4Packet,
-        Ipv4Repr, TCP_HEADER_LEN, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
+        IPV4_HEADER_LEN, IPV6_HEADER_LEN, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv6Packet,
+        IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TCP_HEADER_LEN,
+        TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
     },
 };
 use thiserror::Error;
@@ -56,16 +57,17 @@ pub enum PacketError {
     /// A header failed smoltcp's checks (the layer is named).
     #[error("malformed {0}")]
     Malformed(&'static str),
-    /// The frame is not IPv4.
-    #[error("not an IPv4 frame")]
-    NotIpv4,
+    /// The frame is neither IPv4 nor IPv6.
+    #[error("not an IP frame")]
+    NotIp,
     /// The IPv4 header carries options.
     #[error("IPv4 options")]
     IpOptions,
     /// The packet is an IPv4 fragment.
     #[error("IPv4 fragment")]
     Fragment,
-    /// Neither TCP, UDP nor ICMP.
+    /// Neither TCP, UDP nor ICMP (ICMPv6); for IPv6 also an extension
+    /// header the slow path does not walk.
     #[error("IP protocol {0}")]
     Protocol(u8),
     /// An ICMP message of a type the operation does not handle.
@@ -127,6 +129,8 @@ pub enum L4 {
 /// The ICMP header fields the flow manager looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IcmpMsg {
+    /// ICMPv6 rather than ICMPv4.
+    pub v6: bool,
     /// Type.
     pub ty: u8,
     /// Code.
@@ -138,34 +142,51 @@ pub struct IcmpMsg {
 impl IcmpMsg {
     /// An echo request.
     pub fn is_echo_request(&self) -> bool {
-        self.ty == ICMP_ECHO_REQUEST
+        self.ty
+            == if self.v6 {
+                ICMPV6_ECHO_REQUEST
+            } else {
+                ICMP_ECHO_REQUEST
+            }
     }
 
     /// An echo reply.
     pub fn is_echo_reply(&self) -> bool {
-        self.ty == ICMP_ECHO_REPLY
+        self.ty
+            == if self.v6 {
+                ICMPV6_ECHO_REPLY
+            } else {
+                ICMP_ECHO_REPLY
+            }
     }
 
     /// An error that quotes the packet it is about (destination
     /// unreachable, time exceeded, parameter problem).
     pub fn is_error(&self) -> bool {
-        matches!(
-            self.ty,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
-        )
+        if self.v6 {
+            // Destination unreachable, packet too big, time exceeded,
+            // parameter problem (RFC 4443 §2.1).
+            (1..=4).contains(&self.ty)
+        } else {
+            matches!(
+                self.ty,
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+            )
+        }
     }
 }
 
-/// An accepted IPv4 packet (see [`parse_ip`]).
+/// An accepted IPv4 or IPv6 packet (see [`parse_ip`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Packet<'a> {
-    /// The IPv4 packet, exactly `total_len` bytes.
+    /// The IP packet, exactly its total length (IPv4) or header plus
+    /// payload length (IPv6).
     pub ip: &'a [u8],
     /// Source address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
-    /// Time to live as received.
+    pub dst: IpAddr,
+    /// Time to live (IPv4) or hop limit (IPv6) as received.
     pub ttl: u8,
     /// The transport header.
     pub l4: L4,
@@ -177,8 +198,14 @@ impl Packet<'_> {
         match self.l4 {
             L4::Tcp(_) => datapath_common::PROTO_TCP,
             L4::Udp { .. } => datapath_common::PROTO_UDP,
+            L4::Icmp(m) if m.v6 => PROTO_ICMPV6,
             L4::Icmp(_) => datapath_common::PROTO_ICMP,
         }
+    }
+
+    /// Whether this is an IPv6 packet.
+    pub fn is_v6(&self) -> bool {
+        self.src.is_ipv6()
     }
 
     /// Source and destination ports. ICMP, as in the flow keys: an echo
@@ -194,33 +221,102 @@ impl Packet<'_> {
         }
     }
 
-    /// Whether the Don't Fragment flag is set.
+    /// Whether the packet may not be fragmented on its way: the Don't
+    /// Fragment flag of IPv4; always for IPv6, which routers never
+    /// fragment (RFC 8200 §5).
     pub fn dont_frag(&self) -> bool {
-        self.ip.get(6).is_some_and(|b| b & 0x40 != 0)
+        self.is_v6() || self.ip.get(6).is_some_and(|b| b & 0x40 != 0)
     }
 
     /// The destination as an address and port.
-    pub fn dst_sock(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.dst, self.ports().1)
+    pub fn dst_sock(&self) -> SocketAddr {
+        SocketAddr::new(self.dst, self.ports().1)
     }
 }
 
-/// Parses an Ethernet frame carrying an IPv4 TCP, UDP or ICMP packet.
+/// Parses an Ethernet frame carrying an IPv4 TCP, UDP or ICMP packet, or
+/// an IPv6 TCP, UDP or ICMPv6 one.
 pub fn parse_frame(frame: &[u8]) -> Result<Packet<'_>, PacketError> {
     let eth = EthernetFrame::new_checked(frame).map_err(|_| PacketError::Malformed("ethernet"))?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return Err(PacketError::NotIpv4);
-    }
     let payload = frame
         .get(ETHERNET_HEADER_LEN..)
         .ok_or(PacketError::Malformed("ethernet"))?;
-    parse_ip(payload)
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => parse_ip4(payload),
+        EthernetProtocol::Ipv6 => parse_ip6(payload),
+        _ => Err(PacketError::NotIp),
+    }
+}
+
+/// Parses an IP packet of either family, by its version nibble.
+pub fn parse_ip(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
+    match bytes.first().map(|b| b >> 4) {
+        Some(6) => parse_ip6(bytes),
+        _ => parse_ip4(bytes),
+    }
+}
+
+/// Parses an IPv6 packet (trailing bytes beyond its payload length are
+/// ignored): version 6, the transport header directly after the fixed
+/// header (extension headers are refused as [`PacketError::Protocol`]),
+/// TCP or UDP with non-zero ports, or ICMPv6 with a valid checksum.
+pub fn parse_ip6(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
+    let ip = Ipv6Packet::new_checked(bytes).map_err(|_| PacketError::Malformed("ipv6"))?;
+    if ip.version() != 6 {
+        return Err(PacketError::Malformed("ipv6 version"));
+    }
+    let total = IPV6_HEADER_LEN + usize::from(ip.payload_len());
+    let bytes = bytes.get(..total).ok_or(PacketError::Malformed("ipv6"))?;
+    let payload = bytes
+        .get(IPV6_HEADER_LEN..)
+        .ok_or(PacketError::Malformed("ipv6"))?;
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let l4 = match ip.next_header() {
+        IpProtocol::Tcp => L4::Tcp(parse_tcp(payload)?),
+        IpProtocol::Udp => {
+            let udp = UdpPacket::new_checked(payload).map_err(|_| PacketError::Malformed("udp"))?;
+            if udp.src_port() == 0 || udp.dst_port() == 0 {
+                return Err(PacketError::Malformed("udp port 0"));
+            }
+            L4::Udp {
+                sport: udp.src_port(),
+                dport: udp.dst_port(),
+            }
+        }
+        IpProtocol::Icmpv6 => {
+            let icmp =
+                Icmpv6Packet::new_checked(payload).map_err(|_| PacketError::Malformed("icmpv6"))?;
+            if !icmp.verify_checksum(&src, &dst) {
+                return Err(PacketError::Malformed("icmpv6 checksum"));
+            }
+            let ty = u8::from(icmp.msg_type());
+            let id = if ty == ICMPV6_ECHO_REQUEST || ty == ICMPV6_ECHO_REPLY {
+                icmp.echo_ident()
+            } else {
+                0
+            };
+            L4::Icmp(IcmpMsg {
+                v6: true,
+                ty,
+                code: icmp.msg_code(),
+                id,
+            })
+        }
+        other => return Err(PacketError::Protocol(u8::from(other))),
+    };
+    Ok(Packet {
+        ip: bytes,
+        src: IpAddr::V6(src),
+        dst: IpAddr::V6(dst),
+        ttl: ip.hop_limit(),
+        l4,
+    })
 }
 
 /// Parses an IPv4 packet (trailing bytes beyond its total length are
 /// ignored): header checksum verified, no options, not a fragment, TCP or
 /// UDP with non-zero ports, or ICMP with a valid checksum.
-pub fn parse_ip(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
+pub fn parse_ip4(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
     let ip = Ipv4Packet::new_checked(bytes).map_err(|_| PacketError::Malformed("ipv4"))?;
     if ip.version() != 4 {
         return Err(PacketError::Malformed("ipv4 version"));
@@ -265,6 +361,7 @@ pub fn parse_ip(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
                 0
             };
             L4::Icmp(IcmpMsg {
+                v6: false,
                 ty,
                 code: icmp.msg_code(),
                 id,
@@ -274,8 +371,8 @@ pub fn parse_ip(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
     };
     Ok(Packet {
         ip: bytes,
-        src: ip.src_addr(),
-        dst: ip.dst_addr(),
+        src: IpAddr::V4(ip.src_addr()),
+        dst: IpAddr::V4(ip.dst_addr()),
         ttl: ip.hop_limit(),
         l4,
     })
@@ -314,10 +411,10 @@ fn seq_num(v: u32) -> TcpSeqNumber {
 /// A TCP header read from an event record's snap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapSeg {
-    /// IPv4 source address.
-    pub src: Ipv4Addr,
-    /// IPv4 destination address.
-    pub dst: Ipv4Addr,
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
     /// The TCP header (payload length from the length fields).
     pub seg: TcpSeg,
 }
@@ -328,12 +425,14 @@ pub struct SnapSeg {
 /// and the TCP data offset.
 pub fn parse_snap(snap: &[u8]) -> Result<SnapSeg, PacketError> {
     let eth = EthernetFrame::new_checked(snap).map_err(|_| PacketError::Malformed("ethernet"))?;
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return Err(PacketError::NotIpv4);
-    }
     let b = snap
         .get(ETHERNET_HEADER_LEN..)
         .ok_or(PacketError::Malformed("ethernet"))?;
+    match eth.ethertype() {
+        EthernetProtocol::Ipv4 => {}
+        EthernetProtocol::Ipv6 => return parse_snap6(b),
+        _ => return Err(PacketError::NotIp),
+    }
     if b.len() < IPV4_HEADER_LEN {
         return Err(PacketError::Malformed("ipv4"));
     }
@@ -358,9 +457,40 @@ pub fn parse_snap(snap: &[u8]) -> Result<SnapSeg, PacketError> {
         return Err(PacketError::Malformed("tcp"));
     }
     Ok(SnapSeg {
-        src: ip.src_addr(),
-        dst: ip.dst_addr(),
+        src: IpAddr::V4(ip.src_addr()),
+        dst: IpAddr::V4(ip.dst_addr()),
         seg: seg_of(&tcp, total - hl - th),
+    })
+}
+
+/// [`parse_snap`] for IPv6 (`b` starts at the IPv6 header).
+fn parse_snap6(b: &[u8]) -> Result<SnapSeg, PacketError> {
+    if b.len() < IPV6_HEADER_LEN {
+        return Err(PacketError::Malformed("ipv6"));
+    }
+    let ip = Ipv6Packet::new_unchecked(b);
+    if ip.version() != 6 {
+        return Err(PacketError::Malformed("ipv6"));
+    }
+    if ip.next_header() != IpProtocol::Tcp {
+        return Err(PacketError::Protocol(u8::from(ip.next_header())));
+    }
+    let total = usize::from(ip.payload_len());
+    let t = b
+        .get(IPV6_HEADER_LEN..)
+        .ok_or(PacketError::Malformed("ipv6"))?;
+    if t.len() < TCP_HEADER_LEN {
+        return Err(PacketError::Malformed("tcp"));
+    }
+    let tcp = TcpPacket::new_unchecked(t);
+    let th = usize::from(tcp.header_len());
+    if th < TCP_HEADER_LEN || total < th {
+        return Err(PacketError::Malformed("tcp"));
+    }
+    Ok(SnapSeg {
+        src: IpAddr::V6(ip.src_addr()),
+        dst: IpAddr::V6(ip.dst_addr()),
+        seg: seg_of(&tcp, total - th),
     })
 }
 
@@ -368,35 +498,48 @@ pub fn parse_snap(snap: &[u8]) -> Result<SnapSeg, PacketError> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rewrite {
     /// New source address and port.
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// New destination address and port.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
 }
 
-/// Applies `rw` to a copy of the accepted IPv4 packet `ip` (as in
-/// [`Packet::ip`]): new addresses and ports, TTL − 1, fresh IPv4 and full
-/// TCP/UDP checksums; everything else is kept.
+/// Applies `rw` to a copy of the accepted IP packet `ip` (as in
+/// [`Packet::ip`]): new addresses and ports, TTL (hop limit) − 1, fresh
+/// IPv4 header and full TCP/UDP/ICMP checksums; everything else is kept.
+/// The rewrite's addresses must be of the packet's family.
 pub fn rewrite(ip: &[u8], rw: Rewrite) -> Result<Vec<u8>, PacketError> {
     let mut buf = ip.to_vec();
-    let mut p =
-        Ipv4Packet::new_checked(&mut buf[..]).map_err(|_| PacketError::Malformed("ipv4"))?;
-    let proto = p.next_header();
-    p.set_src_addr(*rw.src.ip());
-    p.set_dst_addr(*rw.dst.ip());
-    p.set_hop_limit(p.hop_limit().saturating_sub(1));
-    p.fill_checksum();
-    let (src, dst) = (IpAddress::Ipv4(*rw.src.ip()), IpAddress::Ipv4(*rw.dst.ip()));
+    let (proto, l4_at) = match (rw.src.ip(), rw.dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut p = Ipv4Packet::new_checked(&mut buf[..])
+                .map_err(|_| PacketError::Malformed("ipv4"))?;
+            p.set_src_addr(s);
+            p.set_dst_addr(d);
+            p.set_hop_limit(p.hop_limit().saturating_sub(1));
+            p.fill_checksum();
+            (p.next_header(), usize::from(p.header_len()))
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = Ipv6Packet::new_checked(&mut buf[..])
+                .map_err(|_| PacketError::Malformed("ipv6"))?;
+            p.set_src_addr(s);
+            p.set_dst_addr(d);
+            p.set_hop_limit(p.hop_limit().saturating_sub(1));
+            (p.next_header(), IPV6_HEADER_LEN)
+        }
+        _ => return Err(PacketError::Malformed("address family")),
+    };
+    let (src, dst) = (IpAddress::from(rw.src.ip()), IpAddress::from(rw.dst.ip()));
+    let l4 = buf.get_mut(l4_at..).ok_or(PacketError::Malformed("ip"))?;
     match proto {
         IpProtocol::Tcp => {
-            let mut t = TcpPacket::new_checked(p.payload_mut())
-                .map_err(|_| PacketError::Malformed("tcp"))?;
+            let mut t = TcpPacket::new_checked(l4).map_err(|_| PacketError::Malformed("tcp"))?;
             t.set_src_port(rw.src.port());
             t.set_dst_port(rw.dst.port());
             t.fill_checksum(&src, &dst);
         }
         IpProtocol::Udp => {
-            let mut u = UdpPacket::new_checked(p.payload_mut())
-                .map_err(|_| PacketError::Malformed("udp"))?;
+            let mut u = UdpPacket::new_checked(l4).map_err(|_| PacketError::Malformed("udp"))?;
             u.set_src_port(rw.src.port());
             u.set_dst_port(rw.dst.port());
             u.fill_checksum(&src, &dst);
@@ -404,8 +547,8 @@ pub fn rewrite(ip: &[u8], rw: Rewrite) -> Result<Vec<u8>, PacketError> {
         IpProtocol::Icmp => {
             // Echo only: the identifier is the request's source port and
             // the reply's destination port.
-            let mut m = Icmpv4Packet::new_checked(p.payload_mut())
-                .map_err(|_| PacketError::Malformed("icmp"))?;
+            let mut m =
+                Icmpv4Packet::new_checked(l4).map_err(|_| PacketError::Malformed("icmp"))?;
             match u8::from(m.msg_type()) {
                 ICMP_ECHO_REQUEST => m.set_echo_ident(rw.src.port()),
                 ICMP_ECHO_REPLY => m.set_echo_ident(rw.dst.port()),
@@ -413,17 +556,35 @@ pub fn rewrite(ip: &[u8], rw: Rewrite) -> Result<Vec<u8>, PacketError> {
             }
             m.fill_checksum();
         }
+        IpProtocol::Icmpv6 => {
+            let (IpAddress::Ipv6(s6), IpAddress::Ipv6(d6)) = (src, dst) else {
+                return Err(PacketError::Malformed("address family"));
+            };
+            let mut m =
+                Icmpv6Packet::new_checked(l4).map_err(|_| PacketError::Malformed("icmpv6"))?;
+            match u8::from(m.msg_type()) {
+                ICMPV6_ECHO_REQUEST => m.set_echo_ident(rw.src.port()),
+                ICMPV6_ECHO_REPLY => m.set_echo_ident(rw.dst.port()),
+                other => return Err(PacketError::IcmpType(other)),
+            }
+            m.fill_checksum(&s6, &d6);
+        }
         other => return Err(PacketError::Protocol(u8::from(other))),
     }
     Ok(buf)
 }
 
-/// Wraps an IPv4 packet into an Ethernet frame.
+/// Wraps an IP packet into an Ethernet frame (the EtherType from its
+/// version nibble).
 pub fn ethernet_frame(src: EthernetAddress, dst: EthernetAddress, ip: &[u8]) -> Vec<u8> {
+    let ethertype = match ip.first().map(|b| b >> 4) {
+        Some(6) => EthernetProtocol::Ipv6,
+        _ => EthernetProtocol::Ipv4,
+    };
     let repr = EthernetRepr {
         src_addr: src,
         dst_addr: dst,
-        ethertype: EthernetProtocol::Ipv4,
+        ethertype,
     };
     let mut buf = vec![0u8; repr.buffer_len() + ip.len()];
     let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
@@ -432,29 +593,24 @@ pub fn ethernet_frame(src: EthernetAddress, dst: EthernetAddress, ip: &[u8]) -> 
     buf
 }
 
-/// An IPv4 packet carrying a bare TCP RST from `src` to `dst`: flags RST,
+/// An IP packet carrying a bare TCP RST from `src` to `dst`: flags RST,
 /// plus ACK when `ack` is given.
-pub fn tcp_rst(src: SocketAddrV4, dst: SocketAddrV4, seq: u32, ack: Option<u32>) -> Vec<u8> {
+pub fn tcp_rst(src: SocketAddr, dst: SocketAddr, seq: u32, ack: Option<u32>) -> Vec<u8> {
     tcp_segment(src, dst, TcpControl::Rst, seq, ack, 0)
 }
 
-/// An IPv4 packet carrying a TCP keepalive from `src` to `dst`: a bare ACK
+/// An IP packet carrying a TCP keepalive from `src` to `dst`: a bare ACK
 /// with `seq` (one below what the receiver expects, so it must answer),
 /// `ack` and `window`, and no data.
-pub fn tcp_keepalive(
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    seq: u32,
-    ack: u32,
-    window: u16,
-) -> Vec<u8> {
+pub fn tcp_keepalive(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, window: u16) -> Vec<u8> {
     tcp_segment(src, dst, TcpControl::None, seq, Some(ack), window)
 }
 
-/// An IPv4 packet carrying a TCP segment without options or data.
+/// An IP packet carrying a TCP segment without options or data (of the
+/// addresses' family; they must agree).
 fn tcp_segment(
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
+    src: SocketAddr,
+    dst: SocketAddr,
     control: TcpControl,
     seq: u32,
     ack: Option<u32>,
@@ -475,37 +631,66 @@ fn tcp_segment(
         timestamp: None,
         payload: &[],
     };
-    let ip = Ipv4Repr {
-        src_addr: *src.ip(),
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
+    let (s, d) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+    let (mut buf, at) = ip_header(src.ip(), dst.ip(), IpProtocol::Tcp, tcp.buffer_len());
+    if let Some(l4) = buf.get_mut(at..) {
+        tcp.emit(&mut TcpPacket::new_unchecked(l4), &s, &d, &caps);
+    }
+    buf
+}
+
+/// A buffer holding an IP header from `src` to `dst` (hop limit
+/// [`ORIGIN_TTL`]) for `payload_len` bytes of `proto`, and the offset of
+/// the payload. Mixed families give an IPv6 header with `::` for the
+/// address that is not IPv6 (callers never mix them).
+pub fn ip_header(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: IpProtocol,
+    payload_len: usize,
+) -> (Vec<u8>, usize) {
+    let caps = ChecksumCapabilities::default();
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        let ip = Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: proto,
+            payload_len,
+            hop_limit: ORIGIN_TTL,
+        };
+        let mut buf = vec![0u8; ip.buffer_len() + payload_len];
+        ip.emit(&mut Ipv4Packet::new_unchecked(&mut buf[..]), &caps);
+        return (buf, ip.buffer_len());
+    }
+    let v6 = |a: IpAddr| match a {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => Ipv6Addr::UNSPECIFIED,
+    };
+    let ip = Ipv6Repr {
+        src_addr: v6(src),
+        dst_addr: v6(dst),
+        next_header: proto,
+        payload_len,
         hop_limit: ORIGIN_TTL,
     };
-    let mut buf = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip.emit(&mut p, &caps);
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(p.payload_mut()),
-        &IpAddress::Ipv4(*src.ip()),
-        &IpAddress::Ipv4(*dst.ip()),
-        &caps,
-    );
-    buf
+    let mut buf = vec![0u8; ip.buffer_len() + payload_len];
+    ip.emit(&mut Ipv6Packet::new_unchecked(&mut buf[..]));
+    (buf, ip.buffer_len())
 }
 
 /// The RST answering `seg` (sent by `from` to `to`) when it matches no
 /// connection, RFC 9293 §3.10.7.1: `<SEQ=SEG.ACK><CTL=RST>` if the segment
 /// has an ACK, else `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`. Returns the
-/// IPv4 packet from `to` back to `from`.
-pub fn rst_reply(from: Ipv4Addr, to: Ipv4Addr, seg: &TcpSeg) -> Vec<u8> {
+/// IP packet from `to` back to `from`.
+pub fn rst_reply(from: impl Into<IpAddr>, to: impl Into<IpAddr>, seg: &TcpSeg) -> Vec<u8> {
+    let (from, to) = (from.into(), to.into());
     let (seq, ack) = match seg.ack {
         Some(a) => (a, None),
         None => (0, Some(seg.seq.wrapping_add(seg.seq_len()))),
     };
     tcp_rst(
-        SocketAddrV4::new(to, seg.dport),
-        SocketAddrV4::new(from, seg.sport),
+        SocketAddr::new(to, seg.dport),
+        SocketAddr::new(from, seg.sport),
         seq,
         ack,
     )
@@ -547,6 +732,12 @@ impl IcmpError {
     }
 }
 
+/// ICMPv6 type: echo request.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 type: echo reply.
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+/// IP protocol number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
 /// ICMP type: echo reply.
 pub const ICMP_ECHO_REPLY: u8 = 0;
 /// ICMP type: destination unreachable.
@@ -560,11 +751,76 @@ pub const ICMP_PARAM_PROBLEM: u8 = 12;
 /// Length of an ICMP header (type, code, checksum and four more bytes).
 pub const ICMP_HEADER_LEN: usize = 8;
 
-/// An ICMP error from `from` to the source of `pkt`, quoting its IPv4
+/// An ICMP error from `from` to the source of `pkt`. IPv4: quoting its
 /// header verbatim and the first [`ICMP_QUOTE_LEN`] bytes of its payload.
-/// Returns the IPv4 packet.
-pub fn icmp_error(from: Ipv4Addr, pkt: &Packet<'_>, kind: IcmpError) -> Vec<u8> {
-    icmp_error_quoting(from, pkt.src, pkt.ip, kind)
+/// IPv6: an ICMPv6 error quoting as much of the packet as keeps the error
+/// within 1280 bytes (RFC 4443 §2.4 (c)); `from` must then be IPv6.
+/// Returns the IP packet.
+pub fn icmp_error(from: impl Into<IpAddr>, pkt: &Packet<'_>, kind: IcmpError) -> Vec<u8> {
+    match (from.into(), pkt.src) {
+        (IpAddr::V4(f), IpAddr::V4(to)) => icmp_error_quoting(f, to, pkt.ip, kind),
+        (from, to) => icmp6_error_quoting(v6_of(from), v6_of(to), pkt.ip, kind),
+    }
+}
+
+/// `a` if it is IPv6, else `::` (never a real source: callers pass
+/// addresses of the packet's family).
+fn v6_of(a: IpAddr) -> Ipv6Addr {
+    match a {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => Ipv6Addr::UNSPECIFIED,
+    }
+}
+
+/// The largest ICMPv6 error (RFC 4443 §2.4 (c): the IPv6 minimum MTU).
+pub const ICMPV6_ERROR_MAX: usize = 1280;
+
+/// An ICMPv6 error from `from` to `to` about the IPv6 packet `offending`:
+/// type and code mapped from `kind` (RFC 4443 §3), quoting as much as fits
+/// in [`ICMPV6_ERROR_MAX`]. Packet Too Big never names an MTU below 1280.
+pub fn icmp6_error_quoting(
+    from: Ipv6Addr,
+    to: Ipv6Addr,
+    offending: &[u8],
+    kind: IcmpError,
+) -> Vec<u8> {
+    let room = ICMPV6_ERROR_MAX - IPV6_HEADER_LEN - ICMP_HEADER_LEN;
+    let quote = offending
+        .get(..offending.len().min(room))
+        .unwrap_or_default();
+    let (ty, code, rest) = match kind {
+        IcmpError::Unreachable(c) => {
+            let code = match c {
+                Icmpv4DstUnreachable::PortUnreachable => 4,
+                Icmpv4DstUnreachable::NetProhibited
+                | Icmpv4DstUnreachable::HostProhibited
+                | Icmpv4DstUnreachable::CommProhibited => 1,
+                Icmpv4DstUnreachable::HostUnreachable => 3,
+                _ => 0,
+            };
+            (1, code, [0; 4])
+        }
+        IcmpError::FragNeeded { mtu } => (2, 0, u32::from(mtu.max(1280)).to_be_bytes()),
+        IcmpError::TtlExceeded => (3, 0, [0; 4]),
+        IcmpError::ReassemblyTimeout => (3, 1, [0; 4]),
+    };
+    let icmp_len = ICMP_HEADER_LEN + quote.len();
+    let (mut buf, at) = ip_header(
+        IpAddr::V6(from),
+        IpAddr::V6(to),
+        IpProtocol::Icmpv6,
+        icmp_len,
+    );
+    if let Some(m) = buf.get_mut(at..) {
+        if let Some(h) = m.get_mut(..ICMP_HEADER_LEN) {
+            h.copy_from_slice(&[ty, code, 0, 0, rest[0], rest[1], rest[2], rest[3]]);
+        }
+        if let Some(d) = m.get_mut(ICMP_HEADER_LEN..) {
+            d.copy_from_slice(quote);
+        }
+        Icmpv6Packet::new_unchecked(m).fill_checksum(&from, &to);
+    }
+    buf
 }
 
 /// An ICMP error from `from` to `to` about the IPv4 packet `offending`
@@ -633,6 +889,11 @@ pub(crate) mod tests {
 
     use super::*;
 
+    /// A socket address of either family (test shorthand).
+    pub(crate) fn sa4(ip: impl Into<std::net::IpAddr>, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip.into(), port)
+    }
+
     pub(crate) const GUEST_MAC: EthernetAddress =
         EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
     pub(crate) const GW_MAC: EthernetAddress = EthernetAddress([0x52, 0x55, 10, 0, 2, 2]);
@@ -640,8 +901,8 @@ pub(crate) mod tests {
     /// What to put in a test TCP segment.
     #[derive(Clone, Debug)]
     pub(crate) struct Seg {
-        pub src: SocketAddrV4,
-        pub dst: SocketAddrV4,
+        pub src: SocketAddr,
+        pub dst: SocketAddr,
         pub seq: u32,
         pub ack: Option<u32>,
         pub control: TcpControl,
@@ -651,10 +912,10 @@ pub(crate) mod tests {
     }
 
     impl Seg {
-        pub(crate) fn new(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
+        pub(crate) fn new(src: impl Into<SocketAddr>, dst: impl Into<SocketAddr>) -> Self {
             Self {
-                src,
-                dst,
+                src: src.into(),
+                dst: dst.into(),
                 seq: 1000,
                 ack: None,
                 control: TcpControl::None,
@@ -708,25 +969,20 @@ pub(crate) mod tests {
                     .map(|_| smoltcp::wire::TcpTimestampRepr::new(11, 0)),
                 payload: &self.payload,
             };
-            let ip = Ipv4Repr {
-                src_addr: *self.src.ip(),
-                dst_addr: *self.dst.ip(),
-                next_header: IpProtocol::Tcp,
-                payload_len: tcp.buffer_len(),
-                hop_limit: self.ttl,
-            };
-            let mut buf = vec![0u8; 20 + tcp.buffer_len()];
-            let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-            ip.emit(&mut p, &caps);
-            tcp.emit(
-                &mut TcpPacket::new_unchecked(p.payload_mut()),
-                &IpAddress::Ipv4(*self.src.ip()),
-                &IpAddress::Ipv4(*self.dst.ip()),
-                &caps,
+            let (s, d) = (
+                IpAddress::from(self.src.ip()),
+                IpAddress::from(self.dst.ip()),
             );
+            let (mut buf, at) = ip_header(
+                self.src.ip(),
+                self.dst.ip(),
+                IpProtocol::Tcp,
+                tcp.buffer_len(),
+            );
+            set_hop_limit(&mut buf, self.ttl);
+            tcp.emit(&mut TcpPacket::new_unchecked(&mut buf[at..]), &s, &d, &caps);
             buf
         }
-        /// The Ethernet frame from the guest (to the gateway MAC).
         pub(crate) fn guest_frame(&self) -> Vec<u8> {
             ethernet_frame(GUEST_MAC, GW_MAC, &self.ip())
         }
@@ -741,26 +997,41 @@ pub(crate) mod tests {
     }
 
     /// A UDP datagram's IPv4 packet.
-    pub(crate) fn udp_ip(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8], ttl: u8) -> Vec<u8> {
+    /// Sets the TTL (IPv4, checksum refreshed) or hop limit (IPv6) of
+    /// the packet in `buf`.
+    pub(crate) fn set_hop_limit(buf: &mut [u8], ttl: u8) {
+        if buf[0] >> 4 == 6 {
+            Ipv6Packet::new_unchecked(buf).set_hop_limit(ttl);
+        } else {
+            let mut p = Ipv4Packet::new_unchecked(buf);
+            p.set_hop_limit(ttl);
+            p.fill_checksum();
+        }
+    }
+
+    pub(crate) fn udp_ip(
+        src: impl Into<SocketAddr>,
+        dst: impl Into<SocketAddr>,
+        payload: &[u8],
+        ttl: u8,
+    ) -> Vec<u8> {
+        let (src, dst) = (src.into(), dst.into());
         let caps = ChecksumCapabilities::default();
         let udp = UdpRepr {
             src_port: src.port(),
             dst_port: dst.port(),
         };
-        let ip = Ipv4Repr {
-            src_addr: *src.ip(),
-            dst_addr: *dst.ip(),
-            next_header: IpProtocol::Udp,
-            payload_len: udp.header_len() + payload.len(),
-            hop_limit: ttl,
-        };
-        let mut buf = vec![0u8; 20 + 8 + payload.len()];
-        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-        ip.emit(&mut p, &caps);
+        let (mut buf, at) = ip_header(
+            src.ip(),
+            dst.ip(),
+            IpProtocol::Udp,
+            udp.header_len() + payload.len(),
+        );
+        set_hop_limit(&mut buf, ttl);
         udp.emit(
-            &mut UdpPacket::new_unchecked(p.payload_mut()),
-            &IpAddress::Ipv4(*src.ip()),
-            &IpAddress::Ipv4(*dst.ip()),
+            &mut UdpPacket::new_unchecked(&mut buf[at..]),
+            &IpAddress::from(src.ip()),
+            &IpAddress::from(dst.ip()),
             payload.len(),
             |b| b.copy_from_slice(payload),
             &caps,
@@ -799,8 +1070,8 @@ pub(crate) mod tests {
         (r, u.src_port(), u.dst_port(), u.payload().to_vec())
     }
 
-    fn sa(a: [u8; 4], p: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(a), p)
+    fn sa(a: [u8; 4], p: u16) -> SocketAddr {
+        sa4(Ipv4Addr::from(a), p)
     }
 
     #[test]
@@ -845,9 +1116,14 @@ pub(crate) mod tests {
             );
         }
         let mut g = f.clone();
+        g[12] = 0x88;
+        g[13] = 0xb5;
+        assert_eq!(parse_frame(&g).unwrap_err(), PacketError::NotIp);
+        // An IPv4 packet under the IPv6 EtherType is not IPv6.
+        let mut g = f.clone();
         g[12] = 0x86;
         g[13] = 0xdd;
-        assert_eq!(parse_frame(&g).unwrap_err(), PacketError::NotIpv4);
+        assert!(matches!(parse_frame(&g), Err(PacketError::Malformed(_))));
         let mut g = f.clone();
         g[14 + 10] ^= 1;
         assert_eq!(

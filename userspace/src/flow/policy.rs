@@ -20,19 +20,27 @@
 //! A TCP/UDP flow to `cfg.dns:53` is allowed with the upstream resolver as
 //! its real destination (DNAT), when an upstream is known.
 //!
+//! IPv6 mirrors it: the host's own IPv6 addresses and `::1`, the guest's
+//! own prefix, link-local and IPv4-mapped destinations are prohibited;
+//! multicast and `::` are dropped silently; the gateway's IPv6 addresses
+//! answer as a closed host. The DNS address `cfg6.dns` is served only by an
+//! IPv6 upstream resolver (NAT cannot change a packet's family); without
+//! one it is answered as closed, and the guest's resolver moves on to the
+//! IPv4 DNS address.
+//!
 //! The verdict is pure data ([`Verdict`]); the flow manager turns denials
 //! into RSTs or ICMP errors and counts them.
 
 use std::{
     collections::HashSet,
     fmt, io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use log::{debug, warn};
 
-use crate::config::GuestNetConfig;
+use crate::config::{GuestNet6Config, GuestNetConfig};
 
 /// How often, at most, the host's addresses are re-read.
 pub const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(5);
@@ -40,7 +48,7 @@ pub const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(5);
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
 
-type AddrFn = dyn FnMut() -> io::Result<Vec<Ipv4Addr>> + Send;
+type AddrFn = dyn FnMut() -> io::Result<Vec<IpAddr>> + Send;
 
 /// Where the set of the host's own addresses comes from.
 pub struct HostAddrs {
@@ -49,20 +57,21 @@ pub struct HostAddrs {
 }
 
 impl HostAddrs {
-    /// All IPv4 addresses on the host's interfaces (`getifaddrs`), re-read
-    /// at most every [`HOST_ADDRS_REFRESH`].
+    /// All IPv4 and IPv6 addresses on the host's interfaces
+    /// (`getifaddrs`), re-read at most every [`HOST_ADDRS_REFRESH`].
     pub fn system() -> Self {
-        Self::from_fn(system_host_addrs, HOST_ADDRS_REFRESH)
+        Self::from_fn(system_host_ips, HOST_ADDRS_REFRESH)
     }
 
     /// A fixed set (tests, or a host whose addresses never change).
-    pub fn fixed(addrs: Vec<Ipv4Addr>) -> Self {
+    pub fn fixed<A: Into<IpAddr>>(addrs: Vec<A>) -> Self {
+        let addrs: Vec<IpAddr> = addrs.into_iter().map(Into::into).collect();
         Self::from_fn(move || Ok(addrs.clone()), Duration::MAX)
     }
 
     /// Addresses from `f`, called at most every `refresh`.
     pub fn from_fn(
-        f: impl FnMut() -> io::Result<Vec<Ipv4Addr>> + Send + 'static,
+        f: impl FnMut() -> io::Result<Vec<IpAddr>> + Send + 'static,
         refresh: Duration,
     ) -> Self {
         Self {
@@ -88,12 +97,26 @@ pub fn system_host_addrs() -> io::Result<Vec<Ipv4Addr>> {
         .collect())
 }
 
+/// The IPv4 and IPv6 addresses of all of the host's interfaces.
+pub fn system_host_ips() -> io::Result<Vec<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addrs
+        .filter_map(|a| {
+            let s = a.address?;
+            if let Some(v4) = s.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect())
+}
+
 /// What to do with a new flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Allowed; the real destination (differs from the addressed one for
     /// the DNS forwarder).
-    Allow(SocketAddrV4),
+    Allow(SocketAddr),
     /// Refused.
     Deny(Denial),
 }
@@ -117,10 +140,12 @@ pub enum Denial {
 #[derive(Debug)]
 pub struct Policy {
     guest: GuestNetConfig,
+    guest6: Option<GuestNet6Config>,
     allow_host: bool,
     dns_upstream: Option<Ipv4Addr>,
+    dns_upstream6: Option<Ipv6Addr>,
     host: HostAddrs,
-    cached: HashSet<Ipv4Addr>,
+    cached: HashSet<IpAddr>,
     refreshed: Option<Instant>,
 }
 
@@ -134,12 +159,22 @@ impl Policy {
     ) -> Self {
         Self {
             guest,
+            guest6: None,
             allow_host,
             dns_upstream,
+            dns_upstream6: None,
             host,
             cached: HashSet::new(),
             refreshed: None,
         }
+    }
+
+    /// Serves the guest's IPv6 prefix too, with `upstream6` behind its DNS
+    /// address.
+    pub fn with_ipv6(mut self, guest6: GuestNet6Config, upstream6: Option<Ipv6Addr>) -> Self {
+        self.guest6 = Some(guest6);
+        self.dns_upstream6 = upstream6;
+        self
     }
 
     /// The upstream resolver DNS flows go to, if any.
@@ -148,14 +183,17 @@ impl Policy {
     }
 
     /// Decides on a new TCP or UDP flow to `dst` (as the guest addressed it).
-    pub fn check(&mut self, dst: SocketAddrV4, now: Instant) -> Verdict {
-        let ip = *dst.ip();
+    pub fn check(&mut self, dst: SocketAddr, now: Instant) -> Verdict {
+        let ip = match dst.ip() {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => return self.check6(ip, dst.port(), now),
+        };
         if ip.is_broadcast() || ip.is_multicast() || ip.octets()[0] == 0 {
             return Verdict::Deny(Denial::Silent);
         }
         if ip == self.guest.dns && dst.port() == DNS_PORT {
             return match self.dns_upstream {
-                Some(up) => Verdict::Allow(SocketAddrV4::new(up, DNS_PORT)),
+                Some(up) => Verdict::Allow(SocketAddr::new(IpAddr::V4(up), DNS_PORT)),
                 None => Verdict::Deny(Denial::DnsUnavailable),
             };
         }
@@ -172,13 +210,43 @@ impl Policy {
         if ip.is_loopback() {
             return Verdict::Deny(Denial::Prohibited);
         }
-        if !self.allow_host && self.is_host_addr(ip, now) {
+        if !self.allow_host && self.is_host_addr(IpAddr::V4(ip), now) {
             return Verdict::Deny(Denial::Prohibited);
         }
         Verdict::Allow(dst)
     }
 
-    fn is_host_addr(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
+    /// [`Self::check`] for IPv6.
+    fn check6(&mut self, ip: Ipv6Addr, port: u16, now: Instant) -> Verdict {
+        let Some(g) = &self.guest6 else {
+            return Verdict::Deny(Denial::Prohibited);
+        };
+        if ip.is_multicast() || ip.is_unspecified() {
+            return Verdict::Deny(Denial::Silent);
+        }
+        if ip == g.dns && port == DNS_PORT {
+            return match self.dns_upstream6 {
+                Some(up) => Verdict::Allow(SocketAddr::new(IpAddr::V6(up), DNS_PORT)),
+                None => Verdict::Deny(Denial::DnsUnavailable),
+            };
+        }
+        if g.is_gateway_addr(ip) {
+            return Verdict::Deny(Denial::Closed);
+        }
+        if g.in_prefix(ip)
+            || ip.is_loopback()
+            || ip.is_unicast_link_local()
+            || ip.to_ipv4_mapped().is_some()
+        {
+            return Verdict::Deny(Denial::Prohibited);
+        }
+        if !self.allow_host && self.is_host_addr(IpAddr::V6(ip), now) {
+            return Verdict::Deny(Denial::Prohibited);
+        }
+        Verdict::Allow(SocketAddr::new(IpAddr::V6(ip), port))
+    }
+
+    fn is_host_addr(&mut self, ip: IpAddr, now: Instant) -> bool {
         let stale = self
             .refreshed
             .is_none_or(|t| now.saturating_duration_since(t) >= self.host.refresh);
@@ -207,6 +275,11 @@ mod tests {
 
     use super::*;
 
+    /// A socket address of either family (test shorthand).
+    fn sa4(ip: impl Into<std::net::IpAddr>, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip.into(), port)
+    }
+
     const HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
     fn policy(allow_host: bool, upstream: Option<Ipv4Addr>) -> Policy {
@@ -218,8 +291,8 @@ mod tests {
         )
     }
 
-    fn sa(a: [u8; 4], p: u16) -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::from(a), p)
+    fn sa(a: [u8; 4], p: u16) -> SocketAddr {
+        sa4(Ipv4Addr::from(a), p)
     }
 
     #[test]
@@ -237,7 +310,7 @@ mod tests {
         let mut p = policy(false, None);
         let now = Instant::now();
         let deny = Verdict::Deny(Denial::Prohibited);
-        assert_eq!(p.check(SocketAddrV4::new(HOST, 22), now), deny);
+        assert_eq!(p.check(sa4(HOST, 22), now), deny);
         assert_eq!(p.check(sa([127, 0, 0, 1], 22), now), deny);
         assert_eq!(p.check(sa([127, 9, 9, 9], 22), now), deny);
         assert_eq!(p.check(sa([10, 0, 2, 15], 22), now), deny);
@@ -248,7 +321,7 @@ mod tests {
     fn allow_host_lifts_only_the_host_restriction() {
         let mut p = policy(true, None);
         let now = Instant::now();
-        let d = SocketAddrV4::new(HOST, 22);
+        let d = sa4(HOST, 22);
         assert_eq!(p.check(d, now), Verdict::Allow(d));
         assert_eq!(
             p.check(sa([127, 0, 0, 1], 22), now),
@@ -279,7 +352,7 @@ mod tests {
         let mut p = policy(false, Some(up));
         assert_eq!(
             p.check(sa([10, 0, 2, 3], 53), now),
-            Verdict::Allow(SocketAddrV4::new(up, 53))
+            Verdict::Allow(sa4(up, 53))
         );
         assert_eq!(p.dns_upstream(), Some(up));
         assert_eq!(
@@ -305,13 +378,13 @@ mod tests {
             move || {
                 let n = c.fetch_add(1, Ordering::SeqCst);
                 // The host gains an address after the first read.
-                Ok(if n == 0 { vec![] } else { vec![HOST] })
+                Ok(if n == 0 { vec![] } else { vec![HOST.into()] })
             },
             Duration::from_secs(5),
         );
         let mut p = Policy::new(GuestNetConfig::default(), false, None, host);
         let t0 = Instant::now();
-        let d = SocketAddrV4::new(HOST, 80);
+        let d = sa4(HOST, 80);
         assert_eq!(p.check(d, t0), Verdict::Allow(d));
         assert_eq!(p.check(d, t0 + Duration::from_secs(4)), Verdict::Allow(d));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -329,7 +402,7 @@ mod tests {
         let host = HostAddrs::from_fn(
             move || {
                 if c.fetch_add(1, Ordering::SeqCst) == 0 {
-                    Ok(vec![HOST])
+                    Ok(vec![HOST.into()])
                 } else {
                     Err(io::Error::other("boom"))
                 }
@@ -338,7 +411,7 @@ mod tests {
         );
         let mut p = Policy::new(GuestNetConfig::default(), false, None, host);
         let now = Instant::now();
-        let d = SocketAddrV4::new(HOST, 80);
+        let d = sa4(HOST, 80);
         assert_eq!(p.check(d, now), Verdict::Deny(Denial::Prohibited));
         assert_eq!(p.check(d, now), Verdict::Deny(Denial::Prohibited));
         assert_eq!(calls.load(Ordering::SeqCst), 2);

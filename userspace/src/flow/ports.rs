@@ -41,7 +41,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
     sync::{Arc, Mutex},
 };
@@ -50,8 +50,8 @@ use datapath_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use nix::{
     errno::Errno,
     sys::socket::{
-        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, bind, connect, getsockname,
-        setsockopt, socket, sockopt,
+        AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage, bind, connect,
+        getsockname, setsockopt, socket, sockopt,
     },
 };
 use thiserror::Error;
@@ -78,10 +78,10 @@ pub enum NatError {
     Protocol(u8),
     /// Every port of the ephemeral range is taken on that address.
     #[error("no free NAT port on {0}")]
-    Exhausted(Ipv4Addr),
+    Exhausted(IpAddr),
     /// The host has no route (or no usable source address) towards it.
     #[error("no route to {0} ({1:?})")]
-    NoRoute(Ipv4Addr, NoRoute),
+    NoRoute(IpAddr, NoRoute),
     /// A system call failed.
     #[error("{op}: {source}")]
     Os {
@@ -129,14 +129,14 @@ pub trait NatPorts {
     /// Reserves a port for `proto` ([`PROTO_TCP`] or [`PROTO_UDP`]) on the
     /// host address `local` that no host socket can take while the lease
     /// lives.
-    fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError>;
+    fn reserve(&mut self, proto: u8, local: IpAddr) -> Result<NatLease, NatError>;
 
     /// Reserves exactly `port` (a flow adopted from an earlier daemon
     /// keeps its NAT port); an error if it is taken.
-    fn hold(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError>;
+    fn hold(&mut self, proto: u8, local: IpAddr, port: u16) -> Result<NatLease, NatError>;
 
     /// The host address the kernel would use as source towards `remote`.
-    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError>;
+    fn source_for(&mut self, remote: IpAddr) -> Result<IpAddr, NatError>;
 }
 
 /// The real [`NatPorts`]: ports held by bound, never-listening sockets;
@@ -152,14 +152,14 @@ pub struct SocketPorts {
 /// next search starts.
 #[derive(Debug, Default)]
 struct IcmpIds {
-    live: Arc<Mutex<HashSet<(Ipv4Addr, u16)>>>,
+    live: Arc<Mutex<HashSet<(IpAddr, u16)>>>,
     next: u16,
 }
 
 /// Holds one identifier of [`IcmpIds`]; dropping it frees the identifier.
 struct IcmpIdHold {
-    live: Arc<Mutex<HashSet<(Ipv4Addr, u16)>>>,
-    key: (Ipv4Addr, u16),
+    live: Arc<Mutex<HashSet<(IpAddr, u16)>>>,
+    key: (IpAddr, u16),
 }
 
 impl Drop for IcmpIdHold {
@@ -171,7 +171,7 @@ impl Drop for IcmpIdHold {
 }
 
 impl IcmpIds {
-    fn hold(&mut self, local: Ipv4Addr, id: u16) -> Result<NatLease, NatError> {
+    fn hold(&mut self, local: IpAddr, id: u16) -> Result<NatLease, NatError> {
         let mut live = self.live.lock().map_err(|_| NatError::Exhausted(local))?;
         if !live.insert((local, id)) {
             return Err(NatError::Exhausted(local));
@@ -183,7 +183,7 @@ impl IcmpIds {
         Ok(NatLease::new(id, hold))
     }
 
-    fn reserve(&mut self, local: Ipv4Addr) -> Result<NatLease, NatError> {
+    fn reserve(&mut self, local: IpAddr) -> Result<NatLease, NatError> {
         let mut live = self.live.lock().map_err(|_| NatError::Exhausted(local))?;
         if self.next == 0 {
             // Start somewhere else than the host's own pings usually do.
@@ -216,15 +216,15 @@ impl SocketPorts {
 const ROUTE_QUERY_PORT: u16 = 9;
 
 impl NatPorts for SocketPorts {
-    fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
+    fn reserve(&mut self, proto: u8, local: IpAddr) -> Result<NatLease, NatError> {
         self.bind_port(proto, local, 0)
     }
 
-    fn hold(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+    fn hold(&mut self, proto: u8, local: IpAddr, port: u16) -> Result<NatLease, NatError> {
         self.bind_port(proto, local, port)
     }
 
-    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
+    fn source_for(&mut self, remote: IpAddr) -> Result<IpAddr, NatError> {
         self.routed_source(remote)
     }
 }
@@ -232,14 +232,18 @@ impl NatPorts for SocketPorts {
 impl SocketPorts {
     /// Binds a socket to `local`:`port` (0: any free port) and returns
     /// the lease holding it.
-    fn bind_port(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+    fn bind_port(&mut self, proto: u8, local: IpAddr, port: u16) -> Result<NatLease, NatError> {
         let (ty, protocol) = match proto {
             PROTO_TCP => (SockType::Stream, None),
             PROTO_UDP => (SockType::Datagram, None),
             PROTO_ICMP => (SockType::Datagram, Some(SockProtocol::Icmp)),
             other => return Err(NatError::Protocol(other)),
         };
-        let fd: OwnedFd = match socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, protocol) {
+        let (family, protocol) = match local {
+            IpAddr::V4(_) => (AddressFamily::Inet, protocol),
+            IpAddr::V6(_) => (AddressFamily::Inet6, protocol.map(|_| SockProtocol::IcmpV6)),
+        };
+        let fd: OwnedFd = match socket(family, ty, SockFlag::SOCK_CLOEXEC, protocol) {
             Ok(fd) => fd,
             // Ping sockets not allowed for our group: our own allocator.
             Err(Errno::EACCES | Errno::EPERM) if proto == PROTO_ICMP => {
@@ -272,38 +276,30 @@ impl SocketPorts {
         }
         match bind(
             fd.as_raw_fd(),
-            &SockaddrIn::from(SocketAddrV4::new(local, port)),
+            &SockaddrStorage::from(SocketAddr::new(local, port)),
         ) {
             Ok(()) => {}
             Err(Errno::EADDRINUSE) => return Err(NatError::Exhausted(local)),
             Err(Errno::EADDRNOTAVAIL) => return Err(NatError::NoRoute(local, NoRoute::Net)),
             Err(source) => return Err(NatError::Os { op: "bind", source }),
         }
-        let bound: SockaddrIn = getsockname(fd.as_raw_fd()).map_err(|source| NatError::Os {
-            op: "getsockname",
-            source,
-        })?;
-        log::trace!(
-            "nat: reserved {}:{} proto {proto}",
-            bound.ip(),
-            bound.port()
-        );
+        let bound = bound_addr(&fd)?;
+        log::trace!("nat: reserved {bound} proto {proto}");
         Ok(NatLease::new(bound.port(), fd))
     }
 
     /// The source address the host's routing picks towards `remote`.
-    fn routed_source(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
-        let fd: OwnedFd = socket(
-            AddressFamily::Inet,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|source| NatError::Os {
-            op: "socket",
-            source,
-        })?;
-        let dest = SockaddrIn::from(SocketAddrV4::new(remote, ROUTE_QUERY_PORT));
+    fn routed_source(&mut self, remote: IpAddr) -> Result<IpAddr, NatError> {
+        let family = match remote {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let fd: OwnedFd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|source| NatError::Os {
+                op: "socket",
+                source,
+            })?;
+        let dest = SockaddrStorage::from(SocketAddr::new(remote, ROUTE_QUERY_PORT));
         match connect(fd.as_raw_fd(), &dest) {
             Ok(()) => {}
             Err(e @ (Errno::ENETUNREACH | Errno::EHOSTUNREACH | Errno::EINVAL | Errno::EACCES)) => {
@@ -322,16 +318,28 @@ impl SocketPorts {
                 });
             }
         }
-        let local: SockaddrIn = getsockname(fd.as_raw_fd()).map_err(|source| NatError::Os {
-            op: "getsockname",
-            source,
-        })?;
-        let ip = local.ip();
+        let ip = bound_addr(&fd)?.ip();
         if ip.is_unspecified() {
             return Err(NatError::NoRoute(remote, NoRoute::Net));
         }
         Ok(ip)
     }
+}
+
+/// The local address a socket is bound to.
+fn bound_addr(fd: &OwnedFd) -> Result<SocketAddr, NatError> {
+    let os = |source| NatError::Os {
+        op: "getsockname",
+        source,
+    };
+    let st: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(os)?;
+    if let Some(a) = st.as_sockaddr_in() {
+        return Ok(SocketAddr::new(IpAddr::V4(a.ip()), a.port()));
+    }
+    if let Some(a) = st.as_sockaddr_in6() {
+        return Ok(SocketAddr::new(IpAddr::V6(a.ip()), a.port()));
+    }
+    Err(os(Errno::EAFNOSUPPORT))
 }
 
 /// Raises the soft limit on open files towards `want` (capped by the hard
@@ -362,6 +370,7 @@ pub fn raise_nofile_limit(want: u64) -> std::io::Result<u64> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::net::Ipv4Addr;
     use std::{
         io::ErrorKind,
         net::{TcpListener, TcpStream, UdpSocket},
@@ -369,7 +378,12 @@ mod tests {
 
     use super::*;
 
-    const LO: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    /// A socket address of either family (test shorthand).
+    fn sa4(ip: impl Into<std::net::IpAddr>, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip.into(), port)
+    }
+
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     #[test]
     fn tcp_reservations_differ_and_block_binds() {
@@ -453,8 +467,8 @@ mod tests {
         // reservation bind it, and the port is then held like any other.
         let foreign = Ipv4Addr::new(203, 0, 113, 77);
         let mut p = SocketPorts::new();
-        let lease = p.reserve(PROTO_TCP, foreign).unwrap();
-        let again = std::net::TcpListener::bind(SocketAddrV4::new(foreign, lease.port()));
+        let lease = p.reserve(PROTO_TCP, foreign.into()).unwrap();
+        let again = std::net::TcpListener::bind(sa4(foreign, lease.port()));
         assert!(again.is_err(), "port {} not held", lease.port());
     }
 
@@ -462,7 +476,10 @@ mod tests {
     fn source_for_loopback_is_loopback() {
         let mut p = SocketPorts::new();
         assert_eq!(p.source_for(LO).unwrap(), LO);
-        assert_eq!(p.source_for(Ipv4Addr::new(127, 1, 2, 3)).unwrap(), LO);
+        assert_eq!(
+            p.source_for(Ipv4Addr::new(127, 1, 2, 3).into()).unwrap(),
+            LO
+        );
     }
 
     #[test]

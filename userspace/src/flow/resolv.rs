@@ -17,9 +17,16 @@
 //!
 //! The parser follows resolv.conf(5): one keyword per line, `#` or `;`
 //! start a comment line, the address is the first word after `nameserver`
-//! (IPv6 and scoped addresses are skipped — the forwarder is IPv4-only).
+//! (IPv6 and scoped addresses are skipped for the IPv4 DNS address). The
+//! IPv6 DNS address is served by the first global IPv6 `nameserver`, if
+//! any ([`resolve_upstream6`]): NAT cannot turn an IPv6 query into an
+//! IPv4 one.
 
-use std::{io, net::Ipv4Addr, path::Path};
+use std::{
+    io,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use log::{info, warn};
 
@@ -103,6 +110,42 @@ pub fn resolve_upstream_with(
             None
         }
     }
+}
+
+/// The usable IPv6 `nameserver` addresses of a resolv.conf text, in order
+/// (no loopback, link-local with a scope, multicast or IPv4-mapped).
+pub fn ipv6_nameservers(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next()? != "nameserver" {
+                return None;
+            }
+            words.next()?.parse::<Ipv6Addr>().ok()
+        })
+        .filter(|ip| {
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_unicast_link_local()
+                || ip.to_ipv4_mapped().is_some())
+        })
+        .collect()
+}
+
+/// The IPv6 upstream behind the IPv6 DNS address: the first usable IPv6
+/// nameserver of [`RESOLV_CONF`] (or of systemd-resolved's list).
+pub fn resolve_upstream6() -> Option<Ipv6Addr> {
+    let found = [RESOLV_CONF, RESOLVED_UPSTREAM_CONF].iter().find_map(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| ipv6_nameservers(&t).first().copied())
+    });
+    match found {
+        Some(ip) => info!("dns: IPv6 upstream {ip}"),
+        None => info!("dns: no IPv6 nameserver: the IPv6 DNS address answers as closed"),
+    }
+    found
 }
 
 #[cfg(test)]
@@ -201,5 +244,19 @@ mod tests {
         assert!(!is_usable_upstream(Ipv4Addr::UNSPECIFIED));
         assert!(!is_usable_upstream(Ipv4Addr::BROADCAST));
         assert!(!is_usable_upstream(Ipv4Addr::new(224, 0, 0, 1)));
+    }
+
+    #[test]
+    fn ipv6_nameservers_skip_what_the_uplink_cannot_reach() {
+        let text =
+            "nameserver ::1\nnameserver fe80::1\nnameserver 10.0.0.1\nnameserver 2001:db8::53\n";
+        assert_eq!(
+            ipv6_nameservers(text),
+            vec![
+                "2001:db8::53"
+                    .parse::<Ipv6Addr>()
+                    .unwrap_or(Ipv6Addr::UNSPECIFIED)
+            ]
+        );
     }
 }

@@ -15,13 +15,14 @@
 //! `last_ack` and counters, and clears activity bits after reading them.
 //!
 //! This module also builds the keys the kernel looks up, so the key layout
-//! (addresses via [`ipv4_to_16`], ports as host-order values of the wire
+//! (addresses via [`addr16`]: IPv6 as it is, IPv4 in the first four bytes, ports as host-order values of the wire
 //! bytes) is written down once.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use datapath_common::{
-    DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FlowEntry, FlowKey, FlowState, ipv4_to_16,
+    DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FAMILY_IPV6, FlowEntry, FlowKey, FlowState,
+    ipv4_from_16, ipv4_to_16,
 };
 use thiserror::Error;
 
@@ -98,23 +99,62 @@ pub trait FlowMaps {
 }
 
 /// The key the tap program looks up for a packet from the guest.
-pub fn tap_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    key(DIR_FROM_TAP, src, dst, sport, dport, proto)
+pub fn tap_key(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
+    key(DIR_FROM_TAP, src.into(), dst.into(), sport, dport, proto)
 }
 
 /// The key the uplink program looks up for a packet from the world.
-pub fn uplink_key(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
-    key(DIR_FROM_UPLINK, src, dst, sport, dport, proto)
+pub fn uplink_key(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
+    key(DIR_FROM_UPLINK, src.into(), dst.into(), sport, dport, proto)
 }
 
-fn key(dir: u8, src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, proto: u8) -> FlowKey {
+/// An address as the maps hold it: IPv6 as it is, IPv4 in the first four
+/// bytes (the family says which).
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => ipv4_to_16(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The address of the map field `bytes` of family `family`; `None` for an
+/// unknown family.
+pub fn addr_of16(family: u8, bytes: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        FAMILY_IPV4 => Some(IpAddr::V4(Ipv4Addr::from(ipv4_from_16(bytes)))),
+        FAMILY_IPV6 => Some(IpAddr::V6(Ipv6Addr::from(*bytes))),
+        _ => None,
+    }
+}
+
+/// The map family of `ip`.
+pub fn family_of(ip: IpAddr) -> u8 {
+    match ip {
+        IpAddr::V4(_) => FAMILY_IPV4,
+        IpAddr::V6(_) => FAMILY_IPV6,
+    }
+}
+
+fn key(dir: u8, src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> FlowKey {
     FlowKey {
-        src: ipv4_to_16(src.octets()),
-        dst: ipv4_to_16(dst.octets()),
+        src: addr16(src),
+        dst: addr16(dst),
         sport,
         dport,
         proto,
-        family: FAMILY_IPV4,
+        family: family_of(src),
         dir,
         _pad: 0,
     }

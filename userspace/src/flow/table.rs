@@ -24,17 +24,17 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::SocketAddrV4,
+    net::SocketAddr,
     time::Instant,
 };
 
-use datapath_common::{FlowEntry, FlowKey, FlowState, PROTO_TCP, ipv4_to_16};
+use datapath_common::{FlowEntry, FlowKey, FlowState, PROTO_TCP};
 use smoltcp::wire::EthernetAddress;
 
 use super::{
     packet::Rewrite,
     ports::NatLease,
-    store::{tap_key, uplink_key},
+    store::{addr16, tap_key, uplink_key},
 };
 
 /// One flow as user space tracks it.
@@ -45,13 +45,13 @@ pub struct Flow {
     /// IP protocol.
     pub proto: u8,
     /// The guest's address and port.
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The destination as the guest addressed it.
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     /// The real destination in the world (the upstream resolver for DNS).
-    pub world: SocketAddrV4,
+    pub world: SocketAddr,
     /// The host's source address and the NAT port.
-    pub nat: SocketAddrV4,
+    pub nat: SocketAddr,
     /// The guest's MAC address (destination of frames towards it).
     pub guest_mac: EthernetAddress,
     /// The NAT port reservation, released when the flow is dropped.
@@ -90,13 +90,13 @@ pub struct Addressing {
     /// IP protocol.
     pub proto: u8,
     /// The guest's address and port.
-    pub guest: SocketAddrV4,
+    pub guest: SocketAddr,
     /// The destination as the guest addressed it.
-    pub remote: SocketAddrV4,
+    pub remote: SocketAddr,
     /// The real destination in the world.
-    pub world: SocketAddrV4,
+    pub world: SocketAddr,
     /// The host's source address and the NAT port.
-    pub nat: SocketAddrV4,
+    pub nat: SocketAddr,
     /// The guest's MAC address.
     pub guest_mac: EthernetAddress,
 }
@@ -132,8 +132,8 @@ impl Flow {
     /// The key of the guest → world direction.
     pub fn tap_key(&self) -> FlowKey {
         tap_key(
-            *self.guest.ip(),
-            *self.remote.ip(),
+            self.guest.ip(),
+            self.remote.ip(),
             self.guest.port(),
             self.remote.port(),
             self.proto,
@@ -143,8 +143,8 @@ impl Flow {
     /// The key of the world → guest direction.
     pub fn uplink_key(&self) -> FlowKey {
         uplink_key(
-            *self.world.ip(),
-            *self.nat.ip(),
+            self.world.ip(),
+            self.nat.ip(),
             self.world.port(),
             self.nat.port(),
             self.proto,
@@ -216,8 +216,8 @@ fn entry(
     flags: u8,
 ) -> FlowEntry {
     FlowEntry {
-        new_src: ipv4_to_16(rw.src.ip().octets()),
-        new_dst: ipv4_to_16(rw.dst.ip().octets()),
+        new_src: addr16(rw.src.ip()),
+        new_dst: addr16(rw.dst.ip()),
         new_sport: rw.src.port(),
         new_dport: rw.dst.port(),
         out_ifindex,
@@ -431,7 +431,7 @@ impl FlowTable {
 mod tests {
     use std::{net::Ipv4Addr, time::Duration};
 
-    use datapath_common::PROTO_UDP;
+    use datapath_common::{PROTO_UDP, ipv4_to_16};
 
     use super::*;
 
@@ -440,10 +440,10 @@ mod tests {
             slot,
             Addressing {
                 proto,
-                guest: SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 15), port),
-                remote: SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 80),
-                world: SocketAddrV4::new(Ipv4Addr::new(1, 1, 1, 1), 80),
-                nat: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), port + 10000),
+                guest: SocketAddr::new(Ipv4Addr::new(10, 0, 2, 15).into(), port),
+                remote: SocketAddr::new(Ipv4Addr::new(1, 1, 1, 1).into(), 80),
+                world: SocketAddr::new(Ipv4Addr::new(1, 1, 1, 1).into(), 80),
+                nat: SocketAddr::new(Ipv4Addr::new(192, 0, 2, 2).into(), port + 10000),
                 guest_mac: EthernetAddress([2, 0, 0, 0, 0, 1]),
             },
             NatLease::new(port + 10000, ()),
@@ -525,8 +525,8 @@ mod tests {
     fn entries_carry_the_rewrites() {
         let now = Instant::now();
         let mut f = flow(5, 1000, PROTO_TCP, now);
-        f.remote = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 3), 53);
-        f.world = SocketAddrV4::new(Ipv4Addr::new(9, 9, 9, 9), 53);
+        f.remote = SocketAddr::new(Ipv4Addr::new(10, 0, 2, 3).into(), 53);
+        f.world = SocketAddr::new(Ipv4Addr::new(9, 9, 9, 9).into(), 53);
         let te = f.tap_entry(7, 0);
         assert_eq!(te.new_src, ipv4_to_16([192, 0, 2, 2]));
         assert_eq!(te.new_sport, 11000);

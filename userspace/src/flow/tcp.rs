@@ -194,7 +194,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 // prohibited", which aborts the guest's connect at once.
                 self.stats.policy_denied += 1;
                 let kind = IcmpError::Unreachable(Icmpv4DstUnreachable::CommProhibited);
-                self.icmp_to_guest(self.guest.gateway, pkt, kind, guest_mac, out);
+                self.icmp_to_guest(self.gateway_for(pkt.src), pkt, kind, guest_mac, out);
                 Ok(())
             }
             Denial::Closed => {

@@ -9,7 +9,7 @@ mod icmp;
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -27,7 +27,7 @@ use smoltcp::{
 };
 
 use super::{
-    packet::tests::{GUEST_MAC, GW_MAC, Seg, check_tcp, check_udp, udp_ip},
+    packet::tests::{GUEST_MAC, GW_MAC, Seg, check_tcp, check_udp, sa4, udp_ip},
     *,
 };
 use crate::config::GuestNetConfig;
@@ -142,10 +142,12 @@ struct FakePorts {
 }
 
 impl NatPorts for FakePorts {
-    fn reserve(&mut self, proto: u8, local: Ipv4Addr) -> Result<NatLease, NatError> {
+    fn reserve(&mut self, proto: u8, local: IpAddr) -> Result<NatLease, NatError> {
         // The routed source, or the gateway's address for host-local flows.
         assert!(
-            local == HOST || local == GuestNetConfig::default().gateway,
+            local == IpAddr::V4(HOST)
+                || local == IpAddr::V6(HOST6)
+                || local == IpAddr::V4(GuestNetConfig::default().gateway),
             "{local}"
         );
         if self.exhausted {
@@ -170,7 +172,7 @@ impl NatPorts for FakePorts {
         }
     }
 
-    fn hold(&mut self, proto: u8, local: Ipv4Addr, port: u16) -> Result<NatLease, NatError> {
+    fn hold(&mut self, proto: u8, local: IpAddr, port: u16) -> Result<NatLease, NatError> {
         let key = (proto, port);
         if !self.live.lock().unwrap().insert(key) {
             return Err(NatError::Exhausted(local));
@@ -182,11 +184,22 @@ impl NatPorts for FakePorts {
         Ok(NatLease::new(port, guard))
     }
 
-    fn source_for(&mut self, remote: Ipv4Addr) -> Result<Ipv4Addr, NatError> {
+    fn source_for(&mut self, remote: IpAddr) -> Result<IpAddr, NatError> {
         if let Some(why) = self.no_route {
             return Err(NatError::NoRoute(remote, why));
         }
-        Ok(HOST)
+        Ok(match remote {
+            IpAddr::V4(_) => IpAddr::V4(HOST),
+            IpAddr::V6(_) => IpAddr::V6(HOST6),
+        })
+    }
+}
+
+/// The IPv4 address of `a` (the IPv4 tests' addresses are all IPv4).
+fn ip4(a: IpAddr) -> Ipv4Addr {
+    match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => panic!("{a} is not IPv4"),
     }
 }
 
@@ -196,22 +209,24 @@ impl NatPorts for FakePorts {
 
 const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The host's IPv6 address (the NAT source of IPv6 flows).
+const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 53);
 const TAP_IF: u32 = 3;
 const UPLINK_IF: u32 = 2;
 const FIRST_PORT: u16 = 50000;
 
-fn remote() -> SocketAddrV4 {
-    SocketAddrV4::new(REMOTE_IP, 80)
+fn remote() -> SocketAddr {
+    sa4(REMOTE_IP, 80)
 }
 
-fn guest(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(GUEST, port)
+fn guest(port: u16) -> SocketAddr {
+    sa4(GUEST, port)
 }
 
-fn nat(port: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(HOST, port)
+fn nat(port: u16) -> SocketAddr {
+    sa4(HOST, port)
 }
 
 fn config() -> FlowConfig {
@@ -894,12 +909,7 @@ fn guest_packets_too_big_for_the_uplink_get_frag_needed_or_are_fragmented() {
     assert_eq!(tcp.src_port, natp);
     // A UDP datagram without DF is fragmented to the uplink's MTU.
     let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
-    let mut ip = udp_ip(
-        guest(5353),
-        SocketAddrV4::new(REMOTE_IP, 9999),
-        &payload,
-        64,
-    );
+    let mut ip = udp_ip(guest(5353), sa4(REMOTE_IP, 9999), &payload, 64);
     {
         let mut p = Ipv4Packet::new_unchecked(&mut ip[..]);
         p.set_dont_frag(false);
@@ -1054,11 +1064,11 @@ fn unknown_syn_ack_gets_rst_and_unknown_rst_is_dropped() {
 // UDP
 // ---------------------------------------------------------------------------
 
-fn udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+fn udp_frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
     packet::ethernet_frame(GUEST_MAC, GW_MAC, &udp_ip(src, dst, payload, 64))
 }
 
-fn world_udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+fn world_udp_frame(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
     packet::ethernet_frame(
         smoltcp::wire::EthernetAddress([2, 0, 0, 0, 0, 0xaa]),
         smoltcp::wire::EthernetAddress([2, 0, 0, 0, 0, 0xbb]),
@@ -1066,8 +1076,8 @@ fn world_udp_frame(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<
     )
 }
 
-fn udp_remote() -> SocketAddrV4 {
-    SocketAddrV4::new(REMOTE_IP, 9999)
+fn udp_remote() -> SocketAddr {
+    sa4(REMOTE_IP, 9999)
 }
 
 #[test]
@@ -1194,8 +1204,8 @@ fn tcp_activity_bits_are_left_to_the_clock() {
 // DNS
 // ---------------------------------------------------------------------------
 
-fn dns() -> SocketAddrV4 {
-    SocketAddrV4::new(GuestNetConfig::default().dns, 53)
+fn dns() -> SocketAddr {
+    sa4(GuestNetConfig::default().dns, 53)
 }
 
 #[test]
@@ -1210,26 +1220,26 @@ fn dns_over_udp_is_dnat_to_the_upstream() {
     assert_eq!((sp, dp), (FIRST_PORT, 53));
     assert_eq!(payload, b"query");
 
-    let tk = store::tap_key(GUEST, *dns().ip(), 33333, 53, PROTO_UDP);
+    let tk = store::tap_key(GUEST, ip4(dns().ip()), 33333, 53, PROTO_UDP);
     let uk = store::uplink_key(UPSTREAM, HOST, 53, FIRST_PORT, PROTO_UDP);
     let te = t.maps().entry(&tk);
     assert_eq!(te.new_dst, ipv4_to_16(UPSTREAM.octets()));
     assert_eq!(te.new_dport, 53);
     let ue = t.maps().entry(&uk);
-    assert_eq!(ue.new_src, ipv4_to_16(dns().ip().octets()));
+    assert_eq!(ue.new_src, ipv4_to_16(ip4(dns().ip()).octets()));
     assert_eq!(ue.new_sport, 53);
     assert_eq!(ue.new_dst, ipv4_to_16(GUEST.octets()));
     assert_eq!(ue.new_dport, 33333);
 
     let f = &t.m.flows()[0];
     assert_eq!(f.remote, dns());
-    assert_eq!(f.upstream, SocketAddrV4::new(UPSTREAM, 53));
+    assert_eq!(f.upstream, sa4(UPSTREAM, 53));
 
     // The answer, if it reaches user space, comes from 10.0.2.3:53.
-    let answer = world_udp_frame(SocketAddrV4::new(UPSTREAM, 53), nat(FIRST_PORT), b"answer");
+    let answer = world_udp_frame(sa4(UPSTREAM, 53), nat(FIRST_PORT), b"answer");
     let out = t.world(&answer, PuntReason::Exception);
     let (r, sp, dp, _) = check_udp(&to_guest(out));
-    assert_eq!((r.src_addr, sp), (*dns().ip(), 53));
+    assert_eq!((r.src_addr, sp), (ip4(dns().ip()), 53));
     assert_eq!((r.dst_addr, dp), (GUEST, 33333));
 }
 
@@ -1243,12 +1253,10 @@ fn dns_over_tcp_is_dnat_to_the_upstream() {
     let (r, tcp) = check_tcp(&to_world(out));
     assert_eq!(r.dst_addr, UPSTREAM);
     assert_eq!(tcp.dst_port, 53);
-    let synack = Seg::new(SocketAddrV4::new(UPSTREAM, 53), nat(FIRST_PORT))
-        .syn(9)
-        .ack(2);
+    let synack = Seg::new(sa4(UPSTREAM, 53), nat(FIRST_PORT)).syn(9).ack(2);
     let out = t.world(&synack.world_frame(), PuntReason::Handshake);
     let (r, tcp) = check_tcp(&to_guest(out));
-    assert_eq!((r.src_addr, tcp.src_port), (*dns().ip(), 53));
+    assert_eq!((r.src_addr, tcp.src_port), (ip4(dns().ip()), 53));
 }
 
 #[test]
@@ -1263,14 +1271,14 @@ fn dns_without_upstream_is_refused() {
             PuntReason::Ipv4NoFlow,
         );
         let (from, icmp) = check_icmp(&to_guest(out));
-        assert_eq!(from, *dns().ip());
+        assert_eq!(from, ip4(dns().ip()));
         assert_eq!(icmp_code(&icmp), 3, "port unreachable");
         let out = t.guest(
             &Seg::new(guest(40000), dns()).syn(1).guest_frame(),
             PuntReason::Ipv4NoFlow,
         );
         let (r, tcp) = check_tcp(&to_guest(out));
-        assert_eq!(r.src_addr, *dns().ip());
+        assert_eq!(r.src_addr, ip4(dns().ip()));
         assert_eq!(tcp.control, TcpControl::Rst);
         assert_eq!(t.drops(DropReason::DnsUnavailable), 2);
         assert_eq!(t.m.stats().flows_active, 0);
@@ -1284,7 +1292,7 @@ fn dns_without_upstream_is_refused() {
 #[test]
 fn tcp_to_the_host_is_admin_prohibited() {
     let mut t = T::new();
-    let host = SocketAddrV4::new(HOST, 22);
+    let host = sa4(HOST, 22);
     let syn = Seg::new(guest(40000), host).syn(1000).guest_frame();
     let out = t.guest(&syn, PuntReason::Ipv4NoFlow);
     let (from, icmp) = check_icmp(&to_guest(out));
@@ -1307,9 +1315,9 @@ fn tcp_to_the_host_is_admin_prohibited() {
 fn udp_to_loopback_and_subnet_gets_admin_prohibited() {
     let mut t = T::new();
     for dst in [
-        SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53),
-        SocketAddrV4::new(HOST, 53),
-        SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 99), 53),
+        sa4(Ipv4Addr::LOCALHOST, 53),
+        sa4(HOST, 53),
+        sa4(Ipv4Addr::new(10, 0, 2, 99), 53),
     ] {
         let frame = udp_frame(guest(5000), dst, b"0123456789abcdef");
         let out = t.guest(&frame, PuntReason::Ipv4NoFlow);
@@ -1332,9 +1340,9 @@ fn udp_to_loopback_and_subnet_gets_admin_prohibited() {
 fn multicast_and_broadcast_are_dropped_silently() {
     let mut t = T::new();
     for dst in [
-        SocketAddrV4::new(Ipv4Addr::new(224, 0, 0, 251), 5353),
-        SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
-        SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 255), 137),
+        sa4(Ipv4Addr::new(224, 0, 0, 251), 5353),
+        sa4(Ipv4Addr::BROADCAST, 67),
+        sa4(Ipv4Addr::new(10, 0, 2, 255), 137),
     ] {
         let out = t.guest(&udp_frame(guest(5353), dst, b"x"), PuntReason::Ipv4NoFlow);
         assert!(out.is_empty(), "{dst}");
@@ -1345,10 +1353,10 @@ fn multicast_and_broadcast_are_dropped_silently() {
 #[test]
 fn gateway_ports_without_service_are_closed() {
     let mut t = T::new();
-    let gw = SocketAddrV4::new(GuestNetConfig::default().gateway, 123);
+    let gw = sa4(GuestNetConfig::default().gateway, 123);
     let out = t.guest(&udp_frame(guest(5000), gw, b"ntp"), PuntReason::Ipv4NoFlow);
     let (from, icmp) = check_icmp(&to_guest(out));
-    assert_eq!(from, *gw.ip());
+    assert_eq!(from, ip4(gw.ip()));
     assert_eq!(icmp_code(&icmp), 3);
 }
 
@@ -1358,7 +1366,7 @@ fn allow_host_lets_the_guest_reach_the_host() {
         allow_host: true,
         ..config()
     });
-    let host = SocketAddrV4::new(HOST, 22);
+    let host = sa4(HOST, 22);
     let out = t.guest(
         &Seg::new(guest(40000), host).syn(1).guest_frame(),
         PuntReason::Ipv4NoFlow,
@@ -1386,7 +1394,7 @@ fn allow_host_lets_the_guest_reach_the_host() {
     assert_eq!(ipv4_from_16(&ue.new_dst), GUEST.octets());
     // Loopback stays closed.
     let out = t.guest(
-        &Seg::new(guest(40001), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 22))
+        &Seg::new(guest(40001), sa4(Ipv4Addr::LOCALHOST, 22))
             .syn(1)
             .guest_frame(),
         PuntReason::Ipv4NoFlow,
@@ -1542,11 +1550,11 @@ fn malformed_frames_are_counted() {
         (
             {
                 let mut f = good.clone();
-                f[12] = 0x86;
-                f[13] = 0xdd;
+                f[12] = 0x88;
+                f[13] = 0xb5;
                 f
             },
-            DropReason::NotIpv4,
+            DropReason::NotIp,
         ),
         (
             {
@@ -2042,8 +2050,8 @@ fn a_scan_larger_than_a_chunk_is_spread_over_ticks() {
 // ---------------------------------------------------------------------------
 
 /// A world client connecting to forwarded ports.
-fn client() -> SocketAddrV4 {
-    SocketAddrV4::new(REMOTE_IP, 41000)
+fn client() -> SocketAddr {
+    sa4(REMOTE_IP, 41000)
 }
 
 /// A manager forwarding TCP 8080 → guest 80, TCP 9000-9010 except 9005 to
@@ -2350,7 +2358,7 @@ fn removed_rule_resets_only_its_inbound_flows() {
         }
     }
     assert_eq!(saw, (true, true));
-    let left: Vec<SocketAddrV4> = t.m.flows().iter().map(|f| f.nat).collect();
+    let left: Vec<SocketAddr> = t.m.flows().iter().map(|f| f.nat).collect();
     assert_eq!(left.len(), 3);
     assert!(!left.contains(&nat(8080)));
     // A new SYN to the removed port opens nothing.

@@ -95,7 +95,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             Denial::Prohibited => {
                 self.stats.policy_denied += 1;
                 let kind = IcmpError::Unreachable(Icmpv4DstUnreachable::CommProhibited);
-                self.icmp_to_guest(self.guest.gateway, pkt, kind, guest_mac, out);
+                self.icmp_to_guest(self.gateway_for(pkt.src), pkt, kind, guest_mac, out);
                 Ok(())
             }
             Denial::Closed => {

@@ -16,7 +16,10 @@
 //! `IP_HDRINCL` (`IPPROTO_RAW`), so the host's own routing table, neighbour
 //! cache and egress path pick the interface and the next hop exactly as for
 //! any host packet. The writer takes the destination from the packet's own
-//! header.
+//! header, and the family from its version nibble: an `AF_INET6` raw socket
+//! with `IPPROTO_RAW` takes whole IPv6 packets the same way (the kernel
+//! implies `IPV6_HDRINCL`). A host without IPv6 gets no IPv6 socket, and
+//! IPv6 packets for the world are refused with an error.
 
 use std::{
     io,
@@ -27,7 +30,7 @@ use log::trace;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 
-use smoltcp::wire::Ipv4Packet;
+use smoltcp::wire::{Ipv4Packet, Ipv6Packet};
 
 use crate::iface::Iface;
 
@@ -36,7 +39,8 @@ use crate::iface::Iface;
 pub enum Output {
     /// A complete Ethernet frame for the guest (written on the tap).
     ToGuest(Vec<u8>),
-    /// An IPv4 packet for the world (sent through the host's routing).
+    /// An IPv4 or IPv6 packet for the world (sent through the host's
+    /// routing).
     ToWorld(Vec<u8>),
 }
 
@@ -69,9 +73,12 @@ pub enum InjectError {
         /// The OS error.
         source: io::Error,
     },
-    /// The packet is not an IPv4 packet the writer can send.
-    #[error("not a sendable IPv4 packet: {0}")]
+    /// The packet is not an IP packet the writer can send.
+    #[error("not a sendable IP packet: {0}")]
     BadPacket(smoltcp::wire::Error),
+    /// An IPv6 packet, and the host has no IPv6 raw socket.
+    #[error("no IPv6 on this host: cannot send an IPv6 packet")]
+    NoIpv6,
     /// Sending a frame failed.
     #[error("sending a {len}-byte frame to the guest: {source}")]
     Send {
@@ -141,24 +148,19 @@ impl TapWriter {
 async fn send_with(
     fd: &AsyncFd<OwnedFd>,
     buf: &[u8],
-    dest: Option<&libc::sockaddr_in>,
+    dest: Option<(*const libc::sockaddr, libc::socklen_t)>,
 ) -> Result<(), InjectError> {
     let send_err = |source| InjectError::Send {
         len: buf.len(),
         source,
     };
-    let (addr, addr_len) = match dest {
-        Some(d) => (
-            std::ptr::from_ref(d).cast::<libc::sockaddr>(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        ),
-        None => (std::ptr::null(), 0),
-    };
+    let (addr, addr_len) = dest.unwrap_or((std::ptr::null(), 0));
     loop {
         let mut guard = fd.writable().await.map_err(send_err)?;
         let sent = guard.try_io(|fd| {
             // SAFETY: sends from a valid buffer of buf.len() bytes to an
-            // address that is either null or a live sockaddr_in.
+            // address that is either null or a live sockaddr_in/_in6 of
+            // addr_len bytes.
             let n = unsafe {
                 libc::sendto(
                     fd.as_raw_fd(),
@@ -190,41 +192,81 @@ async fn send_with(
 /// Sends IPv4 packets to the world through the host's routing.
 pub struct WorldWriter {
     fd: AsyncFd<OwnedFd>,
+    /// The IPv6 raw socket, where the host has IPv6.
+    fd6: Option<AsyncFd<OwnedFd>>,
+}
+
+/// A non-blocking raw socket of `family` with `IPPROTO_RAW`, registered
+/// with tokio.
+fn raw_socket(family: libc::c_int) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: plain socket(2); ownership moves into OwnedFd right away.
+    // IPPROTO_RAW implies IP_HDRINCL (IPV6_HDRINCL): we supply the whole
+    // IP header.
+    let raw = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_RAW,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    crate::aio::register(fd, tokio::io::Interest::WRITABLE)
 }
 
 impl WorldWriter {
-    /// Opens the raw socket (inside a tokio runtime).
+    /// Opens the raw sockets (inside a tokio runtime); a host without IPv6
+    /// gets only the IPv4 one.
     pub fn open() -> Result<Self, InjectError> {
-        let open_err = |source| InjectError::Open {
+        let fd = raw_socket(libc::AF_INET).map_err(|source| InjectError::Open {
             iface: "raw IPv4".to_owned(),
             source,
+        })?;
+        let fd6 = match raw_socket(libc::AF_INET6) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("no raw IPv6 socket ({e}): the guest's IPv6 cannot reach the world");
+                None
+            }
         };
-        // SAFETY: plain socket(2); ownership moves into OwnedFd right away.
-        // IPPROTO_RAW implies IP_HDRINCL: we supply the whole IP header.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::IPPROTO_RAW,
-            )
-        };
-        if raw < 0 {
-            return Err(open_err(io::Error::last_os_error()));
-        }
-        // SAFETY: `raw` is a fresh, valid descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let fd = crate::aio::register(fd, tokio::io::Interest::WRITABLE).map_err(open_err)?;
-        Ok(Self { fd })
+        Ok(Self { fd, fd6 })
     }
 
-    /// Sends one complete IPv4 packet to the destination in its header.
+    /// Sends one complete IP packet to the destination in its header.
     pub async fn send(&self, packet: &[u8]) -> Result<(), InjectError> {
+        if packet.first().map(|b| b >> 4) == Some(6) {
+            return self.send6(packet).await;
+        }
         let ip = Ipv4Packet::new_checked(packet).map_err(InjectError::BadPacket)?;
         // SAFETY: sockaddr_in is plain old data.
         let mut dest: libc::sockaddr_in = unsafe { std::mem::zeroed() };
         dest.sin_family = libc::AF_INET as libc::sa_family_t;
         dest.sin_addr.s_addr = u32::from_ne_bytes(ip.dst_addr().octets());
-        send_with(&self.fd, packet, Some(&dest)).await?;
+        let addr = (
+            std::ptr::from_ref(&dest).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        send_with(&self.fd, packet, Some(addr)).await?;
+        trace!("sent {} bytes to {}", packet.len(), ip.dst_addr());
+        Ok(())
+    }
+
+    /// [`Self::send`] for an IPv6 packet.
+    async fn send6(&self, packet: &[u8]) -> Result<(), InjectError> {
+        let ip = Ipv6Packet::new_checked(packet).map_err(InjectError::BadPacket)?;
+        let fd = self.fd6.as_ref().ok_or(InjectError::NoIpv6)?;
+        // SAFETY: sockaddr_in6 is plain old data.
+        let mut dest: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        dest.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        dest.sin6_addr.s6_addr = ip.dst_addr().octets();
+        let addr = (
+            std::ptr::from_ref(&dest).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        );
+        send_with(fd, packet, Some(addr)).await?;
         trace!("sent {} bytes to {}", packet.len(), ip.dst_addr());
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! ICMPv6 the gateway originates: echo replies and errors.
+//! ICMPv6 echo answered by the gateway.
 //!
 //! # Theory of operation
 //!
@@ -7,12 +7,8 @@
 //! same identifier, sequence number and payload, from the pinged address,
 //! hop limit 64, the checksum over the IPv6 pseudo-header (RFC 4443 §4.2).
 //!
-//! [`error`] builds an ICMPv6 error about a packet from the guest, as a
-//! router does (RFC 4443 §2.4): from the gateway's global address, quoting
-//! as much of the offending packet as keeps the error within the minimum
-//! MTU of 1280 bytes (§2.4 (c)); never about an ICMPv6 error, a packet to
-//! or from a multicast address or from the unspecified address (§2.4 (e)).
-//! The caller rate-limits (§2.4 (f)).
+//! ICMPv6 errors about the guest's packets are the flow manager's
+//! (`flow::packet::icmp6_error_quoting`), like ICMPv4 ones.
 //!
 //! Frames are parsed with smoltcp's `wire` views; malformed input is a
 //! [`FrameError`], and nothing a guest sends can make this module panic.
@@ -21,8 +17,8 @@ use std::net::Ipv6Addr;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv6DstUnreachable,
-    Icmpv6Message, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr,
+    EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv6Message, Icmpv6Packet,
+    Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr,
 };
 
 use crate::config::GuestNet6Config;
@@ -30,10 +26,6 @@ use crate::services::error::FrameError;
 
 /// Hop limit of the messages the gateway originates.
 pub const HOP_LIMIT: u8 = 64;
-/// The IPv6 minimum MTU, the bound on an ICMPv6 error (RFC 8200 §5).
-pub const MIN_MTU: usize = 1280;
-/// IPv6 and ICMPv6 error headers in front of the quote.
-const ERROR_HEADERS: usize = 40 + 8;
 
 /// The guest's ICMPv6 echo request to one of the gateway's addresses,
 /// answered with a complete Ethernet frame; `Ok(None)` for any other
@@ -85,71 +77,6 @@ pub fn echo_reply(cfg: &GuestNet6Config, frame: &[u8]) -> Result<Option<Vec<u8>>
         ip_repr.src_addr,
         &reply,
     )))
-}
-
-/// Why the gateway refuses a packet from the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refusal {
-    /// No route to the destination (RFC 4443 §3.1 code 0).
-    NoRoute,
-    /// Communication administratively prohibited (code 1).
-    Prohibited,
-    /// Port unreachable (code 4).
-    PortUnreachable,
-}
-
-/// The ICMPv6 Destination Unreachable frame for the guest's IPv6 frame
-/// `frame` (see the module documentation), or `None` where RFC 4443
-/// forbids an error.
-pub fn error(cfg: &GuestNet6Config, frame: &[u8], why: Refusal) -> Option<Vec<u8>> {
-    let eth = EthernetFrame::new_checked(frame).ok()?;
-    if eth.ethertype() != EthernetProtocol::Ipv6 || !eth.src_addr().is_unicast() {
-        return None;
-    }
-    let ip = Ipv6Packet::new_checked(eth.payload()).ok()?;
-    let ip_repr = Ipv6Repr::parse(&ip).ok()?;
-    let src = ip_repr.src_addr;
-    if src.is_unspecified() || src.is_multicast() || ip_repr.dst_addr.is_multicast() {
-        return None;
-    }
-    if ip_repr.next_header == IpProtocol::Icmpv6 {
-        // An error (types 0-127), or a message too short to tell, is
-        // never answered with another error.
-        let ty = ip.payload().first().copied()?;
-        if ty < 128 {
-            return None;
-        }
-    }
-    let packet = eth.payload();
-    let whole = ip
-        .total_len()
-        .min(packet.len())
-        .min(MIN_MTU - ERROR_HEADERS);
-    let quoted = packet.get(40..whole).unwrap_or_default();
-    let reason = match why {
-        Refusal::NoRoute => Icmpv6DstUnreachable::NoRoute,
-        Refusal::Prohibited => Icmpv6DstUnreachable::AdminProhibit,
-        Refusal::PortUnreachable => Icmpv6DstUnreachable::PortUnreachable,
-    };
-    let msg = Icmpv6Repr::DstUnreachable {
-        reason,
-        header: ip_repr,
-        data: quoted,
-    };
-    let mut reply = build(cfg.gateway_mac, eth.src_addr(), cfg.gateway, src, &msg);
-    // The quote as it was sent (smoltcp re-emits the quoted header from
-    // its Repr, without traffic class and flow label).
-    let icmp_at = 14 + 40;
-    if let (Some(dst), Some(orig)) = (
-        reply.get_mut(icmp_at + 8..icmp_at + 8 + whole),
-        packet.get(..whole),
-    ) {
-        dst.copy_from_slice(orig);
-    }
-    if let Some(icmp) = reply.get_mut(icmp_at..) {
-        Icmpv6Packet::new_unchecked(icmp).fill_checksum(&cfg.gateway, &src);
-    }
-    Some(reply)
 }
 
 /// An Ethernet frame from `src_mac` to `dst_mac` carrying `msg` from
@@ -315,61 +242,6 @@ mod tests {
     }
 
     #[test]
-    fn error_quotes_what_fits_in_1280_bytes() {
-        let c = GuestNet6Config::default();
-        for (len, quoted) in [(10, 40 + 8 + 10), (3000, MIN_MTU - ERROR_HEADERS)] {
-            let f = frame(GUEST, WORLD, IpProtocol::Udp, &udp(GUEST, WORLD, len));
-            let reply = error(&c, &f, Refusal::NoRoute).unwrap();
-            let (ip, body) = parse(&reply);
-            assert_eq!((ip.src_addr, ip.dst_addr), (c.gateway, GUEST));
-            assert!(reply.len() - 14 <= MIN_MTU);
-            assert_eq!(body[0], 1, "destination unreachable");
-            assert_eq!(body[1], 0, "no route");
-            assert_eq!(body.len(), 8 + quoted);
-            // Verbatim, traffic class and flow label included.
-            assert_eq!(&body[8..], &f[14..14 + quoted]);
-        }
-        let f = frame(GUEST, c.gateway, IpProtocol::Udp, &udp(GUEST, c.gateway, 4));
-        let (_, body) = parse(&error(&c, &f, Refusal::PortUnreachable).unwrap());
-        assert_eq!((body[0], body[1]), (1, 4));
-        let (_, body) = parse(&error(&c, &f, Refusal::Prohibited).unwrap());
-        assert_eq!((body[0], body[1]), (1, 1));
-    }
-
-    #[test]
-    fn no_error_about_errors_multicast_or_unspecified() {
-        let c = GuestNet6Config::default();
-        let quote = [0u8; 48];
-        let err = Icmpv6Repr::DstUnreachable {
-            reason: Icmpv6DstUnreachable::NoRoute,
-            header: Ipv6Repr {
-                src_addr: WORLD,
-                dst_addr: GUEST,
-                next_header: IpProtocol::Udp,
-                payload_len: 8,
-                hop_limit: 1,
-            },
-            data: &quote[..8],
-        };
-        let f = frame(GUEST, WORLD, IpProtocol::Icmpv6, &icmp(GUEST, WORLD, &err));
-        assert_eq!(error(&c, &f, Refusal::NoRoute), None);
-        let mcast = Ipv6Addr::new(0xff0e, 0, 0, 0, 0, 0, 0, 0x101);
-        let f = frame(GUEST, mcast, IpProtocol::Udp, &udp(GUEST, mcast, 4));
-        assert_eq!(error(&c, &f, Refusal::NoRoute), None);
-        let un = Ipv6Addr::UNSPECIFIED;
-        let f = frame(un, WORLD, IpProtocol::Udp, &udp(un, WORLD, 4));
-        assert_eq!(error(&c, &f, Refusal::NoRoute), None);
-        // An echo request is not an error: it gets one.
-        let req = Icmpv6Repr::EchoRequest {
-            ident: 1,
-            seq_no: 1,
-            data: b"x",
-        };
-        let f = frame(GUEST, WORLD, IpProtocol::Icmpv6, &icmp(GUEST, WORLD, &req));
-        assert!(error(&c, &f, Refusal::NoRoute).is_some());
-    }
-
-    #[test]
     fn garbage_never_panics() {
         let c = GuestNet6Config::default();
         let f = frame(
@@ -380,12 +252,10 @@ mod tests {
         );
         for n in 0..f.len() {
             let _ = echo_reply(&c, &f[..n]);
-            let _ = error(&c, &f[..n], Refusal::NoRoute);
         }
         // A payload length beyond the frame.
         let mut g = f.clone();
         g[14 + 4] = 0xff;
         let _ = echo_reply(&c, &g);
-        let _ = error(&c, &g, Refusal::NoRoute);
     }
 }

@@ -14,17 +14,17 @@
 //! | IPv4 | echo to the gateway | [`echo`] |
 //! | IPv6 | Neighbor Discovery: NA for the gateway's addresses, RAs | [`ndp`] |
 //! | IPv6 | DHCPv6 server | [`dhcpv6`] |
-//! | IPv6 | echo to the gateway, errors the gateway originates | [`icmpv6`] |
+//! | IPv6 | echo to the gateway | [`icmpv6`] |
 //!
 //! Each service returns at most one reply frame, which the caller writes
 //! back on the tap; [`GuestServices::poll`] yields what the services send
-//! unasked (unsolicited router advertisements). Other IPv4 traffic is
-//! handed back unclaimed ([`Claim::NotMine`]) for the flow manager. The
-//! IPv6 flow path is not built yet: the guest's IPv6 packets to anything
-//! but the gateway get an ICMPv6 "no route" at once (rate limited), so a
-//! dual-stack guest falls back to IPv4 instead of waiting on a black hole;
-//! packets from a source outside the guest prefix are dropped and
-//! counted. With IPv6 turned off, IPv6 frames are only counted.
+//! unasked (unsolicited router advertisements). Other unicast IPv4 and
+//! IPv6 traffic is handed back unclaimed ([`Claim::NotMine`]) for the flow
+//! manager, which NATs it or answers as a router would; IPv6 from a
+//! source outside the guest prefix (link-local, spoofed) never leaves the
+//! link and is dropped and counted here, as is IPv6 multicast nobody on
+//! the link serves (MLD reports, mDNS). With IPv6 turned off, IPv6 frames
+//! are only counted.
 //! Whatever no one owns, or fails to parse, is counted by kind and dropped
 //! — the guest is untrusted and nothing it sends can stop the dispatcher.
 
@@ -36,7 +36,6 @@ use smoltcp::wire::{
 };
 
 use crate::config::{GuestNet6Config, GuestNetConfig};
-use crate::flow::icmp::Limiter;
 
 pub mod arp;
 pub mod dhcpv4;
@@ -66,8 +65,6 @@ pub struct ServiceStats {
     pub neighbor_adverts: u64,
     /// Router Advertisements sent (solicited and unsolicited).
     pub router_adverts: u64,
-    /// ICMPv6 errors the gateway sent about the guest's IPv6 packets.
-    pub icmpv6_errors: u64,
     /// The guest's IPv6 packets from a source outside its prefix.
     pub ipv6_bad_source: u64,
     /// Frames dropped because they failed to parse.
@@ -81,7 +78,6 @@ struct V6 {
     cfg: GuestNet6Config,
     ndp: Ndp,
     dhcp: Dhcpv6Server,
-    limit: Limiter,
 }
 
 /// The gateway's services for one guest.
@@ -105,7 +101,6 @@ impl GuestServices {
                 ndp: Ndp::new(cfg.clone(), now),
                 dhcp: Dhcpv6Server::new(cfg.clone()),
                 cfg,
-                limit: Limiter::new(),
             }),
             guest_mac: None,
             stats: ServiceStats::default(),
@@ -236,26 +231,12 @@ impl GuestServices {
         if dst.is_multicast() {
             return Ok(Claim::Consumed);
         }
-        let why = if v6.cfg.is_gateway_addr(dst) {
-            // A gateway port without a service.
-            icmpv6::Refusal::PortUnreachable
-        } else if v6.cfg.in_prefix(src) {
-            icmpv6::Refusal::NoRoute
-        } else {
+        if !v6.cfg.in_prefix(src) || v6.cfg.is_gateway_addr(src) {
             // Link-local or spoofed sources never leave the link.
             self.stats.ipv6_bad_source += 1;
             return Ok(Claim::Consumed);
-        };
-        if !v6.limit.allow(now) {
-            return Ok(Claim::Consumed);
         }
-        match icmpv6::error(&v6.cfg, frame, why) {
-            Some(reply) => {
-                self.stats.icmpv6_errors += 1;
-                Ok(Claim::Reply(reply))
-            }
-            None => Ok(Claim::Consumed),
-        }
+        Ok(Claim::NotMine)
     }
 }
 
@@ -333,32 +314,30 @@ mod tests {
         let mut s = GuestServices::new(GuestNetConfig::default(), Some(cfg6.clone()));
         let now = Instant::now();
         let world: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
-        // From the prefix to the world: "no route", until the rate limit.
-        let reply = s.handle(&udp6(cfg6.guest_addr, world), now);
-        assert!(matches!(reply, Claim::Reply(_)));
-        assert_eq!(s.stats().icmpv6_errors, 1);
-        // From outside the prefix (link-local, spoofed): dropped, counted.
-        let ll: std::net::Ipv6Addr = "fe80::1".parse().unwrap();
-        assert_eq!(s.handle(&udp6(ll, world), now), Claim::Consumed);
-        let spoofed: std::net::Ipv6Addr = "2001:db8::99".parse().unwrap();
-        assert_eq!(s.handle(&udp6(spoofed, world), now), Claim::Consumed);
-        assert_eq!(s.stats().ipv6_bad_source, 2);
+        // From the prefix to the world, or to a gateway port without a
+        // service: the flow manager's.
+        assert_eq!(s.handle(&udp6(cfg6.guest_addr, world), now), Claim::NotMine);
+        assert_eq!(
+            s.handle(&udp6(cfg6.guest_addr, cfg6.dns), now),
+            Claim::NotMine
+        );
+        // From outside the prefix (link-local, spoofed, the gateway's
+        // own): dropped, counted.
+        for src in ["fe80::1", "2001:db8::99", "fd00::2"] {
+            let src: std::net::Ipv6Addr = src.parse().unwrap();
+            assert_eq!(s.handle(&udp6(src, world), now), Claim::Consumed);
+        }
+        assert_eq!(s.stats().ipv6_bad_source, 3);
         // Multicast nobody serves: dropped.
         let mdns: std::net::Ipv6Addr = "ff02::fb".parse().unwrap();
         assert_eq!(s.handle(&udp6(cfg6.guest_addr, mdns), now), Claim::Consumed);
-        // The rate limit holds under a flood.
-        for _ in 0..10_000 {
-            let _ = s.handle(&udp6(cfg6.guest_addr, world), now);
-        }
-        assert!(s.stats().icmpv6_errors < 100, "{:?}", s.stats());
-        // Without IPv6, nothing is answered.
+        // Without IPv6, nothing is answered or passed on.
         let mut off = GuestServices::new(GuestNetConfig::default(), None);
         assert_eq!(
             off.handle(&udp6(cfg6.guest_addr, world), now),
             Claim::Consumed
         );
         assert!(off.poll(now).is_empty());
-        assert_eq!(off.stats().icmpv6_errors, 0);
         // With it, the first unsolicited RA is due at once.
         assert_eq!(s.poll(now).len(), 1);
         assert_eq!(s.stats().router_adverts, 1);

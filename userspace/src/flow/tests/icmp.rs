@@ -155,7 +155,7 @@ fn no_route_answers_like_a_linux_router() {
         let udp = packet::ethernet_frame(
             GUEST_MAC,
             GW_MAC,
-            &udp_ip(guest(5000), SocketAddrV4::new(REMOTE_IP, 53), b"q", 64),
+            &udp_ip(guest(5000), sa4(REMOTE_IP, 53), b"q", 64),
         );
         let ping = guest_frame(&echo(GUEST, REMOTE_IP, ICMP_ECHO_REQUEST, 3, 1, 64));
         for frame in [syn, udp, ping] {
@@ -178,12 +178,7 @@ fn no_route_answers_like_a_linux_router() {
 fn port_unreachable_from_the_world_reaches_the_guest_translated() {
     let mut t = T::new();
     // The guest's datagram, as it sent it, and as it left.
-    let sent = udp_ip(
-        guest(5000),
-        SocketAddrV4::new(REMOTE_IP, 9999),
-        b"hello world",
-        64,
-    );
+    let sent = udp_ip(guest(5000), sa4(REMOTE_IP, 9999), b"hello world", 64);
     let left = to_world(t.guest(
         &packet::ethernet_frame(GUEST_MAC, GW_MAC, &sent),
         PuntReason::Ipv4NoFlow,
@@ -277,14 +272,14 @@ fn errors_about_echo_flows_restore_the_identifier() {
 #[test]
 fn errors_from_the_guest_about_a_flow_reach_the_world() {
     let mut t = T::new();
-    let sent = udp_ip(guest(5000), SocketAddrV4::new(REMOTE_IP, 9999), b"x", 64);
+    let sent = udp_ip(guest(5000), sa4(REMOTE_IP, 9999), b"x", 64);
     let left = to_world(t.guest(
         &packet::ethernet_frame(GUEST_MAC, GW_MAC, &sent),
         PuntReason::Ipv4NoFlow,
     ));
     let (_, natp, _, _) = check_udp(&left);
     // A reply from the world, as the guest received it...
-    let reply = udp_ip(SocketAddrV4::new(REMOTE_IP, 9999), guest(5000), b"y", 63);
+    let reply = udp_ip(sa4(REMOTE_IP, 9999), guest(5000), b"y", 63);
     // ...which the guest refuses: port unreachable.
     let err = error(GUEST, REMOTE_IP, 3, 3, [0; 4], &reply);
     let out = t.guest(&guest_frame(&err), PuntReason::Ipv4NoFlow);
@@ -298,7 +293,7 @@ fn errors_from_the_guest_about_a_flow_reach_the_world() {
     let qu = UdpPacket::new_unchecked(&q[20..]);
     assert_eq!((qu.src_port(), qu.dst_port()), (9999, natp));
     // Incremental checksum: what the world's datagram carried.
-    let as_sent = udp_ip(SocketAddrV4::new(REMOTE_IP, 9999), nat(natp), b"y", 64);
+    let as_sent = udp_ip(sa4(REMOTE_IP, 9999), nat(natp), b"y", 64);
     assert_eq!(
         qu.checksum(),
         UdpPacket::new_unchecked(&as_sent[20..]).checksum()
@@ -343,7 +338,7 @@ fn malformed_and_unknown_icmp_is_dropped_and_counted() {
     let n = bad.len();
     bad[n - 1] ^= 1;
     let tiny = {
-        let mut ip = udp_ip(guest(1), SocketAddrV4::new(REMOTE_IP, 2), b"", 64);
+        let mut ip = udp_ip(guest(1), sa4(REMOTE_IP, 2), b"", 64);
         ip.truncate(23);
         let mut p = Ipv4Packet::new_unchecked(&mut ip[..]);
         p.set_next_header(smoltcp::wire::IpProtocol::Icmp);
@@ -377,12 +372,7 @@ fn no_errors_about_errors_and_a_rate_limit() {
     // A burst of TTL-1 probes: at most the burst is answered.
     let mut answered = 0;
     for i in 0..200u16 {
-        let probe = udp_ip(
-            guest(30000 + i),
-            SocketAddrV4::new(REMOTE_IP, 33434),
-            b"",
-            1,
-        );
+        let probe = udp_ip(guest(30000 + i), sa4(REMOTE_IP, 33434), b"", 1);
         answered += t
             .guest(
                 &packet::ethernet_frame(GUEST_MAC, GW_MAC, &probe),
@@ -402,18 +392,8 @@ fn no_errors_about_errors_and_a_rate_limit() {
 
 #[test]
 fn incremental_checksums_match_a_full_recount() {
-    let before = udp_ip(
-        guest(5000),
-        SocketAddrV4::new(REMOTE_IP, 53),
-        b"checksum me",
-        64,
-    );
-    let after = udp_ip(
-        nat(61000),
-        SocketAddrV4::new(UPSTREAM, 53),
-        b"checksum me",
-        64,
-    );
+    let before = udp_ip(guest(5000), sa4(REMOTE_IP, 53), b"checksum me", 64);
+    let after = udp_ip(nat(61000), sa4(UPSTREAM, 53), b"checksum me", 64);
     let c0 = UdpPacket::new_unchecked(&before[20..]).checksum();
     let c1 = UdpPacket::new_unchecked(&after[20..]).checksum();
     let adj = csum_adjust(c0, &before[12..20], &after[12..20]);
@@ -424,12 +404,7 @@ fn incremental_checksums_match_a_full_recount() {
 #[test]
 fn reassembly_timeout_quotes_the_first_fragment() {
     let mut t = T::new();
-    let mut first = udp_ip(
-        guest(5000),
-        SocketAddrV4::new(REMOTE_IP, 53),
-        &[1u8; 64],
-        64,
-    );
+    let mut first = udp_ip(guest(5000), sa4(REMOTE_IP, 53), &[1u8; 64], 64);
     {
         let mut p = Ipv4Packet::new_unchecked(&mut first[..]);
         p.set_more_frags(true);
