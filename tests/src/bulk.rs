@@ -76,14 +76,36 @@ pub fn transfer(
     port: u16,
     timeout: Duration,
 ) -> Result<Hashes> {
+    transfer_at(topo, WORLD_ADDR, dir, bytes, port, timeout)
+}
+
+/// [`transfer`] with the world's server on `server` (an IPv4 or IPv6
+/// address of the world namespace).
+pub fn transfer_at(
+    topo: &Topology,
+    server: &str,
+    dir: Direction,
+    bytes: u64,
+    port: u16,
+    timeout: Duration,
+) -> Result<Hashes> {
     let scratch = ScratchDir::new("bulk")?;
     let sent_path = scratch.join("sent.sha256");
     let received_path = scratch.join("received.sha256");
     let sent = sent_path.to_str().context("path is not UTF-8")?;
     let received = received_path.to_str().context("path is not UTF-8")?;
     let source = format!("head -c {bytes} /dev/urandom | tee >(sha256sum > {sent})");
-    let listen = format!("TCP-LISTEN:{port},bind={WORLD_ADDR},reuseaddr");
-    let connect = format!("TCP:{WORLD_ADDR}:{port},connect-timeout=10");
+    let (listen, connect) = if server.contains(':') {
+        (
+            format!("TCP6-LISTEN:{port},bind=[{server}],reuseaddr"),
+            format!("TCP6:[{server}]:{port},connect-timeout=10"),
+        )
+    } else {
+        (
+            format!("TCP-LISTEN:{port},bind={server},reuseaddr"),
+            format!("TCP:{server}:{port},connect-timeout=10"),
+        )
+    };
     let (server_script, client_script) = match dir {
         Direction::GuestToWorld => (
             format!("socat -u {listen} STDOUT | sha256sum > {received}"),

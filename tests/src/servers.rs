@@ -247,7 +247,12 @@ async fn echo_main(
     ready: mpsc::Sender<Result<SocketAddr>>,
 ) -> Result<()> {
     let listen = || -> Result<tokio::net::TcpListener> {
-        let socket = tokio::net::TcpSocket::new_v4().context("socket")?;
+        let socket = if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()
+        } else {
+            tokio::net::TcpSocket::new_v4()
+        }
+        .context("socket")?;
         socket.set_reuseaddr(true).context("SO_REUSEADDR")?;
         socket
             .bind(addr)

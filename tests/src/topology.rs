@@ -6,7 +6,9 @@
 //!  guest ns            host ns                           world ns
 //!  eth0 ──[link]── tap0   tapgate   uplink0 ════veth════ wan0     dummy0
 //!  (DHCP client)                    198.51.100.1/24      198.51.100.2/24
+//!                                   2001:db8:1::1/64     2001:db8:1::2/64
 //!                                   default via .2                203.0.113.10/32
+//!                                   (and via ::2)                 2001:db8:2::10/128
 //!                                                       (dummy0, or lo without the dummy driver)
 //! ```
 //!
@@ -69,6 +71,14 @@ pub const FAR_IFACE: &str = "dummy0";
 pub const WORLD_FAR_ADDR: &str = "203.0.113.10";
 /// The guest's MTU.
 pub const GUEST_MTU: u32 = 1500;
+/// The host's IPv6 address on the uplink.
+pub const HOST_UPLINK_ADDR6: &str = "2001:db8:1::1";
+/// The world's IPv6 address on the uplink link (the host's IPv6 default
+/// gateway).
+pub const WORLD_ADDR6: &str = "2001:db8:1::2";
+/// A "far" IPv6 server address in the world namespace (beside
+/// [`WORLD_FAR_ADDR`]).
+pub const WORLD_FAR_ADDR6: &str = "2001:db8:2::10";
 
 /// tapgate's default guest address.
 pub const DEFAULT_GUEST_ADDR: &str = "10.0.2.15";
@@ -161,6 +171,26 @@ impl Topology {
         ])?;
         world.ip(&["link", "set", WAN_NAME, "up"])?;
         host.ip(&["route", "add", "default", "via", WORLD_ADDR])?;
+        // The same link dual-stack (nodad: usable at once).
+        host.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{HOST_UPLINK_ADDR6}/64"),
+            "dev",
+            UPLINK_NAME,
+            "nodad",
+        ])?;
+        world.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{WORLD_ADDR6}/64"),
+            "dev",
+            WAN_NAME,
+            "nodad",
+        ])?;
+        host.ip(&["-6", "route", "add", "default", "via", WORLD_ADDR6])?;
         // The far address lives on a dummy interface where the kernel has
         // the dummy driver, else on the world's loopback (same effect: a
         // local address reachable only through wan0).
@@ -176,8 +206,26 @@ impl Topology {
                 "dev",
                 FAR_IFACE,
             ])?;
+            world.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{WORLD_FAR_ADDR6}/128"),
+                "dev",
+                FAR_IFACE,
+                "nodad",
+            ])?;
         } else {
             world.ip(&["addr", "add", &format!("{WORLD_FAR_ADDR}/32"), "dev", "lo"])?;
+            world.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{WORLD_FAR_ADDR6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ])?;
         }
 
         // guest <-> host

@@ -9,11 +9,17 @@
 
 use std::time::{Duration, Instant};
 
+use std::net::SocketAddr;
+
+use tapgate_tests::bulk::{self, Direction};
 use tapgate_tests::child::Child;
 use tapgate_tests::control;
 use tapgate_tests::running::Running;
 use tapgate_tests::scratch::ScratchDir;
-use tapgate_tests::topology::GUEST_IFACE;
+use tapgate_tests::servers::{HttpServer, TcpEchoServer, UdpEchoServer};
+use tapgate_tests::topology::{
+    GUEST_IFACE, HOST_UPLINK_ADDR6, WORLD_ADDR6, WORLD_FAR_ADDR, WORLD_FAR_ADDR6,
+};
 use tapgate_tests::{GuestKind, require_root};
 
 /// The gateway's link-local router address for the default MAC
@@ -36,8 +42,10 @@ trait Ipv6Run {
     /// Waits until the guest's `ip -6 addr` / `ip -6 route` output
     /// satisfies `cond`, failing with the last output after `timeout`.
     fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String;
-    /// Waits for the guest's link-local address to leave `tentative`, and
-    /// for an autoconfigured address in fd00::/64 and the default route.
+    /// Waits for an autoconfigured address in fd00::/64 (and a link-local
+    /// address, if any, out of `tentative`) and the default route. (A
+    /// DHCPv4 client's deconfiguration may have flushed the link-local
+    /// address.)
     fn wait_slaac(&self);
     /// Waits for the guest's link-local address to leave `tentative`.
     fn wait_link_local(&self);
@@ -72,10 +80,9 @@ impl Ipv6Run for Running {
         self.wait_guest(&show, "a SLAAC address in fd00::/64", |t| {
             t.lines().any(|l| {
                 l.contains("inet6 fd00::") && l.contains("scope global") && !l.contains("tentative")
-            }) && t.contains("inet6 fe80::")
-                && !t
-                    .lines()
-                    .any(|l| l.contains("fe80") && l.contains("tentative"))
+            }) && !t
+                .lines()
+                .any(|l| l.contains("fe80") && l.contains("tentative"))
         });
         self.wait_guest(
             &["ip", "-6", "route", "show", "default"],
@@ -267,13 +274,15 @@ fn duplicate_address_detection() {
 }
 
 #[test]
-fn ipv6_beyond_the_gateway_is_refused_at_once() {
+fn ipv6_without_a_route_out_is_unreachable_at_once() {
     let Some(run) = start(&[]) else {
         return;
     };
     run.wait_slaac();
-    // No IPv6 flow path yet: a connection to the world fails at once with
-    // "no route" instead of hanging.
+    // The host loses its IPv6 default route: the guest's IPv6 to the
+    // world fails at once ("no route", from the gateway) instead of
+    // hanging, while the gateway's own services go on.
+    run.ok(run.topo.host().ip(&["-6", "route", "del", "default"]));
     let began = Instant::now();
     let (ok, out) = run.guest_out(
         &[
@@ -284,34 +293,197 @@ fn ipv6_beyond_the_gateway_is_refused_at_once() {
             "10",
             "-o",
             "/dev/null",
-            "http://[2001:db8::80]/",
+            &format!("http://[{WORLD_FAR_ADDR6}]/"),
         ],
         Duration::from_secs(15),
     );
     let took = began.elapsed();
     run.check(
         !ok && out.contains("Couldn't connect") && took < Duration::from_secs(3),
-        format!("curl -6 to the world after {took:?}:\n{out}"),
+        format!("curl -6 without a route, after {took:?}:\n{out}"),
     );
     let (_, out) = run.guest_out(
-        &["ping", "-6", "-n", "-c", "1", "-W", "2", "2001:db8::80"],
+        &["ping", "-6", "-n", "-c", "1", "-W", "2", WORLD_FAR_ADDR6],
         Duration::from_secs(10),
     );
     run.check(
         out.contains("Destination unreachable: No route"),
-        format!("ping -6 to the world:\n{out}"),
+        format!("ping -6 without a route:\n{out}"),
     );
-    // A UDP port of the gateway without a service: port unreachable.
-    let (_, out) = run.guest_out(
-        &[
-            "ping", "-6", "-n", "-c", "1", "-W", "2", "-s", "16", GATEWAY6,
-        ],
+    let (ok, out) = run.guest_out(
+        &["ping", "-6", "-n", "-c", "1", "-W", "2", GATEWAY6],
         Duration::from_secs(10),
     );
-    run.check(out.contains(" 0% packet loss"), out);
+    run.check(ok, format!("the gateway stopped answering:\n{out}"));
+}
+
+#[test]
+fn ipv6_to_the_host_itself_is_prohibited() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    let began = Instant::now();
+    let (ok, out) = run.guest_out(
+        &[
+            "curl",
+            "-6",
+            "-sS",
+            "-m",
+            "10",
+            "-o",
+            "/dev/null",
+            &format!("http://[{HOST_UPLINK_ADDR6}]:22/"),
+        ],
+        Duration::from_secs(15),
+    );
+    let took = began.elapsed();
     run.check(
-        run.service("icmpv6_errors") >= 2,
-        "ICMPv6 errors not counted",
+        !ok && out.contains("Couldn't connect") && took < Duration::from_secs(3),
+        format!("curl -6 to the host after {took:?}:\n{out}"),
+    );
+    let stats = run.ok(control::stats(&run.topo));
+    run.check(
+        stats["flows"]["policy_denied"].as_u64().unwrap_or(0) >= 1
+            || stats.to_string().contains("\"policy_denied\":1"),
+        format!("the refusal was not counted: {stats}"),
+    );
+}
+
+#[test]
+fn tcp_both_ways_over_ipv6_on_the_fast_path() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    const BYTES: u64 = 64 << 20;
+    for (dir, port) in [
+        (Direction::GuestToWorld, 5601),
+        (Direction::WorldToGuest, 5602),
+    ] {
+        let (fast0, slow0) = run.ok(control::fast_slow(&run.ok(control::stats(&run.topo))));
+        let hashes = run.ok(bulk::transfer_at(
+            &run.topo,
+            WORLD_ADDR6,
+            dir,
+            BYTES,
+            port,
+            Duration::from_secs(120),
+        ));
+        run.check(hashes.equal(), format!("{dir:?}: {hashes:?}"));
+        let (fast1, slow1) = run.ok(control::fast_slow(&run.ok(control::stats(&run.topo))));
+        let (fast, slow) = (fast1 - fast0, slow1 - slow0);
+        let share = fast as f64 / (fast + slow).max(1) as f64;
+        eprintln!(
+            "{dir:?}: {fast} packets on the fast path, {slow} punted ({:.3}%)",
+            share * 100.0
+        );
+        run.check(
+            share >= 0.999,
+            format!(
+                "{dir:?}: fast path carried only {:.3}% ({fast} fast, {slow} slow)",
+                share * 100.0
+            ),
+        );
+    }
+}
+
+#[test]
+fn dual_stack_guest_http_udp_and_ping() {
+    if let Err(e) = require_root() {
+        eprintln!("skipping: {e}");
+        return;
+    }
+    // An IPv4 lease first, then IPv6 by SLAAC: both at once.
+    let run = Running::with_lease(GuestKind::RealTap, &[]);
+    run.wait_slaac();
+    let body: &[u8] = b"hello over both families\n";
+    let far6: SocketAddr = format!("[{WORLD_FAR_ADDR6}]:80").parse().unwrap();
+    let far4: SocketAddr = format!("{WORLD_FAR_ADDR}:80").parse().unwrap();
+    let _http6 = run.ok(HttpServer::start(run.topo.world(), far6, &[("f", body)]));
+    let _http4 = run.ok(HttpServer::start(run.topo.world(), far4, &[("f", body)]));
+    for url in [
+        format!("http://[{WORLD_FAR_ADDR6}]/f"),
+        format!("http://{WORLD_FAR_ADDR}/f"),
+    ] {
+        let (ok, out) = run.guest_out(
+            &["curl", "-g", "-sS", "-m", "10", &url],
+            Duration::from_secs(15),
+        );
+        run.check(ok && out.as_bytes() == body, format!("curl {url}:\n{out}"));
+    }
+    // TCP and UDP echo over IPv6: the world sees the host's address.
+    let echo = run.ok(TcpEchoServer::start(
+        run.topo.world(),
+        format!("[{WORLD_FAR_ADDR6}]:7000").parse().unwrap(),
+    ));
+    let (ok, out) = run.guest_out(
+        &[
+            "bash",
+            "-c",
+            &format!("echo tcp6 | socat -t 2 - TCP6:[{WORLD_FAR_ADDR6}]:7000"),
+        ],
+        Duration::from_secs(15),
+    );
+    run.check(
+        ok && out.contains("tcp6"),
+        format!("TCP echo over IPv6:\n{out}"),
+    );
+    let host6 = format!("[{HOST_UPLINK_ADDR6}]:");
+    run.check(
+        echo.peers()
+            .iter()
+            .all(|p| p.to_string().starts_with(&host6))
+            && echo.accepted() == 1,
+        format!("TCP peers {:?}", echo.peers()),
+    );
+    let udp = run.ok(UdpEchoServer::start(
+        run.topo.world(),
+        format!("[{WORLD_FAR_ADDR6}]:7001").parse().unwrap(),
+    ));
+    let (ok, out) = run.guest_out(
+        &[
+            "bash",
+            "-c",
+            &format!("echo udp6 | socat -t 2 - UDP6:[{WORLD_FAR_ADDR6}]:7001"),
+        ],
+        Duration::from_secs(15),
+    );
+    run.check(
+        ok && out.contains("udp6"),
+        format!("UDP echo over IPv6:\n{out}"),
+    );
+    run.check(
+        udp.peers()
+            .iter()
+            .all(|p| p.to_string().starts_with(&host6))
+            && udp.datagrams() >= 1,
+        format!("UDP peers {:?}", udp.peers()),
+    );
+    // ICMPv6 echo through the NAT, on the fast path after the first.
+    let (ok, out) = run.guest_out(
+        &[
+            "ping",
+            "-6",
+            "-n",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            WORLD_FAR_ADDR6,
+        ],
+        Duration::from_secs(15),
+    );
+    run.check(
+        ok && out.contains(" 0% packet loss"),
+        format!("ping -6:\n{out}"),
+    );
+    let flows = run.ok(control::flows(&run.topo));
+    run.check(
+        flows.iter().any(|f| control::field(f, "proto") == "icmpv6"),
+        format!("no icmpv6 flow: {flows:?}"),
     );
 }
 

@@ -444,7 +444,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.stats.icmp.unsupported += 1;
             return Err(DropReason::Protocol);
         }
-        let key = tap_key(pkt.src, pkt.dst, msg.id, 0, PROTO_ICMP);
+        let key = tap_key(pkt.src, pkt.dst, msg.id, 0, pkt.proto());
         if let Some(slot) = self.table.by_tap(&key) {
             if let Some(f) = self.table.get_mut(slot) {
                 f.last_seen = now;

@@ -712,7 +712,11 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         s.flows_active = self.table.len() as u64;
         s.tcp_active = tcp;
         s.udp_active = s.flows_active.saturating_sub(tcp);
-        s.icmp_active = self.table.iter().filter(|f| f.proto == PROTO_ICMP).count() as u64;
+        s.icmp_active = self
+            .table
+            .iter()
+            .filter(|f| f.proto == PROTO_ICMP || f.proto == packet::PROTO_ICMPV6)
+            .count() as u64;
         s
     }
 
@@ -753,8 +757,8 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         match pkt.l4 {
             L4::Tcp(seg) => self.guest_tcp(&pkt, seg, guest_mac, now, out),
             L4::Udp { .. } => self.guest_udp(&pkt, guest_mac, now, out),
-            // ICMPv6 echo flows and error translation are not built yet.
-            L4::Icmp(msg) if msg.v6 => {
+            // ICMPv6 error translation is not built yet.
+            L4::Icmp(msg) if msg.v6 && !msg.is_echo_request() => {
                 self.stats.icmp.unsupported += 1;
                 Err(DropReason::Protocol)
             }
@@ -792,8 +796,8 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     ) -> Result<(), DropReason> {
         let pkt = packet::parse_frame(frame)?;
         if let L4::Icmp(msg) = pkt.l4 {
-            if msg.v6 {
-                // ICMPv6 flows and error translation are not built yet.
+            if msg.v6 && !msg.is_echo_reply() {
+                // ICMPv6 error translation is not built yet.
                 self.stats.icmp.unsupported += 1;
                 return Err(DropReason::Protocol);
             }

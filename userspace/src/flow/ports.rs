@@ -236,7 +236,9 @@ impl SocketPorts {
         let (ty, protocol) = match proto {
             PROTO_TCP => (SockType::Stream, None),
             PROTO_UDP => (SockType::Datagram, None),
-            PROTO_ICMP => (SockType::Datagram, Some(SockProtocol::Icmp)),
+            PROTO_ICMP | super::packet::PROTO_ICMPV6 => {
+                (SockType::Datagram, Some(SockProtocol::Icmp))
+            }
             other => return Err(NatError::Protocol(other)),
         };
         let (family, protocol) = match local {
@@ -246,7 +248,9 @@ impl SocketPorts {
         let fd: OwnedFd = match socket(family, ty, SockFlag::SOCK_CLOEXEC, protocol) {
             Ok(fd) => fd,
             // Ping sockets not allowed for our group: our own allocator.
-            Err(Errno::EACCES | Errno::EPERM) if proto == PROTO_ICMP => {
+            Err(Errno::EACCES | Errno::EPERM)
+                if proto == PROTO_ICMP || proto == super::packet::PROTO_ICMPV6 =>
+            {
                 return if port == 0 {
                     self.icmp_ids.reserve(local)
                 } else {
