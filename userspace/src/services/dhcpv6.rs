@@ -90,10 +90,9 @@ use wire::{
     SERVER_PORT, Status, StatusCode,
 };
 
-/// DHCPv6 messages on the wire (RFC 8415 §8, §21; RFC 3646), in smoltcp's
-/// `Packet`/`Repr` style.
 pub mod wire {
-    //! DHCPv6 messages on the wire, in smoltcp's `Packet`/`Repr` style.
+    //! DHCPv6 messages on the wire (RFC 8415 §8, §21; RFC 3646), in
+    //! smoltcp's `Packet`/`Repr` style.
     //!
     //! [`Packet`] is a bounds-checked view of a client/server message
     //! (message type, 24-bit transaction id, options); [`OptionIter`] walks
@@ -1774,4 +1773,1533 @@ pub fn is_dhcpv6_request(frame: &[u8]) -> bool {
         return false;
     };
     udp.dst_port() == SERVER_PORT
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::wire::*;
+    use super::*;
+    use crate::config::link_local_of;
+
+    const MAC_A: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+    const MAC_B: EthernetAddress = EthernetAddress([0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]);
+    /// The multicast MAC of ff02::1:2 (RFC 2464 §7).
+    const MCAST_MAC: EthernetAddress = EthernetAddress([0x33, 0x33, 0, 1, 0, 2]);
+    const XID: u32 = 0x00c0_ffee;
+    const IAID: u32 = 0x0012_3456;
+    const DAY: u32 = 86_400;
+
+    /// A DUID-LLT as dhclient makes it (type 1, hardware 1, time, MAC).
+    fn duid_llt(mac: EthernetAddress) -> Vec<u8> {
+        let mut duid = vec![0, 1, 0, 1, 0x2d, 0x8f, 0x11, 0x22];
+        duid.extend_from_slice(mac.as_bytes());
+        duid
+    }
+
+    fn cfg() -> GuestNet6Config {
+        GuestNet6Config {
+            search: vec!["example.com".into(), "corp.internal".into()],
+            ..GuestNet6Config::default()
+        }
+    }
+
+    fn server() -> Dhcpv6Server {
+        Dhcpv6Server::new(cfg())
+    }
+
+    /// DUID-LL of the default gateway MAC.
+    const SERVER_DUID: &[u8] = &[0, 3, 0, 1, 0x52, 0x55, 10, 0, 2, 2];
+
+    fn server_duid() -> Vec<u8> {
+        SERVER_DUID.to_vec()
+    }
+
+    fn guest() -> Ipv6Addr {
+        cfg().guest_addr
+    }
+
+    fn addr(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    fn secs(n: u32) -> Duration {
+        Duration::from_secs(u64::from(n))
+    }
+
+    fn ia(iaid: u32, addrs: &[Ipv6Addr]) -> IaNa<'static> {
+        IaNa {
+            iaid,
+            t1: 0,
+            t2: 0,
+            addresses: addrs
+                .iter()
+                .map(|&addr| IaAddr {
+                    addr,
+                    preferred: 0,
+                    valid: 0,
+                    status: None,
+                })
+                .collect(),
+            status: None,
+        }
+    }
+
+    /// A client message: client id, elapsed time, ORO (DNS, domain list).
+    fn msg(msg_type: MessageType, duid: &[u8]) -> Repr<'_> {
+        Repr {
+            client_id: Some(duid),
+            elapsed_time: Some(0),
+            oro: vec![OPT_DNS_SERVERS, OPT_DOMAIN_LIST],
+            ..Repr::new(msg_type, XID)
+        }
+    }
+
+    fn solicit(duid: &[u8]) -> Repr<'_> {
+        Repr {
+            ia_na: vec![ia(IAID, &[])],
+            ..msg(MessageType::Solicit, duid)
+        }
+    }
+
+    /// A message naming server `sid`, the guest address in its IA_NA.
+    fn to_server<'a>(msg_type: MessageType, duid: &'a [u8], sid: &'a [u8]) -> Repr<'a> {
+        Repr {
+            server_id: Some(sid),
+            ia_na: vec![ia(IAID, &[guest()])],
+            ..msg(msg_type, duid)
+        }
+    }
+
+    /// A Rebind (no server id) for the guest address.
+    fn rebind(duid: &[u8]) -> Repr<'_> {
+        Repr {
+            ia_na: vec![ia(IAID, &[guest()])],
+            ..msg(MessageType::Rebind, duid)
+        }
+    }
+
+    fn payload(repr: &Repr<'_>) -> Vec<u8> {
+        let mut buf = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut Packet::new_unchecked(&mut buf[..])).unwrap();
+        buf
+    }
+
+    fn udp_frame(
+        mac: EthernetAddress,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        src_port: u16,
+        dst_port: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let caps = ChecksumCapabilities::default();
+        let udp = UdpRepr { src_port, dst_port };
+        let ip = Ipv6Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len: 8 + payload.len(),
+            hop_limit: 1,
+        };
+        let eth = EthernetRepr {
+            src_addr: mac,
+            dst_addr: if dst.is_multicast() {
+                MCAST_MAC
+            } else {
+                cfg().gateway_mac
+            },
+            ethertype: EthernetProtocol::Ipv6,
+        };
+        let mut buf = vec![0u8; 14 + 40 + 8 + payload.len()];
+        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+        eth.emit(&mut f);
+        let mut p = Ipv6Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p);
+        udp.emit(
+            &mut UdpPacket::new_unchecked(p.payload_mut()),
+            &src.into(),
+            &dst.into(),
+            payload.len(),
+            |b| b.copy_from_slice(payload),
+            &caps,
+        );
+        buf
+    }
+
+    /// `payload` from `mac`'s link-local address to ff02::1:2.
+    fn raw_frame(mac: EthernetAddress, payload: &[u8]) -> Vec<u8> {
+        udp_frame(
+            mac,
+            link_local_of(mac),
+            ALL_DHCP_RELAY_AGENTS_AND_SERVERS,
+            CLIENT_PORT,
+            SERVER_PORT,
+            payload,
+        )
+    }
+
+    fn frame_to(mac: EthernetAddress, dst: Ipv6Addr, repr: &Repr<'_>) -> Vec<u8> {
+        udp_frame(
+            mac,
+            link_local_of(mac),
+            dst,
+            CLIENT_PORT,
+            SERVER_PORT,
+            &payload(repr),
+        )
+    }
+
+    /// `repr` as a client sends it: link-local source to ff02::1:2.
+    fn frame(mac: EthernetAddress, repr: &Repr<'_>) -> Vec<u8> {
+        frame_to(mac, ALL_DHCP_RELAY_AGENTS_AND_SERVERS, repr)
+    }
+
+    /// Recomputes the UDP checksum of a well-formed frame.
+    fn fix_udp_checksum(frame: &mut [u8]) {
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        let mut ip = Ipv6Packet::new_unchecked(eth.payload_mut());
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        UdpPacket::new_unchecked(ip.payload_mut()).fill_checksum(&src.into(), &dst.into());
+    }
+
+    /// A reply, re-parsed with checksum verification.
+    struct Parsed {
+        eth: EthernetRepr,
+        ip: Ipv6Repr,
+        udp: UdpRepr,
+        payload: Vec<u8>,
+    }
+
+    impl Parsed {
+        fn new(frame: &[u8]) -> Self {
+            let caps = ChecksumCapabilities::default();
+            let eth = EthernetFrame::new_checked(frame).unwrap();
+            let eth_repr = EthernetRepr::parse(&eth).unwrap();
+            let ip = Ipv6Packet::new_checked(eth.payload()).unwrap();
+            assert_eq!(usize::from(ip.payload_len()), frame.len() - 14 - 40);
+            let ip_repr = Ipv6Repr::parse(&ip).unwrap();
+            let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+            assert_ne!(udp.checksum(), 0, "udp checksum present");
+            assert!(udp.verify_checksum(&ip_repr.src_addr.into(), &ip_repr.dst_addr.into()));
+            assert_eq!(usize::from(udp.len()), ip.payload().len());
+            let udp_repr = UdpRepr::parse(
+                &udp,
+                &ip_repr.src_addr.into(),
+                &ip_repr.dst_addr.into(),
+                &caps,
+            )
+            .unwrap();
+            Self {
+                eth: eth_repr,
+                ip: ip_repr,
+                udp: udp_repr,
+                payload: udp.payload().to_vec(),
+            }
+        }
+
+        fn repr(&self) -> Repr<'_> {
+            let packet = Packet::new_checked(&self.payload[..]).unwrap();
+            let repr = Repr::parse(&packet).unwrap();
+            assert_eq!(repr.buffer_len(), self.payload.len());
+            repr
+        }
+    }
+
+    fn handle(server: &mut Dhcpv6Server, frame: &[u8], now: Instant) -> Option<Parsed> {
+        server.handle(frame, now).unwrap().map(|f| Parsed::new(&f))
+    }
+
+    /// Checks what every reply has in common.
+    fn assert_common(
+        reply: &Parsed,
+        repr: &Repr<'_>,
+        mac: EthernetAddress,
+        duid: &[u8],
+        msg_type: MessageType,
+    ) {
+        let c = cfg();
+        assert_eq!(reply.eth.src_addr, c.gateway_mac);
+        assert_eq!(reply.eth.dst_addr, mac);
+        assert_eq!(reply.eth.ethertype, EthernetProtocol::Ipv6);
+        assert_eq!(reply.ip.src_addr, c.router_ll);
+        assert_eq!(reply.ip.dst_addr, link_local_of(mac));
+        assert_eq!(reply.ip.next_header, IpProtocol::Udp);
+        assert_eq!(reply.ip.hop_limit, 64);
+        assert_eq!(reply.udp.src_port, 547);
+        assert_eq!(reply.udp.dst_port, 546);
+        assert_eq!(repr.msg_type, msg_type);
+        assert_eq!(repr.transaction_id, XID);
+        assert_eq!(repr.client_id, Some(duid));
+        assert_eq!(repr.server_id, Some(&server_duid()[..]));
+        // Server messages carry no client-only options.
+        assert!(repr.oro.is_empty());
+        assert_eq!(repr.elapsed_time, None);
+    }
+
+    /// Checks the DNS server and domain list.
+    fn assert_config(repr: &Repr<'_>) {
+        assert_eq!(repr.dns_servers, vec![cfg().dns]);
+        let names = decode_domain_list(repr.domain_list.unwrap()).unwrap();
+        assert_eq!(names, cfg().search);
+    }
+
+    fn assert_no_config(repr: &Repr<'_>) {
+        assert!(repr.dns_servers.is_empty());
+        assert_eq!(repr.domain_list, None);
+        assert_eq!(repr.information_refresh_time, None);
+    }
+
+    /// Checks an IA_NA holding the guest address with full lifetimes.
+    fn assert_bound(ia: &IaNa<'_>, iaid: u32) {
+        assert_eq!(ia.iaid, iaid);
+        assert_eq!(ia.t1, DAY / 2, "T1 = lease/2");
+        assert_eq!(ia.t2, DAY * 4 / 5, "T2 = lease*4/5");
+        assert_eq!(ia.status, None);
+        let first = &ia.addresses[0];
+        assert_eq!(first.addr, guest());
+        assert_eq!((first.preferred, first.valid), (DAY, DAY));
+        assert_eq!(first.status, None);
+    }
+
+    /// Checks an IA refused with `code`.
+    fn assert_refused(ia: &IaNa<'_>, iaid: u32, code: StatusCode) {
+        assert_eq!(ia.iaid, iaid);
+        assert_eq!((ia.t1, ia.t2), (0, 0));
+        assert_eq!(ia.status.map(|s| s.code), Some(code));
+        assert!(
+            ia.addresses
+                .iter()
+                .all(|a| a.preferred == 0 && a.valid == 0)
+        );
+    }
+
+    /// Solicit/Advertise/Request/Reply for `duid` at `now`.
+    fn bind(s: &mut Dhcpv6Server, mac: EthernetAddress, duid: &[u8], now: Instant) {
+        let adv = handle(s, &frame(mac, &solicit(duid)), now).unwrap();
+        let sid = adv.repr().server_id.unwrap().to_vec();
+        let reply = handle(
+            s,
+            &frame(mac, &to_server(MessageType::Request, duid, &sid)),
+            now,
+        )
+        .unwrap();
+        let repr = reply.repr();
+        assert_eq!(repr.msg_type, MessageType::Reply);
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(s.lease(), Some((duid.to_vec(), now + secs(DAY))));
+    }
+
+    #[test]
+    fn server_duid_is_duid_ll() {
+        assert_eq!(server().duid(), &server_duid()[..]);
+        let other = Dhcpv6Server::new(GuestNet6Config {
+            gateway_mac: MAC_B,
+            ..cfg()
+        });
+        assert_eq!(
+            other.duid(),
+            &[0, 3, 0, 1, 0x52, 0x54, 0x00, 0xab, 0xcd, 0xef]
+        );
+    }
+
+    #[test]
+    fn solicit_gets_advertise() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_common(&adv, &repr, MAC_A, &a, MessageType::Advertise);
+        assert_eq!(repr.preference, Some(255));
+        assert_eq!(repr.ia_na.len(), 1);
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(repr.ia_na[0].addresses.len(), 1);
+        assert_config(&repr);
+        assert!(!repr.rapid_commit);
+        assert_eq!(repr.status, None);
+        assert_eq!(repr.information_refresh_time, None);
+        assert!(repr.ia_ta.is_empty());
+        // An Advertise reserves nothing.
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn solicit_hinting_another_address_still_gets_ours() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let sol = Repr {
+            ia_na: vec![ia(IAID, &[addr("2001:db8::7")])],
+            ..msg(MessageType::Solicit, &a)
+        };
+        let adv = handle(&mut s, &frame(MAC_A, &sol), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(repr.ia_na[0].addresses.len(), 1);
+    }
+
+    #[test]
+    fn rapid_commit_solicit_gets_reply_and_lease() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        let sol = Repr {
+            rapid_commit: true,
+            ..solicit(&a)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &sol), now).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert!(repr.rapid_commit);
+        assert_eq!(repr.preference, None);
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_config(&repr);
+        assert_eq!(s.lease(), Some((a.clone(), now + secs(DAY))));
+    }
+
+    #[test]
+    fn rapid_commit_refused_falls_back_to_advertise() {
+        let mut s = server();
+        let (a, b) = (duid_llt(MAC_A), duid_llt(MAC_B));
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+        let sol = Repr {
+            rapid_commit: true,
+            ..solicit(&b)
+        };
+        let adv = handle(&mut s, &frame(MAC_B, &sol), now).unwrap();
+        let repr = adv.repr();
+        assert_common(&adv, &repr, MAC_B, &b, MessageType::Advertise);
+        assert!(!repr.rapid_commit);
+        assert_refused(&repr.ia_na[0], IAID, StatusCode::NoAddrsAvail);
+        assert_eq!(s.lease().unwrap().0, a);
+    }
+
+    #[test]
+    fn request_gets_reply_and_lease() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        let req = to_server(MessageType::Request, &a, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_A, &req), now).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(repr.ia_na[0].addresses.len(), 1);
+        assert_config(&repr);
+        assert_eq!(repr.status, None);
+        assert_eq!(repr.preference, None);
+        assert!(!repr.rapid_commit);
+        assert_eq!(s.lease(), Some((a.clone(), now + secs(DAY))));
+        // The full Solicit/Advertise/Request/Reply exchange too.
+        let mut s = server();
+        bind(&mut s, MAC_A, &a, now);
+    }
+
+    #[test]
+    fn request_off_link_gets_not_on_link() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let req = Repr {
+            ia_na: vec![ia(IAID, &[addr("2001:db8::15")])],
+            ..to_server(MessageType::Request, &a, SERVER_DUID)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &req), Instant::now()).unwrap();
+        let repr = reply.repr();
+        assert_refused(&repr.ia_na[0], IAID, StatusCode::NotOnLink);
+        assert!(repr.ia_na[0].addresses.is_empty());
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn request_for_other_in_prefix_address_gets_ours() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let req = Repr {
+            ia_na: vec![ia(IAID, &[addr("fd00::99")])],
+            ..to_server(MessageType::Request, &a, SERVER_DUID)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &req), Instant::now()).unwrap();
+        let repr = reply.repr();
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(repr.ia_na[0].addresses.len(), 1);
+        assert!(s.lease().is_some());
+    }
+
+    #[test]
+    fn request_without_ia_gets_no_addrs_avail() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let sid = server_duid();
+        let req = Repr {
+            server_id: Some(&sid),
+            ..msg(MessageType::Request, &a)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &req), Instant::now()).unwrap();
+        let repr = reply.repr();
+        assert_eq!(repr.status.map(|s| s.code), Some(StatusCode::NoAddrsAvail));
+        assert!(repr.ia_na.is_empty());
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn renew_extends_the_lease() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+        let later = now + secs(DAY / 2);
+        let renew = to_server(MessageType::Renew, &a, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_A, &renew), later).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(repr.ia_na[0].addresses.len(), 1);
+        assert_config(&repr);
+        assert_eq!(s.lease(), Some((a.clone(), later + secs(DAY))));
+    }
+
+    #[test]
+    fn renew_zeroes_addresses_not_ours() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+        let renew = Repr {
+            ia_na: vec![ia(IAID, &[guest(), addr("fd00::99"), addr("2001:db8::1")])],
+            ..to_server(MessageType::Renew, &a, SERVER_DUID)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &renew), now).unwrap();
+        let repr = reply.repr();
+        let ia = &repr.ia_na[0];
+        assert_bound(ia, IAID);
+        let rest: Vec<(Ipv6Addr, u32, u32)> = ia.addresses[1..]
+            .iter()
+            .map(|a| (a.addr, a.preferred, a.valid))
+            .collect();
+        assert_eq!(
+            rest,
+            vec![(addr("fd00::99"), 0, 0), (addr("2001:db8::1"), 0, 0)]
+        );
+    }
+
+    #[test]
+    fn renew_without_binding_binds() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        let renew = to_server(MessageType::Renew, &a, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_A, &renew), now).unwrap();
+        assert_bound(&reply.repr().ia_na[0], IAID);
+        assert_eq!(s.lease(), Some((a.clone(), now + secs(DAY))));
+    }
+
+    #[test]
+    fn rebind_extends_and_binds_unknown() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        // Unknown binding, the address is ours: just bind it.
+        let reply = handle(&mut s, &frame(MAC_A, &rebind(&a)), now).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_config(&repr);
+        assert_eq!(s.lease(), Some((a.clone(), now + secs(DAY))));
+        // Known binding: extended.
+        let later = now + secs(70_000);
+        let reply = handle(&mut s, &frame(MAC_A, &rebind(&a)), later).unwrap();
+        assert_bound(&reply.repr().ia_na[0], IAID);
+        assert_eq!(s.lease(), Some((a.clone(), later + secs(DAY))));
+    }
+
+    #[test]
+    fn rebind_off_link_address_gets_lifetime_zero() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let r = Repr {
+            ia_na: vec![ia(IAID, &[addr("2001:db8::1")])],
+            ..rebind(&a)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &r), Instant::now()).unwrap();
+        let repr = reply.repr();
+        let ia = &repr.ia_na[0];
+        assert_bound(ia, IAID);
+        assert_eq!(ia.addresses.len(), 2);
+        assert_eq!(ia.addresses[1].addr, addr("2001:db8::1"));
+        assert_eq!((ia.addresses[1].preferred, ia.addresses[1].valid), (0, 0));
+    }
+
+    #[test]
+    fn confirm_on_link_and_not_on_link() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let confirm = |addrs: &[Ipv6Addr]| Repr {
+            ia_na: vec![ia(IAID, addrs)],
+            ..msg(MessageType::Confirm, &a)
+        };
+        let now = Instant::now();
+        for (addrs, code) in [
+            (vec![guest()], StatusCode::Success),
+            (vec![addr("fd00::1234")], StatusCode::Success),
+            (vec![addr("2001:db8::15")], StatusCode::NotOnLink),
+            (vec![guest(), addr("fd00:0:0:1::15")], StatusCode::NotOnLink),
+        ] {
+            let reply = handle(&mut s, &frame(MAC_A, &confirm(&addrs)), now).unwrap();
+            let repr = reply.repr();
+            assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+            assert_eq!(repr.status.map(|s| s.code), Some(code), "{addrs:?}");
+            assert!(repr.ia_na.is_empty());
+            assert_no_config(&repr);
+        }
+        // No addresses at all: no reply (RFC 8415 §18.3.3).
+        assert!(
+            s.handle(&frame(MAC_A, &confirm(&[])), now)
+                .unwrap()
+                .is_none()
+        );
+        // A server identifier in a Confirm: discard.
+        let sid = server_duid();
+        let with_sid = Repr {
+            server_id: Some(&sid),
+            ..confirm(&[guest()])
+        };
+        assert!(s.handle(&frame(MAC_A, &with_sid), now).unwrap().is_none());
+        // Confirm binds nothing.
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn release_drops_the_lease() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+        let release = to_server(MessageType::Release, &a, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_A, &release), now).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert_eq!(repr.status.map(|s| s.code), Some(StatusCode::Success));
+        assert!(repr.ia_na.is_empty());
+        assert_no_config(&repr);
+        assert_eq!(s.lease(), None);
+        // Released again: nothing bound, the IA says NoBinding.
+        let reply = handle(&mut s, &frame(MAC_A, &release), now).unwrap();
+        let repr = reply.repr();
+        assert_eq!(repr.status.map(|s| s.code), Some(StatusCode::Success));
+        assert_refused(&repr.ia_na[0], IAID, StatusCode::NoBinding);
+    }
+
+    #[test]
+    fn decline_drops_the_lease() {
+        let mut s = server();
+        let (a, b) = (duid_llt(MAC_A), duid_llt(MAC_B));
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+        // Another client's Decline leaves A's lease alone.
+        let decline_b = to_server(MessageType::Decline, &b, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_B, &decline_b), now).unwrap();
+        assert_refused(&reply.repr().ia_na[0], IAID, StatusCode::NoBinding);
+        assert_eq!(s.lease().unwrap().0, a);
+        let decline = to_server(MessageType::Decline, &a, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_A, &decline), now).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert_eq!(repr.status.map(|s| s.code), Some(StatusCode::Success));
+        assert!(repr.ia_na.is_empty());
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn information_request_gets_configuration() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        let info = msg(MessageType::InformationRequest, &a);
+        let reply = handle(&mut s, &frame(MAC_A, &info), now).unwrap();
+        let repr = reply.repr();
+        assert_common(&reply, &repr, MAC_A, &a, MessageType::Reply);
+        assert_config(&repr);
+        assert_eq!(repr.information_refresh_time, Some(86_400));
+        assert!(repr.ia_na.is_empty() && repr.ia_ta.is_empty());
+        assert_eq!(repr.status, None);
+        assert_eq!(s.lease(), None);
+
+        // The client identifier is optional here (RFC 8415 §18.2.6).
+        let anonymous = Repr {
+            client_id: None,
+            ..msg(MessageType::InformationRequest, &a)
+        };
+        let reply = handle(&mut s, &frame(MAC_A, &anonymous), now).unwrap();
+        let repr = reply.repr();
+        assert_eq!(repr.client_id, None);
+        assert_eq!(repr.server_id, Some(&server_duid()[..]));
+        assert_config(&repr);
+
+        // Our server id is fine, another's is not; an IA is not allowed.
+        let sid = server_duid();
+        let other = vec![0, 3, 0, 1, 1, 2, 3, 4, 5, 6];
+        let ours = Repr {
+            server_id: Some(&sid),
+            ..msg(MessageType::InformationRequest, &a)
+        };
+        assert!(s.handle(&frame(MAC_A, &ours), now).unwrap().is_some());
+        let theirs = Repr {
+            server_id: Some(&other),
+            ..msg(MessageType::InformationRequest, &a)
+        };
+        assert!(s.handle(&frame(MAC_A, &theirs), now).unwrap().is_none());
+        let with_ia = Repr {
+            ia_na: vec![ia(IAID, &[])],
+            ..msg(MessageType::InformationRequest, &a)
+        };
+        assert!(s.handle(&frame(MAC_A, &with_ia), now).unwrap().is_none());
+    }
+
+    #[test]
+    fn information_refresh_time_is_clamped() {
+        let a = duid_llt(MAC_A);
+        for (lease, irt) in [(300, 600), (3600, 3600), (7 * 86_400, 86_400)] {
+            let mut s = Dhcpv6Server::new(GuestNet6Config {
+                lease_secs: lease,
+                ..cfg()
+            });
+            let info = msg(MessageType::InformationRequest, &a);
+            let reply = handle(&mut s, &frame(MAC_A, &info), Instant::now()).unwrap();
+            assert_eq!(reply.repr().information_refresh_time, Some(irt));
+        }
+    }
+
+    #[test]
+    fn second_client_refused_while_held_then_served_after_expiry() {
+        let mut s = server();
+        let (a, b) = (duid_llt(MAC_A), duid_llt(MAC_B));
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+
+        let adv = handle(&mut s, &frame(MAC_B, &solicit(&b)), now).unwrap();
+        let repr = adv.repr();
+        assert_common(&adv, &repr, MAC_B, &b, MessageType::Advertise);
+        assert_refused(&repr.ia_na[0], IAID, StatusCode::NoAddrsAvail);
+        assert!(repr.ia_na[0].addresses.is_empty());
+
+        let req = to_server(MessageType::Request, &b, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_B, &req), now).unwrap();
+        let repr = reply.repr();
+        assert_refused(&repr.ia_na[0], IAID, StatusCode::NoAddrsAvail);
+        assert!(repr.ia_na[0].addresses.is_empty());
+
+        // A Renew from B: its (claimed) address comes back with lifetime 0.
+        let renew = to_server(MessageType::Renew, &b, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_B, &renew), now).unwrap();
+        let repr = reply.repr();
+        assert_refused(&repr.ia_na[0], IAID, StatusCode::NoAddrsAvail);
+        assert_eq!(repr.ia_na[0].addresses.len(), 1);
+        assert_eq!(s.lease(), Some((a.clone(), now + secs(DAY))));
+
+        // A's lease runs out: B is served, and the old lease is forgotten.
+        let later = now + secs(DAY);
+        let adv = handle(&mut s, &frame(MAC_B, &solicit(&b)), later).unwrap();
+        assert_bound(&adv.repr().ia_na[0], IAID);
+        assert_eq!(s.lease(), None);
+        bind(&mut s, MAC_B, &b, later);
+        // Now A is the one refused.
+        let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), later).unwrap();
+        assert_refused(&adv.repr().ia_na[0], IAID, StatusCode::NoAddrsAvail);
+    }
+
+    #[test]
+    fn restored_lease_is_honoured() {
+        let mut s = server();
+        let (a, b) = (duid_llt(MAC_A), duid_llt(MAC_B));
+        let now = Instant::now();
+        s.restore_lease(b.clone(), now + secs(1000));
+        assert_eq!(s.lease(), Some((b.clone(), now + secs(1000))));
+        let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), now).unwrap();
+        assert_refused(&adv.repr().ia_na[0], IAID, StatusCode::NoAddrsAvail);
+        let renew = to_server(MessageType::Renew, &b, SERVER_DUID);
+        let reply = handle(&mut s, &frame(MAC_B, &renew), now).unwrap();
+        assert_bound(&reply.repr().ia_na[0], IAID);
+        assert_eq!(s.lease(), Some((b.clone(), now + secs(DAY))));
+    }
+
+    #[test]
+    fn messages_for_other_servers_are_ignored() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let now = Instant::now();
+        let other = vec![0, 3, 0, 1, 1, 2, 3, 4, 5, 6];
+        for msg_type in [
+            MessageType::Request,
+            MessageType::Renew,
+            MessageType::Release,
+            MessageType::Decline,
+        ] {
+            let m = to_server(msg_type, &a, &other);
+            assert!(
+                s.handle(&frame(MAC_A, &m), now).unwrap().is_none(),
+                "{msg_type:?}"
+            );
+            // No server identifier at all: also discarded.
+            let m = Repr {
+                server_id: None,
+                ..to_server(msg_type, &a, &other)
+            };
+            assert!(
+                s.handle(&frame(MAC_A, &m), now).unwrap().is_none(),
+                "{msg_type:?}"
+            );
+        }
+        assert_eq!(s.lease(), None);
+        // Solicit and Rebind must not carry a server identifier, even ours.
+        let sid = server_duid();
+        for m in [
+            Repr {
+                server_id: Some(&sid),
+                ..solicit(&a)
+            },
+            Repr {
+                server_id: Some(&other),
+                ..solicit(&a)
+            },
+            Repr {
+                server_id: Some(&sid),
+                ..rebind(&a)
+            },
+        ] {
+            assert!(s.handle(&frame(MAC_A, &m), now).unwrap().is_none());
+        }
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn messages_without_client_id_are_ignored() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let sid = server_duid();
+        let now = Instant::now();
+        for m in [
+            solicit(&a),
+            to_server(MessageType::Request, &a, &sid),
+            to_server(MessageType::Renew, &a, &sid),
+            rebind(&a),
+            to_server(MessageType::Release, &a, &sid),
+            to_server(MessageType::Decline, &a, &sid),
+            Repr {
+                ia_na: vec![ia(IAID, &[guest()])],
+                ..msg(MessageType::Confirm, &a)
+            },
+        ] {
+            let m = Repr {
+                client_id: None,
+                ..m
+            };
+            assert!(s.handle(&frame(MAC_A, &m), now).unwrap().is_none(), "{m:?}");
+        }
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn ia_ta_gets_no_addrs_avail() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let ta = IaTa {
+            iaid: 77,
+            addresses: Vec::new(),
+            status: None,
+        };
+        let only_ta = Repr {
+            ia_ta: vec![ta.clone()],
+            ..msg(MessageType::Solicit, &a)
+        };
+        let adv = handle(&mut s, &frame(MAC_A, &only_ta), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_common(&adv, &repr, MAC_A, &a, MessageType::Advertise);
+        assert!(repr.ia_na.is_empty());
+        assert_eq!(repr.ia_ta.len(), 1);
+        assert_eq!(repr.ia_ta[0].iaid, 77);
+        assert!(repr.ia_ta[0].addresses.is_empty());
+        assert_eq!(
+            repr.ia_ta[0].status.map(|s| s.code),
+            Some(StatusCode::NoAddrsAvail)
+        );
+        assert_eq!(repr.status, None);
+        // Together with an IA_NA: the IA_NA still gets the address.
+        let both = Repr {
+            ia_ta: vec![ta],
+            ..solicit(&a)
+        };
+        let adv = handle(&mut s, &frame(MAC_A, &both), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_bound(&repr.ia_na[0], IAID);
+        assert_eq!(
+            repr.ia_ta[0].status.map(|s| s.code),
+            Some(StatusCode::NoAddrsAvail)
+        );
+    }
+
+    #[test]
+    fn solicit_without_ia_is_answered() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let sol = msg(MessageType::Solicit, &a);
+        let adv = handle(&mut s, &frame(MAC_A, &sol), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_common(&adv, &repr, MAC_A, &a, MessageType::Advertise);
+        assert_eq!(repr.status.map(|s| s.code), Some(StatusCode::NoAddrsAvail));
+        assert!(repr.ia_na.is_empty() && repr.ia_ta.is_empty());
+        assert_config(&repr);
+    }
+
+    #[test]
+    fn one_ia_na_gets_the_address() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        // The IA already listing the address keeps it.
+        let sol = Repr {
+            ia_na: vec![ia(1, &[]), ia(2, &[guest()])],
+            ..msg(MessageType::Solicit, &a)
+        };
+        let adv = handle(&mut s, &frame(MAC_A, &sol), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_refused(&repr.ia_na[0], 1, StatusCode::NoAddrsAvail);
+        assert_bound(&repr.ia_na[1], 2);
+        // Otherwise the first one gets it.
+        let sol = Repr {
+            ia_na: vec![ia(1, &[]), ia(2, &[])],
+            ..msg(MessageType::Solicit, &a)
+        };
+        let adv = handle(&mut s, &frame(MAC_A, &sol), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_bound(&repr.ia_na[0], 1);
+        assert_refused(&repr.ia_na[1], 2, StatusCode::NoAddrsAvail);
+        // Many IAs: at most four answered.
+        let sol = Repr {
+            ia_na: (0..10).map(|i| ia(i, &[])).collect(),
+            ..msg(MessageType::Solicit, &a)
+        };
+        let adv = handle(&mut s, &frame(MAC_A, &sol), Instant::now()).unwrap();
+        assert_eq!(adv.repr().ia_na.len(), 4);
+    }
+
+    #[test]
+    fn reply_addressing() {
+        let mut s = server();
+        let a = duid_llt(MAC_A);
+        let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), Instant::now()).unwrap();
+        assert_eq!(adv.eth.src_addr, cfg().gateway_mac);
+        assert_eq!(adv.eth.dst_addr, MAC_A);
+        assert_eq!(adv.ip.src_addr, addr("fe80::5055:aff:fe00:202"));
+        assert_eq!(adv.ip.dst_addr, addr("fe80::5054:ff:fe12:3456"));
+        assert_eq!(adv.ip.hop_limit, 64);
+        assert_eq!((adv.udp.src_port, adv.udp.dst_port), (547, 546));
+        // Unicast to the gateway's own addresses is served too.
+        for dst in [cfg().router_ll, cfg().gateway] {
+            let reply = s
+                .handle(&frame_to(MAC_A, dst, &solicit(&a)), Instant::now())
+                .unwrap()
+                .map(|f| Parsed::new(&f))
+                .unwrap();
+            assert_eq!(reply.ip.dst_addr, link_local_of(MAC_A));
+        }
+        // Not to anyone else.
+        for dst in [guest(), addr("ff02::1"), addr("ff05::1:3")] {
+            assert_eq!(
+                s.handle(&frame_to(MAC_A, dst, &solicit(&a)), Instant::now()),
+                Err(FrameError::Unsupported("dhcpv6 destination")),
+                "{dst}"
+            );
+        }
+    }
+
+    #[test]
+    fn dhclient_style_solicit() {
+        // Bytes as `dhclient -6` puts them on the wire: DUID-LLT, ORO for
+        // DNS servers and domain list, elapsed time 0, IA_NA with the last
+        // four MAC bytes as IAID and T1 = T2 = 0.
+        let mut p = vec![1, 0xc0, 0xff, 0xee];
+        p.extend_from_slice(&[0, 1, 0, 14]);
+        p.extend_from_slice(&duid_llt(MAC_A));
+        p.extend_from_slice(&[0, 6, 0, 4, 0, 23, 0, 24]);
+        p.extend_from_slice(&[0, 8, 0, 2, 0, 0]);
+        p.extend_from_slice(&[0, 3, 0, 12, 0x00, 0x12, 0x34, 0x56, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let src = addr("fe80::5054:ff:fe12:3456");
+        assert_eq!(src, link_local_of(MAC_A));
+        let f = udp_frame(MAC_A, src, addr("ff02::1:2"), 546, 547, &p);
+        assert!(is_dhcpv6_request(&f));
+        let mut s = server();
+        let adv = handle(&mut s, &f, Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_common(&adv, &repr, MAC_A, &duid_llt(MAC_A), MessageType::Advertise);
+        assert_bound(&repr.ia_na[0], 0x0012_3456);
+        assert_eq!(adv.eth.dst_addr, MAC_A);
+        assert_eq!(adv.ip.dst_addr, src);
+        // The exact bytes of the echoed client id and our server id.
+        let mut client_opt = vec![0, 1, 0, 14];
+        client_opt.extend_from_slice(&duid_llt(MAC_A));
+        assert!(adv.payload.windows(18).any(|w| w == &client_opt[..]));
+        let server_opt: [u8; 14] = [0, 2, 0, 10, 0, 3, 0, 1, 0x52, 0x55, 10, 0, 2, 2];
+        assert!(adv.payload.windows(14).any(|w| w == server_opt));
+        assert_eq!(&adv.payload[..4], &[2, 0xc0, 0xff, 0xee]);
+    }
+
+    #[test]
+    fn unencodable_search_list_is_left_out() {
+        let mut s = Dhcpv6Server::new(GuestNet6Config {
+            search: vec!["x".repeat(64)],
+            ..cfg()
+        });
+        let a = duid_llt(MAC_A);
+        let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), Instant::now()).unwrap();
+        let repr = adv.repr();
+        assert_eq!(repr.domain_list, None);
+        assert_eq!(repr.dns_servers, vec![cfg().dns]);
+        // No search list configured: no option.
+        let mut s = Dhcpv6Server::new(GuestNet6Config::default());
+        let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), Instant::now()).unwrap();
+        assert_eq!(adv.repr().domain_list, None);
+    }
+
+    #[test]
+    fn domain_list_encoding() {
+        assert_eq!(
+            encode_domain_list(&["example.com"]).unwrap(),
+            b"\x07example\x03com\x00".to_vec()
+        );
+        assert_eq!(
+            encode_domain_list(&["example.com."]).unwrap(),
+            b"\x07example\x03com\x00".to_vec()
+        );
+        assert_eq!(
+            encode_domain_list(&["a.b", "c"]).unwrap(),
+            vec![1, b'a', 1, b'b', 0, 1, b'c', 0]
+        );
+        assert_eq!(encode_domain_list::<&str>(&[]).unwrap(), Vec::<u8>::new());
+        let l63 = "a".repeat(63);
+        let l64 = "a".repeat(64);
+        assert_eq!(encode_domain_list(&[l63.as_str()]).unwrap().len(), 65);
+        assert!(encode_domain_list(&[l64.as_str()]).is_err());
+        assert!(encode_domain_list(&[format!("{l64}.com")]).is_err());
+        for bad in ["", ".", "a..b", ".a", "a.b.."] {
+            assert!(encode_domain_list(&[bad]).is_err(), "{bad:?}");
+        }
+        // 255 bytes in wire format is the limit.
+        let l61 = "b".repeat(61);
+        let max = format!("{l63}.{l63}.{l63}.{l61}");
+        assert_eq!(encode_domain_list(&[max.as_str()]).unwrap().len(), 255);
+        let over = format!("{l63}.{l63}.{l63}.{l61}b");
+        assert!(encode_domain_list(&[over.as_str()]).is_err());
+
+        // Decoding.
+        let names = ["example.com", "corp.internal", "x"];
+        let enc = encode_domain_list(&names).unwrap();
+        assert_eq!(decode_domain_list(&enc).unwrap(), names.to_vec());
+        assert_eq!(decode_domain_list(&[]).unwrap(), Vec::<String>::new());
+        for bad in [
+            &[0xc0, 0x0c][..], // compression pointer
+            &[0x40][..],       // reserved label type
+            &[3, b'a'][..],    // truncated label
+            &[1, b'a'][..],    // no root label
+            &[0][..],          // the root name alone
+            &[1, 0xff, 0][..], // not UTF-8
+        ] {
+            assert!(decode_domain_list(bad).is_err(), "{bad:?}");
+        }
+        let enc = encode_domain_list(&[max.as_str()]).unwrap();
+        assert_eq!(decode_domain_list(&enc).unwrap(), vec![max]);
+    }
+
+    /// A raw message: type, XID, then the given options.
+    fn raw(msg_type: u8, options: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut p = vec![msg_type, 0xc0, 0xff, 0xee];
+        for (code, data) in options {
+            p.extend_from_slice(&opt(*code, data));
+        }
+        p
+    }
+
+    fn opt(code: u16, data: &[u8]) -> Vec<u8> {
+        let mut o = code.to_be_bytes().to_vec();
+        o.extend_from_slice(&u16::try_from(data.len()).unwrap().to_be_bytes());
+        o.extend_from_slice(data);
+        o
+    }
+
+    fn parse(bytes: &[u8]) -> smoltcp::wire::Result<Repr<'_>> {
+        Repr::parse(&Packet::new_checked(bytes)?)
+    }
+
+    #[test]
+    fn packet_view() {
+        for len in 0..4 {
+            assert!(Packet::new_checked(&[1u8, 2, 3][..len.min(3)]).is_err());
+        }
+        let bytes = [11u8, 0x12, 0x34, 0x56, 0, 8, 0, 2, 0, 5];
+        let p = Packet::new_checked(&bytes[..]).unwrap();
+        assert_eq!(p.msg_type(), MessageType::InformationRequest);
+        assert_eq!(p.transaction_id(), 0x0012_3456);
+        let opts: Vec<_> = p.options().collect();
+        assert_eq!(
+            opts,
+            vec![Ok(RawOption {
+                code: 8,
+                data: &[0, 5][..]
+            })]
+        );
+        // Unchecked views of short buffers never panic.
+        let short = Packet::new_unchecked(&[5u8][..]);
+        assert_eq!(short.msg_type(), MessageType::Renew);
+        assert_eq!(short.transaction_id(), 0);
+        assert_eq!(short.options().count(), 0);
+        let mut empty = [0u8; 0];
+        let mut p = Packet::new_unchecked(&mut empty[..]);
+        p.set_msg_type(MessageType::Solicit);
+        p.set_transaction_id(7);
+        assert!(p.options_mut().is_empty());
+        let mut buf = [0u8; 6];
+        let mut p = Packet::new_unchecked(&mut buf[..]);
+        p.set_msg_type(MessageType::Reply);
+        p.set_transaction_id(0xff12_3456);
+        assert_eq!(p.options_mut().len(), 2);
+        assert_eq!(buf[..4], [7, 0x12, 0x34, 0x56]);
+        for t in 0..=255u8 {
+            assert_eq!(u8::from(MessageType::from(t)), t);
+        }
+        for c in 0..=20u16 {
+            assert_eq!(u16::from(StatusCode::from(c)), c);
+        }
+    }
+
+    #[test]
+    fn option_iterator_refuses_overruns() {
+        let data = [0, 1, 0, 2, 0xaa, 0xbb, 0, 2, 0, 5, 1];
+        let mut it = OptionIter::new(&data);
+        assert_eq!(
+            it.next(),
+            Some(Ok(RawOption {
+                code: 1,
+                data: &[0xaa, 0xbb][..]
+            }))
+        );
+        assert!(matches!(it.next(), Some(Err(_))));
+        assert_eq!(it.next(), None);
+        assert_eq!(it.next(), None);
+        // A header cut short.
+        for cut in [&[0u8][..], &[0, 1][..], &[0, 1, 0][..]] {
+            let mut it = OptionIter::new(cut);
+            assert!(matches!(it.next(), Some(Err(_))));
+            assert_eq!(it.next(), None);
+        }
+        // Zero-length options are fine; the end is exact.
+        let data = [0, 14, 0, 0, 0, 14, 0, 0];
+        assert_eq!(OptionIter::new(&data).filter(|o| o.is_ok()).count(), 2);
+        // Maximal length claim on a short buffer.
+        assert!(matches!(
+            OptionIter::new(&[0, 1, 0xff, 0xff, 1, 2]).next(),
+            Some(Err(_))
+        ));
+    }
+
+    #[test]
+    fn repr_round_trip() {
+        let duid = duid_llt(MAC_A);
+        let sid = server_duid();
+        let list = encode_domain_list(&["example.com"]).unwrap();
+        let repr = Repr {
+            msg_type: MessageType::Reply,
+            transaction_id: 0x00ab_cdef,
+            client_id: Some(&duid),
+            server_id: Some(&sid),
+            ia_na: vec![
+                IaNa {
+                    iaid: 1,
+                    t1: 100,
+                    t2: 160,
+                    addresses: vec![
+                        IaAddr {
+                            addr: guest(),
+                            preferred: 200,
+                            valid: 300,
+                            status: Some(Status {
+                                code: StatusCode::Success,
+                                message: b"fine",
+                            }),
+                        },
+                        IaAddr {
+                            addr: addr("fd00::99"),
+                            preferred: 0,
+                            valid: 0,
+                            status: None,
+                        },
+                    ],
+                    status: Some(Status {
+                        code: StatusCode::Unknown(99),
+                        message: b"",
+                    }),
+                },
+                ia(2, &[]),
+            ],
+            ia_ta: vec![IaTa {
+                iaid: 3,
+                addresses: vec![IaAddr {
+                    addr: addr("fd00::77"),
+                    preferred: 1,
+                    valid: 2,
+                    status: None,
+                }],
+                status: Some(Status {
+                    code: StatusCode::NoAddrsAvail,
+                    message: b"none",
+                }),
+            }],
+            oro: vec![23, 24, 82],
+            rapid_commit: true,
+            elapsed_time: Some(1234),
+            status: Some(Status {
+                code: StatusCode::UseMulticast,
+                message: b"use multicast",
+            }),
+            preference: Some(255),
+            dns_servers: vec![addr("fd00::3"), addr("2001:db8::53")],
+            domain_list: Some(&list),
+            information_refresh_time: Some(3600),
+            sol_max_rt: Some(7200),
+        };
+        let bytes = payload(&repr);
+        assert_eq!(bytes.len(), repr.buffer_len());
+        assert_eq!(parse(&bytes).unwrap(), repr);
+        // Empty message.
+        let empty = Repr::new(MessageType::Solicit, 0);
+        assert_eq!(payload(&empty), vec![1, 0, 0, 0]);
+        assert_eq!(parse(&[1, 0, 0, 0]).unwrap(), empty);
+        // A 25-bit transaction id cannot be emitted; nor can a short buffer
+        // be filled.
+        let big = Repr::new(MessageType::Solicit, 0x0100_0000);
+        let mut buf = [0u8; 4];
+        assert!(big.emit(&mut Packet::new_unchecked(&mut buf[..])).is_err());
+        let mut short = vec![0u8; repr.buffer_len() - 1];
+        assert!(
+            repr.emit(&mut Packet::new_unchecked(&mut short[..]))
+                .is_err()
+        );
+        // An option body over 65535 bytes cannot be emitted.
+        let huge = vec![0u8; 70_000];
+        let too_long = Repr {
+            domain_list: Some(&huge),
+            ..Repr::new(MessageType::Reply, 1)
+        };
+        let mut buf = vec![0u8; too_long.buffer_len()];
+        assert!(
+            too_long
+                .emit(&mut Packet::new_unchecked(&mut buf[..]))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn repr_refuses_bad_options() {
+        let duid = duid_llt(MAC_A);
+        let iaaddr_ok = {
+            let mut d = guest().octets().to_vec();
+            d.extend_from_slice(&[0; 8]);
+            d
+        };
+        let ia_with = |nested: &[u8]| {
+            let mut d = vec![0u8; 12];
+            d.extend_from_slice(nested);
+            d
+        };
+        // Sanity: the good parts parse.
+        let good_ia = ia_with(&opt(OPT_IAADDR, &iaaddr_ok));
+        assert!(parse(&raw(1, &[(OPT_CLIENTID, &duid), (OPT_IA_NA, &good_ia)])).is_ok());
+        let bad: Vec<Vec<u8>> = vec![
+            raw(1, &[(OPT_CLIENTID, &duid), (OPT_CLIENTID, &duid)]),
+            raw(1, &[(OPT_SERVERID, &duid), (OPT_SERVERID, &duid)]),
+            raw(1, &[(OPT_CLIENTID, &[0, 1])]),
+            raw(1, &[(OPT_CLIENTID, &[7u8; 131])]),
+            raw(1, &[(OPT_ELAPSED_TIME, &[0, 0, 0])]),
+            raw(1, &[(OPT_ELAPSED_TIME, &[0])]),
+            raw(1, &[(OPT_RAPID_COMMIT, &[1])]),
+            raw(1, &[(OPT_ORO, &[0, 23, 0])]),
+            raw(1, &[(OPT_PREFERENCE, &[1, 2])]),
+            raw(1, &[(OPT_IA_NA, &[0u8; 11])]),
+            raw(1, &[(OPT_IA_TA, &[0u8; 3])]),
+            raw(1, &[(OPT_IA_NA, &ia_with(&opt(OPT_IAADDR, &[0u8; 23])))]),
+            raw(1, &[(OPT_IA_NA, &ia_with(&[0, 5, 0, 30, 1, 2]))]),
+            raw(1, &[(OPT_DNS_SERVERS, &[0u8; 15])]),
+            raw(1, &[(OPT_STATUS_CODE, &[0])]),
+            raw(1, &[(OPT_STATUS_CODE, &[0, 0]), (OPT_STATUS_CODE, &[0, 0])]),
+            raw(1, &[(OPT_INFORMATION_REFRESH_TIME, &[0, 0, 0])]),
+            raw(1, &[(OPT_SOL_MAX_RT, &[0, 0, 0, 0, 0])]),
+            {
+                let mut d = iaaddr_ok.clone();
+                d.extend_from_slice(&opt(OPT_STATUS_CODE, &[0]));
+                raw(1, &[(OPT_IA_NA, &ia_with(&opt(OPT_IAADDR, &d)))])
+            },
+        ];
+        for bytes in &bad {
+            assert!(parse(bytes).is_err(), "{bytes:?}");
+        }
+        // Unknown options (top level and nested) are skipped.
+        let ia_unknown = ia_with(&opt(999, &[1, 2, 3]));
+        let bytes = raw(
+            1,
+            &[
+                (OPT_CLIENTID, &duid),
+                (12345, &[9; 7]),
+                (OPT_IA_NA, &ia_unknown),
+            ],
+        );
+        let r = parse(&bytes).unwrap();
+        assert_eq!(r.client_id, Some(&duid[..]));
+        assert_eq!(r.ia_na.len(), 1);
+        assert!(r.ia_na[0].addresses.is_empty());
+    }
+
+    fn assert_malformed(frame: &[u8], layer: &str) {
+        let mut s = server();
+        let r = s.handle(frame, Instant::now());
+        assert!(
+            matches!(&r, Err(FrameError::Malformed { layer: l, .. }) if *l == layer),
+            "{r:?}"
+        );
+        assert_eq!(s.lease(), None);
+    }
+
+    #[test]
+    fn malformed_dhcpv6_is_rejected() {
+        let a = duid_llt(MAC_A);
+        let good = payload(&solicit(&a));
+        // Truncated: the last option cut short.
+        for cut in 1..good.len() - 4 {
+            let f = raw_frame(MAC_A, &good[..good.len() - cut]);
+            let mut s = server();
+            let r = s.handle(&f, Instant::now());
+            // Cutting exactly at an option boundary leaves a valid message.
+            if let Err(e) = r {
+                assert!(
+                    matches!(
+                        e,
+                        FrameError::Malformed {
+                            layer: "dhcpv6",
+                            ..
+                        }
+                    ),
+                    "cut {cut}: {e:?}"
+                );
+            }
+        }
+        let truncated = raw_frame(MAC_A, &good[..good.len() - 2]);
+        assert_malformed(&truncated, "dhcpv6");
+        // An option length running past the end.
+        let mut overlong = raw(1, &[(OPT_CLIENTID, &a)]);
+        overlong[6..8].copy_from_slice(&200u16.to_be_bytes());
+        assert_malformed(&raw_frame(MAC_A, &overlong), "dhcpv6");
+        // A message shorter than its header.
+        for len in 0..4 {
+            assert_malformed(&raw_frame(MAC_A, &good[..len]), "dhcpv6");
+        }
+    }
+
+    #[test]
+    fn bad_udp_checksums_are_rejected() {
+        let a = duid_llt(MAC_A);
+        let good = frame(MAC_A, &solicit(&a));
+        assert!(server().handle(&good, Instant::now()).unwrap().is_some());
+        // Zero checksum: mandatory in IPv6.
+        let mut f = good.clone();
+        f[14 + 40 + 6..14 + 40 + 8].copy_from_slice(&[0, 0]);
+        assert_malformed(&f, "udp");
+        // Wrong checksum.
+        let mut f = good.clone();
+        f[14 + 40 + 8 + 2] ^= 0x55;
+        assert_malformed(&f, "udp");
+        let mut f = good.clone();
+        f[14 + 40 + 6] ^= 0x01;
+        assert_malformed(&f, "udp");
+        // Address change breaks the pseudo-header sum.
+        let mut f = good;
+        f[14 + 8 + 15] ^= 0x01;
+        assert_malformed(&f, "udp");
+    }
+
+    #[test]
+    fn wrong_ports_and_protocols_are_refused() {
+        let a = duid_llt(MAC_A);
+        let p = payload(&solicit(&a));
+        let ll = link_local_of(MAC_A);
+        let dst = ALL_DHCP_RELAY_AGENTS_AND_SERVERS;
+        assert_eq!(
+            server().handle(&udp_frame(MAC_A, ll, dst, 546, 548, &p), Instant::now()),
+            Err(FrameError::Unsupported("udp port (not dhcpv6 server)"))
+        );
+        assert_eq!(
+            server().handle(&udp_frame(MAC_A, ll, dst, 5000, 547, &p), Instant::now()),
+            Err(FrameError::Unsupported(
+                "udp source port (not dhcpv6 client)"
+            ))
+        );
+        // From the unspecified or a multicast address.
+        for src in [Ipv6Addr::UNSPECIFIED, addr("ff02::1")] {
+            assert_eq!(
+                server().handle(&udp_frame(MAC_A, src, dst, 546, 547, &p), Instant::now()),
+                Err(FrameError::Unsupported("ipv6 source not unicast"))
+            );
+        }
+        // From a multicast MAC.
+        assert_eq!(
+            server().handle(&raw_frame(MCAST_MAC, &p), Instant::now()),
+            Err(FrameError::Unsupported("ethernet source not unicast"))
+        );
+        // Not UDP.
+        let mut f = raw_frame(MAC_A, &p);
+        f[14 + 6] = 6;
+        assert_eq!(
+            server().handle(&f, Instant::now()),
+            Err(FrameError::Unsupported("ipv6 next header (not udp)"))
+        );
+        // Not IPv6.
+        let mut f = raw_frame(MAC_A, &p);
+        EthernetFrame::new_unchecked(&mut f[..]).set_ethertype(EthernetProtocol::Ipv4);
+        assert_eq!(
+            server().handle(&f, Instant::now()),
+            Err(FrameError::Unsupported("ethertype (not ipv6)"))
+        );
+        // IP version field not 6.
+        let mut f = raw_frame(MAC_A, &p);
+        f[14] = 0x40;
+        assert_malformed(&f, "ipv6");
+        // Server-to-client and relay messages on the server port.
+        for (t, why) in [
+            (2, "dhcpv6 message type (server to client)"),
+            (7, "dhcpv6 message type (server to client)"),
+            (10, "dhcpv6 message type (server to client)"),
+            (13, "dhcpv6 message type (server to client)"),
+            (12, "relayed dhcpv6"),
+            (0, "dhcpv6 message type"),
+            (200, "dhcpv6 message type"),
+        ] {
+            let m = raw(t, &[(OPT_CLIENTID, &a)]);
+            assert_eq!(
+                server().handle(&raw_frame(MAC_A, &m), Instant::now()),
+                Err(FrameError::Unsupported(why)),
+                "type {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_frames_never_panic() {
+        let a = duid_llt(MAC_A);
+        let f = frame(MAC_A, &to_server(MessageType::Request, &a, SERVER_DUID));
+        for len in 0..f.len() {
+            let mut s = server();
+            let r = s.handle(&f[..len], Instant::now());
+            assert!(
+                matches!(r, Err(FrameError::Malformed { .. })),
+                "len {len}: {r:?}"
+            );
+            assert!(!is_dhcpv6_request(&f[..len]), "len {len}");
+        }
+    }
+
+    /// xorshift64: deterministic garbage.
+    fn garbage(seed: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                (*seed >> 24) as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut s = server();
+        let now = Instant::now();
+        for len in 0..600 {
+            for _ in 0..4 {
+                let g = garbage(&mut seed, len);
+                // As a whole frame.
+                let _ = s.handle(&g, now);
+                let _ = is_dhcpv6_request(&g);
+                // As a DHCPv6 message in a valid datagram, of every
+                // client message type.
+                let mut m = g.clone();
+                if let Some(t) = m.first_mut() {
+                    *t = (len % 12) as u8;
+                }
+                let f = raw_frame(MAC_A, &m);
+                assert!(is_dhcpv6_request(&f));
+                let _ = s.handle(&f, now);
+                // Straight at the wire layer.
+                if let Ok(p) = Packet::new_checked(&g[..]) {
+                    let _ = Repr::parse(&p);
+                    let _ = p.options().count();
+                }
+                let _ = decode_domain_list(&g);
+            }
+        }
+        // Options with plausible codes and random bodies.
+        let a = duid_llt(MAC_A);
+        let sid = server_duid();
+        for round in 0..2000usize {
+            let code = [1u16, 2, 3, 4, 5, 6, 7, 8, 13, 14, 23, 24, 32, 82][round % 14];
+            let len = round % 60;
+            let body = garbage(&mut seed, len);
+            let t = [1u8, 3, 4, 5, 6, 8, 9, 11][round % 8];
+            let m = raw(
+                t,
+                &[(OPT_CLIENTID, &a), (OPT_SERVERID, &sid), (code, &body)],
+            );
+            let _ = s.handle(&raw_frame(MAC_A, &m), now);
+        }
+    }
+
+    #[test]
+    fn corrupted_frames_never_panic() {
+        let a = duid_llt(MAC_A);
+        let base = frame(MAC_A, &to_server(MessageType::Renew, &a, SERVER_DUID));
+        for at in 0..base.len() {
+            for value in [0x00, 0x01, 0x05, 0x7f, 0x80, 0xff] {
+                let mut f = base.clone();
+                f[at] = value;
+                if at >= 14 + 40 + 8 {
+                    fix_udp_checksum(&mut f);
+                }
+                let mut s = server();
+                let _ = s.handle(&f, Instant::now());
+                let _ = is_dhcpv6_request(&f);
+            }
+        }
+    }
+
+    #[test]
+    fn is_dhcpv6_request_classifies() {
+        let a = duid_llt(MAC_A);
+        let f = frame(MAC_A, &solicit(&a));
+        assert!(is_dhcpv6_request(&f));
+        for len in [0, 13, 14, 53, 54, 61] {
+            assert!(!is_dhcpv6_request(&f[..len]), "len {len}");
+        }
+        let p = payload(&solicit(&a));
+        let ll = link_local_of(MAC_A);
+        let dst = ALL_DHCP_RELAY_AGENTS_AND_SERVERS;
+        assert!(!is_dhcpv6_request(&udp_frame(MAC_A, ll, dst, 547, 546, &p)));
+        assert!(!is_dhcpv6_request(&udp_frame(MAC_A, ll, dst, 5353, 53, &p)));
+        let mut g = f.clone();
+        g[14 + 6] = 0; // hop-by-hop header first
+        assert!(!is_dhcpv6_request(&g));
+        let mut g = f.clone();
+        EthernetFrame::new_unchecked(&mut g[..]).set_ethertype(EthernetProtocol::Ipv4);
+        assert!(!is_dhcpv6_request(&g));
+        let mut g = f;
+        g[14] = 0x40;
+        assert!(!is_dhcpv6_request(&g));
+        // Our own replies are not requests.
+        let reply = server().handle(&frame(MAC_A, &solicit(&a)), Instant::now());
+        assert!(!is_dhcpv6_request(&reply.unwrap().unwrap()));
+    }
 }
