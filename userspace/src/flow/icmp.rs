@@ -53,21 +53,23 @@
 //! forwarded.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Instant,
 };
 
 use datapath_common::{FlowState, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use log::debug;
 use smoltcp::wire::{
-    EthernetAddress, IPV4_HEADER_LEN, Icmpv4DstUnreachable, Icmpv4Packet, Ipv4Packet,
+    EthernetAddress, IPV4_HEADER_LEN, IPV6_HEADER_LEN, Icmpv4DstUnreachable, Icmpv4Packet,
+    Icmpv6Packet, Ipv4Packet, Ipv6Packet,
 };
 
 use super::{
     DropReason, FlowManager, FlowMaps, NatPorts, Output,
     packet::{
         self, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_HEADER_LEN,
-        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, IcmpError, IcmpMsg, Packet, PacketError,
+        ICMP_PARAM_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_ECHO_REQUEST, IcmpError, IcmpMsg,
+        PROTO_ICMPV6, Packet, PacketError,
     },
     policy::{Denial, Verdict},
     store::{tap_key, uplink_key},
@@ -263,15 +265,56 @@ impl Limiter {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Quoted {
     /// Source address.
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     /// Destination address.
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     /// IP protocol.
     pub proto: u8,
     /// Source port; a quoted echo request's identifier.
     pub sport: u16,
     /// Destination port (0 for a quoted echo request).
     pub dport: u16,
+}
+
+/// Reads the quote of the ICMPv6 error `icmp` (the ICMPv6 message): a
+/// fixed IPv6 header directly followed by at least 8 bytes of TCP, UDP or
+/// an ICMPv6 echo request (an extension header in the quote is refused).
+pub fn quoted6(icmp: &[u8]) -> Result<Quoted, PacketError> {
+    let q = icmp
+        .get(ICMP_HEADER_LEN..)
+        .ok_or(PacketError::Malformed("icmpv6"))?;
+    if q.len() < IPV6_HEADER_LEN + 8 || q[0] >> 4 != 6 {
+        return Err(PacketError::Malformed("icmpv6 quote"));
+    }
+    let ip = Ipv6Packet::new_unchecked(q);
+    let l4 = &q[IPV6_HEADER_LEN..IPV6_HEADER_LEN + 8];
+    let word = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+    let proto = u8::from(ip.next_header());
+    let (sport, dport) = match proto {
+        PROTO_TCP | PROTO_UDP => (word(0), word(2)),
+        PROTO_ICMPV6 if l4[0] == ICMPV6_ECHO_REQUEST => (word(4), 0),
+        PROTO_ICMPV6 => return Err(PacketError::IcmpType(l4[0])),
+        other => return Err(PacketError::Protocol(other)),
+    };
+    Ok(Quoted {
+        src: IpAddr::V6(ip.src_addr()),
+        dst: IpAddr::V6(ip.dst_addr()),
+        proto,
+        sport,
+        dport,
+    })
+}
+
+/// [`quoted`] or [`quoted6`], by the family of the error's packet `ip`.
+pub fn quoted_in(ip: &[u8]) -> Result<Quoted, PacketError> {
+    if ip.first().map(|b| b >> 4) == Some(6) {
+        quoted6(ip.get(IPV6_HEADER_LEN..).unwrap_or_default())
+    } else {
+        let hl = ip
+            .first()
+            .map_or(IPV4_HEADER_LEN, |b| usize::from(b & 0x0f) * 4);
+        quoted(ip.get(hl..).unwrap_or_default())
+    }
 }
 
 /// Reads the quote of the ICMP error `icmp` (the ICMP message: header and
@@ -302,26 +345,27 @@ pub fn quoted(icmp: &[u8]) -> Result<Quoted, PacketError> {
         other => return Err(PacketError::Protocol(other)),
     };
     Ok(Quoted {
-        src: ip.src_addr(),
-        dst: ip.dst_addr(),
+        src: IpAddr::V4(ip.src_addr()),
+        dst: IpAddr::V4(ip.dst_addr()),
         proto,
         sport,
         dport,
     })
 }
 
-/// How [`translate_error`] rewrites an ICMP error.
+/// How [`translate_error`] rewrites an ICMP error (every address of the
+/// error's family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ErrorRewrite {
     /// New outer source.
-    pub outer_src: Ipv4Addr,
+    pub outer_src: IpAddr,
     /// New outer destination.
-    pub outer_dst: Ipv4Addr,
+    pub outer_dst: IpAddr,
     /// New source of the quoted packet (for an echo request, the port is
     /// its identifier).
-    pub inner_src: SocketAddrV4,
+    pub inner_src: SocketAddr,
     /// New destination of the quoted packet (port unused for echo).
-    pub inner_dst: SocketAddrV4,
+    pub inner_dst: SocketAddr,
 }
 
 /// One's complement checksum adjustment (RFC 1624, eqn. 3): `csum` was
@@ -346,11 +390,96 @@ pub fn csum_adjust(csum: u16, old: &[u8], new: &[u8]) -> u16 {
 /// transport checksum incrementally, when the quote holds it). Returns the
 /// new IPv4 packet.
 pub fn translate_error(ip: &[u8], rw: ErrorRewrite) -> Result<Vec<u8>, PacketError> {
+    match (rw.outer_src, rw.outer_dst, rw.inner_src, rw.inner_dst) {
+        (IpAddr::V4(os), IpAddr::V4(od), SocketAddr::V4(is), SocketAddr::V4(id)) => {
+            translate_error4(ip, (os, od, is, id))
+        }
+        (IpAddr::V6(os), IpAddr::V6(od), SocketAddr::V6(is), SocketAddr::V6(id)) => {
+            translate_error6(ip, os, od, is, id)
+        }
+        _ => Err(PacketError::Malformed("address family")),
+    }
+}
+
+/// [`translate_error`] for ICMPv6: outer addresses and hop limit − 1, the
+/// quoted IPv6 header's addresses and the quoted ports (or echo
+/// identifier) with their checksum adjusted incrementally (RFC 1624; the
+/// pseudo-header holds the 16-byte addresses), the outer ICMPv6 checksum
+/// recomputed over the new pseudo-header.
+fn translate_error6(
+    ip: &[u8],
+    outer_src: Ipv6Addr,
+    outer_dst: Ipv6Addr,
+    inner_src: SocketAddrV6,
+    inner_dst: SocketAddrV6,
+) -> Result<Vec<u8>, PacketError> {
+    let mut buf = ip.to_vec();
+    let mut outer =
+        Ipv6Packet::new_checked(&mut buf[..]).map_err(|_| PacketError::Malformed("ipv6"))?;
+    outer.set_src_addr(outer_src);
+    outer.set_dst_addr(outer_dst);
+    outer.set_hop_limit(outer.hop_limit().saturating_sub(1));
+    let icmp = outer.payload_mut();
+    let q = icmp
+        .get_mut(ICMP_HEADER_LEN..)
+        .ok_or(PacketError::Malformed("icmpv6"))?;
+    if q.len() < IPV6_HEADER_LEN + 8 {
+        return Err(PacketError::Malformed("icmpv6 quote"));
+    }
+    let proto = q[6];
+    let old_addrs: [u8; 32] = q[8..40]
+        .try_into()
+        .map_err(|_| PacketError::Malformed("icmpv6 quote"))?;
+    let mut new_addrs = [0u8; 32];
+    new_addrs[..16].copy_from_slice(&inner_src.ip().octets());
+    new_addrs[16..].copy_from_slice(&inner_dst.ip().octets());
+    q[8..40].copy_from_slice(&new_addrs);
+    let l4 = &mut q[IPV6_HEADER_LEN..];
+    let (old_ports, new_ports, csum_at): ([u8; 4], [u8; 4], usize) = match proto {
+        PROTO_TCP | PROTO_UDP => {
+            let old: [u8; 4] = l4[..4]
+                .try_into()
+                .map_err(|_| PacketError::Malformed("icmpv6 quote"))?;
+            let mut new = [0u8; 4];
+            new[..2].copy_from_slice(&inner_src.port().to_be_bytes());
+            new[2..].copy_from_slice(&inner_dst.port().to_be_bytes());
+            l4[..4].copy_from_slice(&new);
+            (old, new, if proto == PROTO_TCP { 16 } else { 6 })
+        }
+        PROTO_ICMPV6 => {
+            // A quoted echo request: its identifier (and, unlike ICMPv4,
+            // the pseudo-header's addresses) change.
+            let old: [u8; 4] = [l4[4], l4[5], 0, 0];
+            let id = inner_src.port().to_be_bytes();
+            l4[4..6].copy_from_slice(&id);
+            (old, [id[0], id[1], 0, 0], 2)
+        }
+        other => return Err(PacketError::Protocol(other)),
+    };
+    if let Some(c) = l4.get_mut(csum_at..csum_at + 2) {
+        let old = u16::from_be_bytes([c[0], c[1]]);
+        let mut new = csum_adjust(old, &old_addrs, &new_addrs);
+        new = csum_adjust(new, &old_ports, &new_ports);
+        if proto == PROTO_UDP && new == 0 {
+            new = 0xffff;
+        }
+        c.copy_from_slice(&new.to_be_bytes());
+    }
+    Icmpv6Packet::new_unchecked(outer.payload_mut()).fill_checksum(&outer_src, &outer_dst);
+    Ok(buf)
+}
+
+/// [`translate_error`] for ICMPv4; `rw` = (outer source, outer
+/// destination, inner source, inner destination).
+fn translate_error4(
+    ip: &[u8],
+    rw: (Ipv4Addr, Ipv4Addr, SocketAddrV4, SocketAddrV4),
+) -> Result<Vec<u8>, PacketError> {
     let mut buf = ip.to_vec();
     let mut outer =
         Ipv4Packet::new_checked(&mut buf[..]).map_err(|_| PacketError::Malformed("ipv4"))?;
-    outer.set_src_addr(rw.outer_src);
-    outer.set_dst_addr(rw.outer_dst);
+    outer.set_src_addr(rw.0);
+    outer.set_dst_addr(rw.1);
     outer.set_hop_limit(outer.hop_limit().saturating_sub(1));
     let icmp = outer.payload_mut();
     let q = icmp
@@ -367,8 +496,8 @@ pub fn translate_error(ip: &[u8], rw: ErrorRewrite) -> Result<Vec<u8>, PacketErr
         .try_into()
         .map_err(|_| PacketError::Malformed("icmp quote"))?;
     let mut new_addrs = [0u8; 8];
-    new_addrs[..4].copy_from_slice(&rw.inner_src.ip().octets());
-    new_addrs[4..].copy_from_slice(&rw.inner_dst.ip().octets());
+    new_addrs[..4].copy_from_slice(&rw.2.ip().octets());
+    new_addrs[4..].copy_from_slice(&rw.3.ip().octets());
     q[12..20].copy_from_slice(&new_addrs);
     {
         let mut inner = Ipv4Packet::new_unchecked(&mut q[..]);
@@ -383,8 +512,8 @@ pub fn translate_error(ip: &[u8], rw: ErrorRewrite) -> Result<Vec<u8>, PacketErr
                 .try_into()
                 .map_err(|_| PacketError::Malformed("icmp quote"))?;
             let mut new_ports = [0u8; 4];
-            new_ports[..2].copy_from_slice(&rw.inner_src.port().to_be_bytes());
-            new_ports[2..].copy_from_slice(&rw.inner_dst.port().to_be_bytes());
+            new_ports[..2].copy_from_slice(&rw.2.port().to_be_bytes());
+            new_ports[2..].copy_from_slice(&rw.3.port().to_be_bytes());
             l4[..4].copy_from_slice(&new_ports);
             let off = if proto == PROTO_TCP { 16 } else { 6 };
             if let Some(c) = l4.get_mut(off..off + 2) {
@@ -406,7 +535,7 @@ pub fn translate_error(ip: &[u8], rw: ErrorRewrite) -> Result<Vec<u8>, PacketErr
             let old_id: [u8; 2] = l4[4..6]
                 .try_into()
                 .map_err(|_| PacketError::Malformed("icmp quote"))?;
-            let new_id = rw.inner_src.port().to_be_bytes();
+            let new_id = rw.2.port().to_be_bytes();
             l4[4..6].copy_from_slice(&new_id);
             let old = u16::from_be_bytes([l4[2], l4[3]]);
             l4[2..4].copy_from_slice(&csum_adjust(old, &old_id, &new_id).to_be_bytes());
@@ -506,21 +635,17 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         _now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
-        let icmp = pkt.ip.get(IPV4_HEADER_LEN..).unwrap_or_default();
-        let q = quoted(icmp)?;
+        let q = quoted_in(pkt.ip)?;
         let key = tap_key(q.dst, q.src, q.dport, q.sport, q.proto);
         let Some(flow) = self.table.by_tap(&key).and_then(|s| self.table.get(s)) else {
             self.stats.icmp.unknown_flow += 1;
             return Err(DropReason::UnknownFlow);
         };
-        let (Some(nat), Some(world)) = (v4(flow.nat), v4(flow.world)) else {
-            return Err(DropReason::Protocol);
-        };
         let rw = ErrorRewrite {
-            outer_src: *nat.ip(),
-            outer_dst: *world.ip(),
-            inner_src: world,
-            inner_dst: nat,
+            outer_src: flow.nat.ip(),
+            outer_dst: flow.world.ip(),
+            inner_src: flow.world,
+            inner_dst: flow.nat,
         };
         let ip = translate_error(pkt.ip, rw)?;
         if let packet::L4::Icmp(m) = pkt.l4 {
@@ -542,8 +667,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         msg: IcmpMsg,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
-        let icmp = pkt.ip.get(IPV4_HEADER_LEN..).unwrap_or_default();
-        let q = quoted(icmp)?;
+        let q = quoted_in(pkt.ip)?;
         let key = uplink_key(q.dst, q.src, q.dport, q.sport, q.proto);
         let Some(flow) = self.table.by_uplink(&key).and_then(|s| self.table.get(s)) else {
             self.stats.icmp.unknown_flow += 1;
@@ -555,21 +679,16 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         // The world host itself complains: it is the remote the guest
         // addressed (they differ for DNS). A router on the way keeps its
         // own address (traceroute shows it).
-        let (Some(guest), Some(remote), IpAddr::V4(src)) =
-            (v4(flow.guest), v4(flow.remote), pkt.src)
-        else {
-            return Err(DropReason::Protocol);
-        };
         let outer_src = if pkt.src == flow.world.ip() {
-            *remote.ip()
+            flow.remote.ip()
         } else {
-            src
+            pkt.src
         };
         let rw = ErrorRewrite {
             outer_src,
-            outer_dst: *guest.ip(),
-            inner_src: guest,
-            inner_dst: remote,
+            outer_dst: flow.guest.ip(),
+            inner_src: flow.guest,
+            inner_dst: flow.remote,
         };
         let mac = flow.guest_mac;
         let ip = translate_error(pkt.ip, rw)?;
@@ -677,14 +796,5 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         let kind = IcmpError::ReassemblyTimeout;
         let ip = packet::icmp_error_quoting(self.guest.gateway, src, first, kind);
         self.emit_to_guest(ip, kind, guest_mac, out);
-    }
-}
-
-/// `a` if it is an IPv4 socket address (the ICMPv4 paths handle IPv4 flows
-/// only).
-fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
-    match a {
-        SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(_) => None,
     }
 }

@@ -71,7 +71,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         };
         let guest_port = self
             .forwards
-            .lookup(proto, pkt.dst.into(), dport)
+            .lookup(proto, pkt.dst, dport)
             .ok_or(DropReason::NoForward)?;
         if pkt.ttl <= 1 {
             return Err(DropReason::TtlExpired);
@@ -116,7 +116,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         );
         let slot = self.commit_flow(flow, self.uplink_ifindex, 0)?;
         // Counted once the flow exists: hits are flows opened.
-        self.forwards.hit(proto, pkt.dst.into(), dport);
+        self.forwards.hit(proto, pkt.dst, dport);
         self.stats.forwards_accepted += 1;
         self.forward_to_guest(slot, pkt, out)
     }

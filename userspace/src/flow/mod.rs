@@ -757,8 +757,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         match pkt.l4 {
             L4::Tcp(seg) => self.guest_tcp(&pkt, seg, guest_mac, now, out),
             L4::Udp { .. } => self.guest_udp(&pkt, guest_mac, now, out),
-            // ICMPv6 error translation is not built yet.
-            L4::Icmp(msg) if msg.v6 && !msg.is_echo_request() => {
+            // ICMPv6 other than echo and errors (NDP, MLD) is the
+            // gateway's services' business, never a flow's.
+            L4::Icmp(msg) if msg.v6 && !msg.is_echo_request() && !msg.is_error() => {
                 self.stats.icmp.unsupported += 1;
                 Err(DropReason::Protocol)
             }
@@ -796,8 +797,8 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     ) -> Result<(), DropReason> {
         let pkt = packet::parse_frame(frame)?;
         if let L4::Icmp(msg) = pkt.l4 {
-            if msg.v6 && !msg.is_echo_reply() {
-                // ICMPv6 error translation is not built yet.
+            if msg.v6 && !msg.is_echo_reply() && !msg.is_error() {
+                // The host's own NDP and MLD: never ours.
                 self.stats.icmp.unsupported += 1;
                 return Err(DropReason::Protocol);
             }

@@ -6,6 +6,7 @@
 
 mod adopt;
 mod icmp;
+mod ipv6;
 
 use std::{
     collections::{HashMap, HashSet},
