@@ -55,6 +55,13 @@ pub const PROG_UPLINK_INGRESS: &str = "tg_uplink_ingress";
 /// `--allow-host`: the host's own replies to host-local flows.
 pub const PROG_UPLINK_EGRESS: &str = "tg_uplink_egress";
 
+/// Name of the programs' read-only global that makes IPv6 address
+/// rewrites pass `BPF_F_IPV6` to `bpf_l4_csum_replace` (a `u8`, nonzero to
+/// pass it). The loader sets it on Linux 6.16 and later, which take the
+/// flag (and need it to keep `skb->csum` of `CHECKSUM_COMPLETE` packets
+/// right); older kernels refuse it.
+pub const L4_CSUM_IPV6_GLOBAL: &str = "TG_L4_CSUM_IPV6";
+
 /// Largest frame the kernel copies into a punt record: a 64 KiB IP packet
 /// plus its Ethernet header. Longer frames (GSO super-packets beyond that)
 /// are dropped and counted as [`Counter::PuntOversize`].
@@ -64,9 +71,13 @@ pub const PUNT_MAX_FRAME: u32 = 65535 + 14;
 /// [`PUNT_MAX_FRAME`], so the eBPF side can bound a length with a mask.
 pub const SCRATCH_DATA_BYTES: usize = 1 << 17;
 
-/// How many leading bytes of a forwarded packet an event record carries
-/// (enough for Ethernet + IPv4 with options + TCP with options).
+/// How many leading bytes of a forwarded packet an event record carries:
+/// enough for Ethernet + IPv4 + TCP with options (14 + 20 + 60 = 94; the
+/// kernel forwards no IPv4 packet with options) and for Ethernet + IPv6 +
+/// TCP with options (14 + 40 + 60 = 114; the kernel forwards no IPv6
+/// packet with extension headers).
 pub const EVENT_SNAP_LEN: u32 = 128;
+const _: () = assert!(14 + 40 + 60 <= EVENT_SNAP_LEN);
 
 /// Size of an event record in the punt ring: header + snap.
 pub const EVENT_RECORD_LEN: usize = core::mem::size_of::<PuntHeader>() + EVENT_SNAP_LEN as usize;
@@ -100,7 +111,9 @@ pub enum PuntReason {
     Arp = 1,
     /// An IPv4 packet that matched no established flow.
     Ipv4NoFlow = 2,
-    /// An IPv6 packet that matched no established flow.
+    /// An IPv6 packet that matched no established flow, or one the fast
+    /// path does not parse: extension headers other than a fragment
+    /// header, ICMPv6 other than echo requests (NDP, MLD, errors).
     Ipv6NoFlow = 3,
     /// Any other frame (unknown EtherType, truncated header): user space
     /// decides and counts.
@@ -123,11 +136,13 @@ pub enum PuntReason {
     /// forwarded port ([`FWD_PORTS_MAP`]): a pure SYN, or a UDP datagram.
     Forward = 10,
     /// An ICMP error from the world (destination unreachable, time
-    /// exceeded, parameter problem) whose quoted packet belongs to one of
-    /// our flows: user space translates it for the guest.
+    /// exceeded, parameter problem; for ICMPv6 also packet too big) whose
+    /// quoted packet belongs to one of our flows: user space translates it
+    /// for the guest.
     IcmpError = 11,
     /// An IPv4 fragment of one of our flows (from the world), or any
-    /// fragment from the guest: user space reassembles the datagram.
+    /// fragment from the guest (IPv4, or IPv6 with a fragment header right
+    /// after the fixed header): user space reassembles the datagram.
     Fragment = 12,
 }
 
@@ -330,7 +345,7 @@ pub const DIR_FROM_UPLINK: u8 = 1;
 
 /// Address family values in keys and entries.
 pub const FAMILY_IPV4: u8 = 4;
-/// IPv6 (reserved; the IPv4 fast path is the first one built).
+/// IPv6: addresses fill the 16-byte fields as on the wire.
 pub const FAMILY_IPV6: u8 = 6;
 
 /// IP protocol numbers used in keys.
@@ -339,6 +354,9 @@ pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 /// UDP.
 pub const PROTO_UDP: u8 = 17;
+/// ICMPv6 (echo flows of IPv6: the identifier is the "port", as for
+/// [`PROTO_ICMP`]).
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Name of the forwarded-ports map: a longest-prefix-match trie of
 /// [`FwdPrefix`] → `u8` (1), the host ports whose new connections (TCP SYN)
@@ -420,7 +438,8 @@ pub struct FlowKey {
     /// Destination port, host order. ICMP echo: 0 for a request, the
     /// identifier of a reply (the port the reply goes back to).
     pub dport: u16,
-    /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`]).
+    /// IP protocol ([`PROTO_TCP`], [`PROTO_UDP`], [`PROTO_ICMP`],
+    /// [`PROTO_ICMPV6`]).
     pub proto: u8,
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,

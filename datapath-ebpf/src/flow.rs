@@ -1,35 +1,47 @@
-//! Flow lookup and forwarding: the fast path proper.
+//! Flow lookup and forwarding: the fast path proper, for IPv4 and IPv6.
 //!
 //! # Theory of operation
 //!
-//! Parse → look up the directional key → check that the kernel may forward
-//! this packet as it is → account and emit events → rewrite → redirect:
-//! towards the guest to the tap; towards the world to the uplink, the next
-//! hop resolved by `bpf_redirect_neigh`; towards one of the host's own
-//! addresses ([`FLOW_F_LOCAL`], `--allow-host`) into loopback's ingress,
-//! where the host stack delivers it. Such flows use the gateway's address
-//! as their NAT source, so the host's replies are routed out of the uplink,
-//! where the egress program catches them before they leave.
+//! Parse ([`crate::parse`], one family-neutral packet) → look up the
+//! directional key → check that the kernel may forward this packet as it
+//! is → account and emit events → rewrite ([`nat::rewrite`], per family)
+//! → redirect: towards the guest to the tap; towards the world to the
+//! uplink, the next hop (ARP or IPv6 neighbour) resolved by
+//! `bpf_redirect_neigh`; towards one of the host's own addresses
+//! ([`FLOW_F_LOCAL`], `--allow-host`) into loopback's ingress, where the
+//! host stack delivers it. Such flows use the gateway's address as their
+//! NAT source, so the host's replies are routed out of the uplink, where
+//! the egress program catches them before they leave.
 //! Anything the fast path does not handle leaves through the single punt
 //! exit with a reason; a packet on the uplink that matches no flow is
 //! returned untouched (`TCX_NEXT`), unless it opens a connection to a
 //! forwarded host port (a pure SYN, or any UDP datagram, to a port in
-//! `TG_FWD_PORTS`): that one is punted (`Forward`) for user space to
-//! install the inbound flow. Other segments to a forwarded port without a
-//! flow reach the host stack, whose bound-but-not-listening socket on the
-//! port answers them with an RST.
+//! `TG_FWD_PORTS`; IPv4 only, the trie's keys are IPv4): that one is
+//! punted (`Forward`) for user space to install the inbound flow. Other
+//! segments to a forwarded port without a flow reach the host stack, whose
+//! bound-but-not-listening socket on the port answers them with an RST.
 //!
 //! The checks that send a packet of a known flow to user space instead:
-//! the flow is still in its handshake; a SYN on an established flow; IP
-//! options; a TTL that would expire here; a packet the egress MTU cannot
-//! carry (`bpf_check_mtu`, segments of GSO packets included).
+//! the flow is still in its handshake; a SYN on an established flow; IPv4
+//! options; a TTL / hop limit that would expire here; a packet the egress
+//! MTU cannot carry (`bpf_check_mtu`, segments of GSO packets included;
+//! user space answers with fragmentation needed or packet too big).
 //!
 //! ICMP: echo requests (from the tap) and replies (from the uplink) are
-//! flow packets like any other, keyed by identifier. An ICMP error from the
-//! world is ours when the packet it quotes belongs to a flow: punted for
-//! translation. Fragments are punted for reassembly: all of the guest's,
-//! and of the world's those of a datagram whose first fragment matched a
-//! flow ([`uplink_fragment`]).
+//! flow packets like any other, keyed by identifier, for ICMPv4 and
+//! ICMPv6 alike. Every other ICMP message from the guest is punted (NDP
+//! and MLD included: user space answers for the gateway). An ICMP error
+//! from the world is ours when the packet it quotes belongs to a flow:
+//! punted for translation; every other ICMP from the world goes to the
+//! host untouched — above all IPv6 neighbour discovery, which the host
+//! needs for its own addresses. Fragments are punted for reassembly: all
+//! of the guest's, and of the world's the IPv4 fragments of a datagram
+//! whose first fragment matched a flow ([`uplink_fragment`]).
+//!
+//! IPv6 extension headers are never looked past (see [`crate::parse`]):
+//! from the guest such a packet is punted (`Fragment` for a fragment
+//! header, `Ipv6NoFlow` otherwise), from the world it is not ours — a
+//! packet we cannot read fully is never forwarded.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -38,18 +50,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FLOW_F_EVENTS, FLOW_F_LOCAL,
-    FRAG_TRACK_NS, FWD_PREFIX_BITS, FlowEntry, FlowKey, FlowState, FragKey, FwdPrefix, Origin,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_to_16,
+    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FLOW_F_EVENTS, FLOW_F_LOCAL, FRAG_TRACK_NS,
+    FWD_PREFIX_BITS, FlowEntry, FlowKey, FlowState, FragKey, FwdPrefix, Origin, PROTO_TCP,
+    PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_from_16,
 };
 
 use crate::{
     maps::{TG_FLOWS, TG_FRAGS, TG_FWD_PORTS, count, mark_active},
     nat,
-    parse::{
-        ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_PROTO_OFF, Packet, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN,
-    },
+    parse::{self, Family, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     punt::{event, punt},
 };
 
@@ -60,12 +69,12 @@ const BPF_MTU_CHK_SEGS: u64 = 1;
 #[inline(always)]
 fn key_of(p: &Packet, dir: u8) -> FlowKey {
     FlowKey {
-        src: ipv4_to_16(p.ip.src),
-        dst: ipv4_to_16(p.ip.dst),
+        src: p.src,
+        dst: p.dst,
         sport: u16::from_be_bytes(p.sport),
         dport: u16::from_be_bytes(p.dport),
-        proto: p.ip.proto,
-        family: FAMILY_IPV4,
+        proto: p.proto,
+        family: p.family.key(),
         dir,
         _pad: 0,
     }
@@ -101,9 +110,9 @@ fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i3
     }
     let flags = p.tcp.flags;
     if (p.is_tcp() && flags & TCP_SYN != 0)
-        || p.ihl_bytes() != 20
+        || p.has_ip_options()
         || p.is_fragment()
-        || p.ip.ttl <= 1
+        || p.ttl <= 1
         || !fits_mtu(ctx, e.out_ifindex)
     {
         return punt(ctx, origin, PuntReason::Exception);
@@ -170,27 +179,33 @@ fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i3
     rc as i32
 }
 
-/// A frame from the guest: forward it if it belongs to an established
-/// flow, punt it otherwise (the guest's frames never reach the host stack).
-/// Fragments go to user space's reassembly; of ICMP, only echo requests
-/// can belong to a flow (every other message is for user space).
+/// A frame from the guest (IPv4 or IPv6, as its EtherType says): forward
+/// it if it belongs to an established flow, punt it otherwise (the guest's
+/// frames never reach the host stack). Fragments go to user space's
+/// reassembly; of ICMP, only echo requests can belong to a flow (every
+/// other message is for user space).
 #[inline(always)]
-pub fn from_tap(ctx: &TcContext) -> i32 {
-    let Some(p) = crate::parse::ipv4_l4(ctx) else {
-        return punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow);
+pub fn from_tap(ctx: &TcContext, family: Family) -> i32 {
+    let Some(p) = parse::l4(ctx, family) else {
+        let reason = if family == Family::V6 && parse::ipv6_is_fragment(ctx) {
+            PuntReason::Fragment
+        } else {
+            family.no_flow()
+        };
+        return punt(ctx, Origin::Tap, reason);
     };
     if p.is_fragment() {
         return punt(ctx, Origin::Tap, PuntReason::Fragment);
     }
-    if p.is_icmp() && p.icmp_type != ICMP_ECHO_REQUEST {
-        return punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow);
+    if p.is_icmp() && !p.is_echo_request() {
+        return punt(ctx, Origin::Tap, family.no_flow());
     }
     let key = key_of(&p, DIR_FROM_TAP);
     match TG_FLOWS.get_ptr_mut(&key) {
         // SAFETY: the pointer comes from the map lookup and stays valid
         // for the duration of the program (RCU).
         Some(e) => forward(ctx, &p, unsafe { &mut *e }, Origin::Tap),
-        None => punt(ctx, Origin::Tap, PuntReason::Ipv4NoFlow),
+        None => punt(ctx, Origin::Tap, family.no_flow()),
     }
 }
 
@@ -198,15 +213,15 @@ pub fn from_tap(ctx: &TcContext) -> i32 {
 /// host-local flow): forward or punt it if it belongs to one of our flows;
 /// anything else continues untouched, as if nothing were attached.
 /// Ours are: packets matching a flow entry (of ICMP, echo replies), ICMP
-/// errors quoting a packet of a flow (punted for translation), fragments
-/// of datagrams of a flow ([`uplink_fragment`]) and openings of forwarded
-/// ports.
+/// errors quoting a packet of a flow (punted for translation), IPv4
+/// fragments of datagrams of a flow ([`uplink_fragment`]) and openings of
+/// forwarded ports (IPv4).
 #[inline(always)]
-pub fn from_uplink(ctx: &TcContext) -> i32 {
-    let Some(p) = crate::parse::ipv4_l4(ctx) else {
+pub fn from_uplink(ctx: &TcContext, family: Family) -> i32 {
+    let Some(p) = parse::l4(ctx, family) else {
         // An ICMP message too short to read cannot be shown to be about a
         // flow of ours: the host stack judges it, we count it.
-        if ctx.load::<u8>(IP_PROTO_OFF) == Ok(PROTO_ICMP) {
+        if parse::l3_proto(ctx, family) == Some(family.icmp_proto()) {
             count(Counter::IcmpUnparsed, 1);
         }
         return not_ours();
@@ -217,7 +232,7 @@ pub fn from_uplink(ctx: &TcContext) -> i32 {
     if p.is_icmp_error() {
         return icmp_error(ctx, &p);
     }
-    if p.is_icmp() && p.icmp_type != ICMP_ECHO_REPLY {
+    if p.is_icmp() && !p.is_echo_reply() {
         return not_ours();
     }
     let key = key_of(&p, DIR_FROM_UPLINK);
@@ -237,23 +252,24 @@ fn not_ours() -> i32 {
     TC_ACT_UNSPEC
 }
 
-/// An ICMP error from the world: punted when the packet it quotes belongs
-/// to one of our flows (user space translates outer and inner headers for
-/// the guest), left alone otherwise. A quote too short to read cannot be
-/// ours to judge: it goes on to the host stack, counted.
+/// An ICMP(v6) error from the world: punted when the packet it quotes
+/// belongs to one of our flows (user space translates outer and inner
+/// headers for the guest), left alone otherwise. A quote too short to read
+/// (or, for IPv6, with extension headers) cannot be ours to judge: it goes
+/// on to the host stack, counted.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, p: &Packet) -> i32 {
-    let Some(q) = crate::parse::icmp_quote(ctx, p) else {
+    let Some(q) = parse::icmp_quote(ctx, p) else {
         count(Counter::IcmpUnparsed, 1);
         return not_ours();
     };
     let key = FlowKey {
-        src: ipv4_to_16(q.dst),
-        dst: ipv4_to_16(q.src),
+        src: q.dst,
+        dst: q.src,
         sport: u16::from_be_bytes(q.dport),
         dport: u16::from_be_bytes(q.sport),
         proto: q.proto,
-        family: FAMILY_IPV4,
+        family: p.family.key(),
         dir: DIR_FROM_UPLINK,
         _pad: 0,
     };
@@ -264,9 +280,10 @@ fn icmp_error(ctx: &TcContext, p: &Packet) -> i32 {
     }
 }
 
-/// A fragment arriving from the world. Only the first fragment of a
-/// datagram carries ports: if it belongs to a flow (or opens a forwarded
-/// port), the datagram is entered in `TG_FRAGS` and the fragment punted;
+/// An IPv4 fragment arriving from the world (IPv6 fragments never parse:
+/// they are not ours). Only the first fragment of a datagram carries
+/// ports: if it belongs to a flow (or opens a forwarded port), the
+/// datagram is entered in `TG_FRAGS` and the fragment punted;
 /// later fragments are punted when their datagram is there and recent
 /// ([`FRAG_TRACK_NS`]). User space reassembles. A later fragment that
 /// overtakes its first fragment is not recognised and reaches the host
@@ -274,10 +291,10 @@ fn icmp_error(ctx: &TcContext, p: &Packet) -> i32 {
 #[inline(always)]
 fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
     let fkey = FragKey {
-        src: p.ip.src,
-        dst: p.ip.dst,
-        id: p.ip.id,
-        proto: p.ip.proto,
+        src: ipv4_from_16(&p.src),
+        dst: ipv4_from_16(&p.dst),
+        id: p.ipv4_id,
+        proto: p.proto,
         _pad: 0,
     };
     // SAFETY: plain helper call without arguments.
@@ -291,7 +308,7 @@ fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
             _ => not_ours(),
         };
     }
-    if p.is_icmp() && p.icmp_type != ICMP_ECHO_REPLY {
+    if p.is_icmp() && !p.is_echo_reply() {
         return not_ours();
     }
     let key = key_of(p, DIR_FROM_UPLINK);
@@ -306,10 +323,13 @@ fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
 
 /// Whether a packet that matched no flow opens one to a forwarded port: a
 /// pure SYN (TCP) or any datagram (UDP) to a port `TG_FWD_PORTS` covers for
-/// its destination address.
+/// its destination address. IPv4 only: the trie's keys are IPv4 addresses.
 #[inline(always)]
 fn opens_forward(p: &Packet) -> bool {
-    let opening = match p.ip.proto {
+    if p.family != Family::V4 {
+        return false;
+    }
+    let opening = match p.proto {
         PROTO_TCP => p.tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
         PROTO_UDP => true,
         _ => false,
@@ -322,8 +342,8 @@ fn opens_forward(p: &Packet) -> bool {
     let key = Key::new(
         FWD_PREFIX_BITS,
         FwdPrefix {
-            addr: p.ip.dst,
-            proto: p.ip.proto,
+            addr: ipv4_from_16(&p.dst),
+            proto: p.proto,
             port: p.dport,
         },
     );

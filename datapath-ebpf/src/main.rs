@@ -4,17 +4,23 @@
 //!
 //! Two TC classifiers, attached with tcx where the kernel has it:
 //!
-//! * `tg_tap_ingress` sees every frame the guest sends. IPv4 TCP/UDP and
-//!   ICMP echo frames of established flows are rewritten and redirected to the uplink in the
-//!   kernel ([`flow::from_tap`]); everything else leaves through the one
-//!   punt exit ([`punt::punt`]) to user space and is dropped here — the
-//!   host stack never sees a guest frame.
+//! * `tg_tap_ingress` sees every frame the guest sends. IPv4 and IPv6
+//!   TCP/UDP and ICMP/ICMPv6 echo frames of established flows are
+//!   rewritten and redirected to the uplink in the kernel
+//!   ([`flow::from_tap`]); everything else leaves through the one punt
+//!   exit ([`punt::punt`]) to user space and is dropped here — the host
+//!   stack never sees a guest frame.
 //! * `tg_uplink_ingress` sees every packet arriving on the host's uplink.
-//!   Packets of our flows are rewritten and redirected to the tap, or
-//!   punted (so are ICMP errors about our flows and fragments of their
-//!   datagrams); a packet that belongs to no flow of ours is left exactly as it
-//!   was and handed to the next program or the stack (`TCX_NEXT`), as if
-//!   nothing were attached.
+//!   Packets of our flows (IPv4 or IPv6) are rewritten and redirected to
+//!   the tap, or punted (so are ICMP errors about our flows and IPv4
+//!   fragments of their datagrams); a packet that belongs to no flow of
+//!   ours — the host's own traffic, its IPv6 neighbour discovery above all
+//!   — is left exactly as it was and handed to the next program or the
+//!   stack (`TCX_NEXT`), as if nothing were attached.
+//!
+//! The EtherType picks the family; from there one code path serves both
+//! ([`parse::Family`]): parse → lookup → rewrite per family → one punt
+//! exit.
 //!
 //! Modules: [`parse`] (bounds-checked headers), [`flow`] (lookup and
 //! forwarding), [`nat`] (rewrite and checksums), [`punt`] (the punt exit
@@ -36,18 +42,18 @@ mod punt;
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use datapath_common::{Counter, Origin, PuntReason};
-use parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6};
+use parse::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Family};
 
 /// Frames from the guest.
 #[classifier]
 pub fn tg_tap_ingress(ctx: TcContext) -> i32 {
-    let reason = match parse::ethertype(&ctx) {
-        Some(ETH_P_IP) => return flow::from_tap(&ctx),
-        Some(ETH_P_ARP) => PuntReason::Arp,
-        Some(ETH_P_IPV6) => PuntReason::Ipv6NoFlow,
-        _ => PuntReason::Other,
+    let family = match parse::ethertype(&ctx) {
+        Some(ETH_P_IP) => Family::V4,
+        Some(ETH_P_IPV6) => Family::V6,
+        Some(ETH_P_ARP) => return punt::punt(&ctx, Origin::Tap, PuntReason::Arp),
+        _ => return punt::punt(&ctx, Origin::Tap, PuntReason::Other),
     };
-    punt::punt(&ctx, Origin::Tap, reason)
+    flow::from_tap(&ctx, family)
 }
 
 /// Packets from the world.
@@ -67,7 +73,8 @@ pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn uplink(ctx: &TcContext) -> i32 {
     match parse::ethertype(ctx) {
-        Some(ETH_P_IP) => flow::from_uplink(ctx),
+        Some(ETH_P_IP) => flow::from_uplink(ctx, Family::V4),
+        Some(ETH_P_IPV6) => flow::from_uplink(ctx, Family::V6),
         _ => {
             // TCX_NEXT (TC_ACT_UNSPEC) behaves exactly like no program.
             maps::count(Counter::UplinkNotOurs, 1);

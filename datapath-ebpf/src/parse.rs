@@ -1,4 +1,4 @@
-//! Bounds-checked header parsing.
+//! Bounds-checked header parsing, for both address families.
 //!
 //! # Theory of operation
 //!
@@ -8,9 +8,32 @@
 //! directly, so no helper that changes the packet can leave a stale
 //! pointer behind. Every multi-byte field is kept in network order as it
 //! sits in the packet, converted only where a number is needed.
+//!
+//! Both families parse into one family-neutral [`Packet`]: addresses as 16
+//! bytes (an IPv4 address in the first four, the rest zero, as in the flow
+//! keys), TTL or hop limit, header length, protocol, transport offset,
+//! ports and what the fast path needs of TCP and ICMP. [`ipv4_l4`] and
+//! [`ipv6_l4`] read the network header; the transport header is read by
+//! one function for both ([`transport`]).
+//!
+//! IPv6: only the 40-byte fixed header is parsed, and its next header must
+//! be TCP, UDP or ICMPv6. A packet with any extension header (hop-by-hop,
+//! routing, fragment, destination options, ...) is not a flow packet: the
+//! tap program punts it (a fragment header as `Fragment`, see
+//! [`ipv6_is_fragment`]), the uplink program leaves it to the host. Walking
+//! extension headers in the kernel would buy little (guests and peers
+//! rarely send them on established flows) and a wrongly skipped header
+//! would mis-forward; user space sees every one of them instead.
+//!
+//! ICMP and ICMPv6 echo: the identifier is the "port" — an echo request's
+//! source port, an echo reply's destination port — so a reply's key
+//! mirrors its request's. Other ICMP types carry zero ports.
 
 use aya_ebpf::programs::TcContext;
-use datapath_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use datapath_common::{
+    FAMILY_IPV4, FAMILY_IPV6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PuntReason,
+    ipv4_to_16,
+};
 
 /// Length of an Ethernet header without VLAN tags.
 pub const ETH_HLEN: usize = 14;
@@ -31,6 +54,56 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 /// ACK.
 pub const TCP_ACK: u8 = 0x10;
+/// Largest TCP header (with options).
+pub const TCP_MAX_HLEN: usize = 60;
+
+/// An address family of the fast path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 (EtherType 0x0800).
+    V4,
+    /// IPv6 (EtherType 0x86DD).
+    V6,
+}
+
+impl Family {
+    /// The family's value in flow keys.
+    #[inline(always)]
+    pub fn key(self) -> u8 {
+        match self {
+            Self::V4 => FAMILY_IPV4,
+            Self::V6 => FAMILY_IPV6,
+        }
+    }
+
+    /// The family's ICMP protocol number.
+    #[inline(always)]
+    pub fn icmp_proto(self) -> u8 {
+        match self {
+            Self::V4 => PROTO_ICMP,
+            Self::V6 => PROTO_ICMPV6,
+        }
+    }
+
+    /// The punt reason of a guest packet of this family that belongs to no
+    /// flow the kernel forwards.
+    #[inline(always)]
+    pub fn no_flow(self) -> PuntReason {
+        match self {
+            Self::V4 => PuntReason::Ipv4NoFlow,
+            Self::V6 => PuntReason::Ipv6NoFlow,
+        }
+    }
+
+    /// The (echo request, echo reply) ICMP types of this family.
+    #[inline(always)]
+    fn echo_types(self) -> (u8, u8) {
+        match self {
+            Self::V4 => (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY),
+            Self::V6 => (ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY),
+        }
+    }
+}
 
 /// An IPv4 header as laid out on the wire (without options).
 #[repr(C)]
@@ -69,6 +142,38 @@ pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
 /// Destination address.
 pub const IP_DST_OFF: usize = ETH_HLEN + 16;
 
+/// The fixed IPv6 header as laid out on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class, flow label.
+    pub vtcfl: [u8; 4],
+    /// Payload length (network order).
+    pub payload_len: [u8; 2],
+    /// Next header.
+    pub next: u8,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+}
+
+/// Length of the fixed IPv6 header.
+pub const IPV6_HLEN: usize = 40;
+const _: () = assert!(core::mem::size_of::<Ipv6Hdr>() == IPV6_HLEN);
+/// Offsets of IPv6 header fields from the start of the frame.
+pub const IP6_NEXT_OFF: usize = ETH_HLEN + 6;
+/// Hop limit.
+pub const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
+/// Source address.
+pub const IP6_SRC_OFF: usize = ETH_HLEN + 8;
+/// Destination address.
+pub const IP6_DST_OFF: usize = ETH_HLEN + 24;
+/// Next-header value of the IPv6 fragment header.
+pub const IPV6_NEXT_FRAGMENT: u8 = 44;
+
 /// What the fast path needs to know about a TCP segment.
 #[derive(Clone, Copy, Default)]
 pub struct TcpInfo {
@@ -90,14 +195,38 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
 /// Parameter problem.
 pub const ICMP_PARAM_PROBLEM: u8 = 12;
-/// Length of the ICMP header (type, code, checksum, 4 more bytes).
+/// Length of the ICMP header (type, code, checksum, 4 more bytes); the
+/// same for ICMPv6.
 pub const ICMP_HLEN: usize = 8;
 
-/// A parsed IPv4 TCP, UDP or ICMP packet.
+/// ICMPv6 destination unreachable.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+/// ICMPv6 packet too big.
+pub const ICMPV6_PKT_TOO_BIG: u8 = 2;
+/// ICMPv6 time exceeded.
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// ICMPv6 parameter problem.
+pub const ICMPV6_PARAM_PROBLEM: u8 = 4;
+/// ICMPv6 echo request.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 echo reply.
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// A parsed TCP, UDP or ICMP(v6) packet of either family.
 #[derive(Clone, Copy)]
 pub struct Packet {
-    /// The IPv4 header.
-    pub ip: Ipv4Hdr,
+    /// The address family.
+    pub family: Family,
+    /// Source address (IPv4: first four bytes, the rest zero).
+    pub src: [u8; 16],
+    /// Destination address (IPv4: first four bytes, the rest zero).
+    pub dst: [u8; 16],
+    /// TTL (IPv4) or hop limit (IPv6).
+    pub ttl: u8,
+    /// Network header length in bytes (IPv4 with options; IPv6: 40).
+    pub l3_len: usize,
+    /// Transport protocol.
+    pub proto: u8,
     /// Offset of the transport header from the start of the frame.
     pub l4_off: usize,
     /// Source port as on the wire; an ICMP echo request's identifier.
@@ -108,65 +237,93 @@ pub struct Packet {
     pub tcp: TcpInfo,
     /// ICMP type (0 for TCP and UDP: tell them apart by protocol).
     pub icmp_type: u8,
+    /// IPv4 identification (fragment tracking); zero for IPv6.
+    pub ipv4_id: [u8; 2],
+    /// IPv4 flags and fragment offset (host order); zero for IPv6, whose
+    /// fragments never parse into a packet.
+    pub ipv4_frag: u16,
 }
 
 impl Packet {
-    /// Header length in bytes.
+    /// Whether the network header carries options (IPv4 only: IPv6
+    /// extension headers never parse).
     #[inline(always)]
-    pub fn ihl_bytes(&self) -> usize {
-        usize::from(self.ip.vihl & 0x0f) * 4
+    pub fn has_ip_options(&self) -> bool {
+        self.family == Family::V4 && self.l3_len != 20
     }
 
-    /// Whether the packet is a fragment (MF set or a non-zero offset).
+    /// Whether the packet is an IPv4 fragment (MF set or a non-zero
+    /// offset).
     #[inline(always)]
     pub fn is_fragment(&self) -> bool {
-        (u16::from_be_bytes(self.ip.frag) & 0x3fff) != 0
-    }
-
-    /// Whether the packet is TCP.
-    #[inline(always)]
-    pub fn is_tcp(&self) -> bool {
-        self.ip.proto == PROTO_TCP
-    }
-
-    /// Whether the packet is ICMP.
-    #[inline(always)]
-    pub fn is_icmp(&self) -> bool {
-        self.ip.proto == PROTO_ICMP
+        (self.ipv4_frag & 0x3fff) != 0
     }
 
     /// Whether the packet is a fragment other than the first (no
     /// transport header: ports are zero).
     #[inline(always)]
     pub fn is_later_fragment(&self) -> bool {
-        (u16::from_be_bytes(self.ip.frag) & 0x1fff) != 0
+        (self.ipv4_frag & 0x1fff) != 0
     }
 
-    /// Whether the packet is an ICMP error that quotes a packet.
+    /// Whether the packet is TCP.
+    #[inline(always)]
+    pub fn is_tcp(&self) -> bool {
+        self.proto == PROTO_TCP
+    }
+
+    /// Whether the packet is ICMP (IPv4) or ICMPv6 (IPv6).
+    #[inline(always)]
+    pub fn is_icmp(&self) -> bool {
+        self.proto == self.family.icmp_proto()
+    }
+
+    /// Whether the packet is an echo request (a flow packet from the guest).
+    #[inline(always)]
+    pub fn is_echo_request(&self) -> bool {
+        self.is_icmp() && !self.is_later_fragment() && self.icmp_type == self.family.echo_types().0
+    }
+
+    /// Whether the packet is an echo reply (a flow packet from the world).
+    #[inline(always)]
+    pub fn is_echo_reply(&self) -> bool {
+        self.is_icmp() && !self.is_later_fragment() && self.icmp_type == self.family.echo_types().1
+    }
+
+    /// Whether the packet is an ICMP error that quotes a packet
+    /// (IPv4: destination unreachable, time exceeded, parameter problem;
+    /// IPv6: those and packet too big).
     #[inline(always)]
     pub fn is_icmp_error(&self) -> bool {
         self.is_icmp()
             && !self.is_later_fragment()
-            && matches!(
-                self.icmp_type,
-                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
-            )
+            && match self.family {
+                Family::V4 => matches!(
+                    self.icmp_type,
+                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM
+                ),
+                Family::V6 => matches!(
+                    self.icmp_type,
+                    ICMPV6_DEST_UNREACH
+                        | ICMPV6_PKT_TOO_BIG
+                        | ICMPV6_TIME_EXCEEDED
+                        | ICMPV6_PARAM_PROBLEM
+                ),
+            }
     }
 
-    /// Whether the packet is an ICMP echo request or reply (the ICMP the
-    /// flow table carries).
+    /// Whether the transport checksum covers the pseudo-header (TCP, UDP,
+    /// ICMPv6; not ICMPv4).
     #[inline(always)]
-    pub fn is_icmp_echo(&self) -> bool {
-        self.is_icmp()
-            && !self.is_later_fragment()
-            && matches!(self.icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
+    pub fn l4_csum_has_pseudo_hdr(&self) -> bool {
+        self.proto != PROTO_ICMP
     }
 
     /// Offset of the transport checksum from the start of the frame.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
         self.l4_off
-            + match self.ip.proto {
+            + match self.proto {
                 PROTO_TCP => 16,
                 PROTO_UDP => 6,
                 _ => 2,
@@ -182,13 +339,41 @@ pub fn ethertype(ctx: &TcContext) -> Option<u16> {
         .map(u16::from_be_bytes)
 }
 
+/// Parses a TCP, UDP or ICMP(v6) packet of `family` after the Ethernet
+/// header ([`ipv4_l4`] or [`ipv6_l4`]).
+#[inline(always)]
+pub fn l4(ctx: &TcContext, family: Family) -> Option<Packet> {
+    match family {
+        Family::V4 => ipv4_l4(ctx),
+        Family::V6 => ipv6_l4(ctx),
+    }
+}
+
+/// The protocol (IPv4) or next-header (IPv6) byte of a packet that did
+/// not parse, if the frame is long enough to have one.
+#[inline(always)]
+pub fn l3_proto(ctx: &TcContext, family: Family) -> Option<u8> {
+    ctx.load::<u8>(match family {
+        Family::V4 => IP_PROTO_OFF,
+        Family::V6 => IP6_NEXT_OFF,
+    })
+    .ok()
+}
+
+/// Whether the frame is an IPv6 packet whose (complete) fixed header is
+/// followed by a fragment header.
+#[inline(always)]
+pub fn ipv6_is_fragment(ctx: &TcContext) -> bool {
+    match ctx.load::<Ipv6Hdr>(ETH_HLEN) {
+        Ok(ip) => ip.vtcfl[0] >> 4 == 6 && ip.next == IPV6_NEXT_FRAGMENT,
+        Err(_) => false,
+    }
+}
+
 /// Parses an IPv4 TCP, UDP or ICMP packet after the Ethernet header.
 /// `None` for anything else (other protocols, truncated headers, not
 /// version 4). A non-first fragment has no transport header: it parses
-/// with zero ports and [`Packet::is_later_fragment`] set. ICMP: an echo
-/// request's identifier is its source port, an echo reply's its
-/// destination port (so a reply's key mirrors its request's); other ICMP
-/// types have zero ports.
+/// with zero ports and [`Packet::is_later_fragment`] set.
 #[inline(always)]
 pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     let ip: Ipv4Hdr = ctx.load(ETH_HLEN).ok()?;
@@ -198,20 +383,68 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP && ip.proto != PROTO_ICMP {
         return None;
     }
-    let l4_off = ETH_HLEN + usize::from(ip.vihl & 0x0f) * 4;
+    let l3_len = usize::from(ip.vihl & 0x0f) * 4;
     let mut p = Packet {
-        ip,
-        l4_off,
+        family: Family::V4,
+        src: ipv4_to_16(ip.src),
+        dst: ipv4_to_16(ip.dst),
+        ttl: ip.ttl,
+        l3_len,
+        proto: ip.proto,
+        l4_off: ETH_HLEN + l3_len,
         sport: [0; 2],
         dport: [0; 2],
         tcp: TcpInfo::default(),
         icmp_type: 0,
+        ipv4_id: ip.id,
+        ipv4_frag: u16::from_be_bytes(ip.frag),
     };
     if p.is_later_fragment() {
         return Some(p);
     }
-    if ip.proto == PROTO_TCP {
-        let h: [u8; 16] = ctx.load(l4_off).ok()?;
+    transport(ctx, &mut p)?;
+    Some(p)
+}
+
+/// Parses an IPv6 TCP, UDP or ICMPv6 packet after the Ethernet header:
+/// the fixed header directly followed by the transport header. `None` for
+/// anything else (extension headers, other protocols, truncated headers,
+/// not version 6).
+#[inline(always)]
+pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet> {
+    let ip: Ipv6Hdr = ctx.load(ETH_HLEN).ok()?;
+    if ip.vtcfl[0] >> 4 != 6 {
+        return None;
+    }
+    if ip.next != PROTO_TCP && ip.next != PROTO_UDP && ip.next != PROTO_ICMPV6 {
+        return None;
+    }
+    let mut p = Packet {
+        family: Family::V6,
+        src: ip.src,
+        dst: ip.dst,
+        ttl: ip.hop_limit,
+        l3_len: IPV6_HLEN,
+        proto: ip.next,
+        l4_off: ETH_HLEN + IPV6_HLEN,
+        sport: [0; 2],
+        dport: [0; 2],
+        tcp: TcpInfo::default(),
+        icmp_type: 0,
+        ipv4_id: [0; 2],
+        ipv4_frag: 0,
+    };
+    transport(ctx, &mut p)?;
+    Some(p)
+}
+
+/// Reads the transport header at `p.l4_off` into `p`: ports, TCP details,
+/// the ICMP type and an echo message's identifier. `None` if it is
+/// truncated.
+#[inline(always)]
+fn transport(ctx: &TcContext, p: &mut Packet) -> Option<()> {
+    if p.proto == PROTO_TCP {
+        let h: [u8; 16] = ctx.load(p.l4_off).ok()?;
         p.sport = [h[0], h[1]];
         p.dport = [h[2], h[3]];
         p.tcp = TcpInfo {
@@ -219,60 +452,84 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
             flags: h[13],
             win: u16::from_be_bytes([h[14], h[15]]),
         };
-    } else if ip.proto == PROTO_UDP {
-        let h: [u8; 4] = ctx.load(l4_off).ok()?;
+    } else if p.proto == PROTO_UDP {
+        let h: [u8; 4] = ctx.load(p.l4_off).ok()?;
         p.sport = [h[0], h[1]];
         p.dport = [h[2], h[3]];
     } else {
-        let h: [u8; ICMP_HLEN] = ctx.load(l4_off).ok()?;
+        let h: [u8; ICMP_HLEN] = ctx.load(p.l4_off).ok()?;
         p.icmp_type = h[0];
-        match h[0] {
-            ICMP_ECHO_REQUEST => p.sport = [h[4], h[5]],
-            ICMP_ECHO_REPLY => p.dport = [h[4], h[5]],
-            _ => {}
+        let (request, reply) = p.family.echo_types();
+        if h[0] == request {
+            p.sport = [h[4], h[5]];
+        } else if h[0] == reply {
+            p.dport = [h[4], h[5]];
         }
     }
-    Some(p)
+    Some(())
 }
 
-/// The flow a quoted packet belongs to, read from an ICMP error: the
+/// The flow a quoted packet belongs to, read from an ICMP(v6) error: the
 /// quote is a packet we sent towards the world (source the NAT address),
 /// so its mirror image is the key of the flow's uplink-side entry: `(src,
 /// dst, sport, dport)` of the key are the quote's `(dst, src, dport,
-/// sport)`. `None` when the quote is too short to name a flow (the outer
-/// header must not be a fragment; the inner may be the first fragment of
-/// its datagram, never a later one).
+/// sport)`. `None` when the quote is too short to name a flow, or is not a
+/// TCP/UDP packet or an echo request. IPv4: the outer header must not be a
+/// fragment; the inner may be the first fragment of its datagram, never a
+/// later one. IPv6: the quoted fixed header must be followed directly by
+/// the transport header (no extension headers).
 #[inline(always)]
 pub fn icmp_quote(ctx: &TcContext, p: &Packet) -> Option<Quote> {
     let inner_off = p.l4_off + ICMP_HLEN;
-    let ip: Ipv4Hdr = ctx.load(inner_off).ok()?;
-    if ip.vihl >> 4 != 4 || (ip.vihl & 0x0f) < 5 || (u16::from_be_bytes(ip.frag) & 0x1fff) != 0 {
-        return None;
-    }
-    let l4_off = inner_off + usize::from(ip.vihl & 0x0f) * 4;
+    let (src, dst, proto, l4_off) = match p.family {
+        Family::V4 => {
+            let ip: Ipv4Hdr = ctx.load(inner_off).ok()?;
+            if ip.vihl >> 4 != 4
+                || (ip.vihl & 0x0f) < 5
+                || (u16::from_be_bytes(ip.frag) & 0x1fff) != 0
+            {
+                return None;
+            }
+            (
+                ipv4_to_16(ip.src),
+                ipv4_to_16(ip.dst),
+                ip.proto,
+                inner_off + usize::from(ip.vihl & 0x0f) * 4,
+            )
+        }
+        Family::V6 => {
+            let ip: Ipv6Hdr = ctx.load(inner_off).ok()?;
+            if ip.vtcfl[0] >> 4 != 6 {
+                return None;
+            }
+            (ip.src, ip.dst, ip.next, inner_off + IPV6_HLEN)
+        }
+    };
     let h: [u8; ICMP_HLEN] = ctx.load(l4_off).ok()?;
-    let (sport, dport) = match ip.proto {
-        PROTO_TCP | PROTO_UDP => ([h[0], h[1]], [h[2], h[3]]),
+    let (sport, dport) = if proto == PROTO_TCP || proto == PROTO_UDP {
+        ([h[0], h[1]], [h[2], h[3]])
+    } else if proto == p.family.icmp_proto() && h[0] == p.family.echo_types().0 {
         // A quoted echo request: its identifier is its "source port".
-        PROTO_ICMP if h[0] == ICMP_ECHO_REQUEST => ([h[4], h[5]], [0, 0]),
-        _ => return None,
+        ([h[4], h[5]], [0, 0])
+    } else {
+        return None;
     };
     Some(Quote {
-        src: ip.src,
-        dst: ip.dst,
+        src,
+        dst,
         sport,
         dport,
-        proto: ip.proto,
+        proto,
     })
 }
 
 /// The addresses and ports of a packet quoted by an ICMP error, as quoted.
 #[derive(Clone, Copy)]
 pub struct Quote {
-    /// Source address of the quoted packet.
-    pub src: [u8; 4],
+    /// Source address of the quoted packet (IPv4: first four bytes).
+    pub src: [u8; 16],
     /// Destination address.
-    pub dst: [u8; 4],
+    pub dst: [u8; 16],
     /// Source port (echo request: identifier).
     pub sport: [u8; 2],
     /// Destination port.

@@ -14,6 +14,9 @@
 //! An event ([`event`]) is not an exit: it reserves a constant-size record
 //! (header + [`EVENT_SNAP_LEN`] bytes) in the same ring, so events and
 //! punted packets stay in one order, and the caller goes on forwarding.
+//! The snap holds every header of a forwarded segment of either family:
+//! Ethernet + IPv6 (no extension headers are forwarded) + TCP with options
+//! is 114 bytes, IPv4 (no options forwarded) 20 bytes less.
 
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
@@ -27,7 +30,12 @@ use datapath_common::{
 
 use aya_log_ebpf::trace;
 
-use crate::maps::{TG_PUNT, TG_SCRATCH, count, count_idx};
+use crate::{
+    maps::{TG_PUNT, TG_SCRATCH, count, count_idx},
+    parse::{ETH_HLEN, IPV6_HLEN, TCP_MAX_HLEN},
+};
+
+const _: () = assert!(ETH_HLEN + IPV6_HLEN + TCP_MAX_HLEN <= EVENT_SNAP_LEN as usize);
 
 /// Hands the whole frame in `ctx` to user space and returns the TC verdict
 /// that drops it here.

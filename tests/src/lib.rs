@@ -52,6 +52,9 @@
 //! * [`bpffs::Bpffs`] mounts a private bpffs for a test's pins.
 //! * [`cni`] runs `tapgate-cni` as a runtime does, builds a pod namespace
 //!   with an uplink and starts `tapgate agent`.
+//! * [`progtest::ProgTest`] loads the datapath's programs with private
+//!   maps and runs single frames through them with `BPF_PROG_TEST_RUN`
+//!   (the kernel fixtures of `tests/tests/kernel_fixtures.rs`).
 //!
 //! All guards tear down in `Drop`, so a failing or panicking test leaves no
 //! namespace, process or temporary directory behind; every wait is bounded.
@@ -69,6 +72,7 @@ pub mod netns;
 pub mod nsthread;
 pub mod paced;
 pub mod podman;
+pub mod progtest;
 pub mod rawtcp;
 pub mod relay;
 pub mod running;

@@ -6,8 +6,10 @@
 //! `build.rs`); `--ebpf-object` loads another file instead. Loading happens
 //! in three steps, each with its own error: the object is parsed and its maps
 //! created (the scratch array sized to the number of possible CPUs, the
-//! in-kernel log level set from `--log-level`), each program is verified and
-//! loaded, and each is attached to the ingress of its interface.
+//! in-kernel log level set from `--log-level`, `BPF_F_IPV6` for IPv6
+//! checksum updates enabled on Linux 6.16 and later), each program is
+//! verified and loaded, and each is attached to the ingress of its
+//! interface.
 //!
 //! Attachment uses tcx links where the kernel has them (6.6 and later): a
 //! link belongs to the file descriptor that created it, so the kernel
@@ -51,9 +53,9 @@ use aya::{
     util::KernelVersion,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FRAGS_MAP, FWD_PORTS_MAP, PINNED_MAPS,
-    PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_REASON_COUNTER_BASE,
-    PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FRAGS_MAP, FWD_PORTS_MAP, L4_CSUM_IPV6_GLOBAL,
+    PINNED_MAPS, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS,
+    PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
 };
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -243,6 +245,14 @@ pub fn kernel_has_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
 }
 
+/// Whether this kernel's `bpf_l4_csum_replace` takes `BPF_F_IPV6` (Linux
+/// 6.16 and later: it keeps `skb->csum` of `CHECKSUM_COMPLETE` packets
+/// right when an IPv6 address changes; older kernels refuse the flag).
+/// The loader then sets the programs' [`L4_CSUM_IPV6_GLOBAL`].
+pub fn kernel_has_l4_csum_ipv6() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 16, 0))
+}
+
 impl Datapath {
     /// Parses `object`, creates its maps and loads (verifies) both programs.
     pub fn load(object: &[u8], opts: &LoadOptions) -> Result<Self, LoaderError> {
@@ -275,6 +285,9 @@ impl Datapath {
             .map_max_entries(PUNT_RING_MAP, opts.ring_bytes)
             .map_max_entries(FRAGS_MAP, opts.frags_max.max(1))
             .override_global(aya_log::LEVEL, &level, false);
+        if kernel_has_l4_csum_ipv6() {
+            loader.override_global(L4_CSUM_IPV6_GLOBAL, &1u8, true);
+        }
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
