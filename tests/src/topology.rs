@@ -24,7 +24,12 @@
 //! scenarios are checked against: a veth guest with the static address
 //! `10.0.2.15/24`, routed by the host kernel (`ip_forward=1` in the host
 //! namespace only) with an nft table [`KERNEL_ROUTER_TABLE`] masquerading
-//! on `uplink0`. No tapgate runs in it.
+//! on `uplink0`. No tapgate runs in it. It is dual-stack the same way: the
+//! guest has [`KERNEL_GUEST_ADDR6`]`/64` with a default route via the
+//! host's [`KERNEL_GATEWAY6`] on `tap0`, the host namespace forwards IPv6
+//! (`net.ipv6.conf.all.forwarding=1` there only; its interfaces then stop
+//! accepting router advertisements, which none of them needs) and an nft
+//! `ip6` table of the same name masquerades on `uplink0`.
 //!
 //! tapgate runs in the host namespace (`ip netns exec HOST tapgate run ...`)
 //! as a [`Child`] whose stderr is captured; [`Topology::start_tapgate`]
@@ -91,8 +96,17 @@ pub const DEFAULT_DNS: &str = "10.0.2.3";
 /// tapgate's default gateway MAC address.
 pub const DEFAULT_GATEWAY_MAC: &str = "52:55:0a:00:02:02";
 
-/// Name of the nft table of a [`GuestKind::KernelRouted`] host.
+/// Name of the nft tables (`ip` and `ip6`) of a [`GuestKind::KernelRouted`]
+/// host.
 pub const KERNEL_ROUTER_TABLE: &str = "tg_bench";
+/// The static IPv6 address of a [`GuestKind::KernelRouted`] guest (in
+/// `fd00::/64`, like tapgate's guests).
+pub const KERNEL_GUEST_ADDR6: &str = "fd00::15";
+/// The host's IPv6 address on `tap0` in a [`GuestKind::KernelRouted`]
+/// topology: the guest's IPv6 default gateway.
+pub const KERNEL_GATEWAY6: &str = "fd00::2";
+/// Prefix length of the guest link's IPv6 subnet.
+pub const GUEST_PREFIX6: u8 = 64;
 
 /// File name of tapgate's control socket in the topology's directory.
 pub const CONTROL_SOCKET_NAME: &str = "control.sock";
@@ -111,8 +125,9 @@ pub enum GuestKind {
     /// A veth pair (faster; tapgate sees a veth instead of a tap).
     Veth,
     /// A veth pair routed by the host kernel with nft masquerade instead of
-    /// tapgate (the benchmark peer): guest `10.0.2.15/24` via `10.0.2.2` on
-    /// the host's `tap0`. Do not start tapgate in it.
+    /// tapgate (the benchmark peer): guest `10.0.2.15/24` via `10.0.2.2` and
+    /// `fd00::15/64` via `fd00::2` on the host's `tap0`. Do not start
+    /// tapgate in it.
     KernelRouted,
 }
 
@@ -302,6 +317,49 @@ impl Topology {
         self.host.run(&[
             "nft",
             "add rule ip",
+            KERNEL_ROUTER_TABLE,
+            "postrouting",
+            &format!("oifname \"{UPLINK_NAME}\" masquerade"),
+        ])?;
+        self.route_in_kernel6()
+    }
+
+    /// The IPv6 half of [`Topology::route_in_kernel`]: static addresses
+    /// (`nodad`: usable at once), IPv6 forwarding in the host namespace and
+    /// an `ip6` masquerade table. Nothing of it touches IPv4.
+    fn route_in_kernel6(&self) -> Result<()> {
+        let guest_cidr = format!("{KERNEL_GUEST_ADDR6}/{GUEST_PREFIX6}");
+        let gateway_cidr = format!("{KERNEL_GATEWAY6}/{GUEST_PREFIX6}");
+        self.host
+            .ip(&["-6", "addr", "add", &gateway_cidr, "dev", TAP_NAME, "nodad"])?;
+        self.guest.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &guest_cidr,
+            "dev",
+            GUEST_IFACE,
+            "nodad",
+        ])?;
+        self.guest
+            .ip(&["-6", "route", "add", "default", "via", KERNEL_GATEWAY6])?;
+        // Per network namespace too. With forwarding on, the host's
+        // interfaces ignore router advertisements (accept_ra=1 means "unless
+        // forwarding"): none is expected, the uplink's default route is
+        // static.
+        self.host
+            .run(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])?;
+        self.host
+            .run(&["nft", "add", "table", "ip6", KERNEL_ROUTER_TABLE])?;
+        self.host.run(&[
+            "nft",
+            "add chain ip6",
+            KERNEL_ROUTER_TABLE,
+            "postrouting { type nat hook postrouting priority srcnat; policy accept; }",
+        ])?;
+        self.host.run(&[
+            "nft",
+            "add rule ip6",
             KERNEL_ROUTER_TABLE,
             "postrouting",
             &format!("oifname \"{UPLINK_NAME}\" masquerade"),

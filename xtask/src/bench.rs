@@ -1,5 +1,6 @@
-//! `cargo xtask bench`: single-stream TCP throughput and fragmented UDP,
-//! tapgate against the kernel's own NAT, measured in the same run.
+//! `cargo xtask bench`: single-stream TCP throughput over IPv4 and IPv6
+//! and fragmented UDP, tapgate against the kernel's own NAT, measured in the
+//! same run.
 //!
 //! # Theory of operation
 //!
@@ -7,12 +8,20 @@
 //! namespaces; see `tapgate_tests::topology`), one after the other:
 //!
 //! * **kernel+nft**: [`Topology::new_kernel_router`] — the guest
-//!   `10.0.2.15/24` is routed by the host namespace's kernel
-//!   (`ip_forward=1` there only) with an nft masquerade on `uplink0`. This
+//!   `10.0.2.15/24` and `fd00::15/64` is routed by the host namespace's
+//!   kernel (`ip_forward=1` and `net.ipv6.conf.all.forwarding=1` there
+//!   only) with nft masquerade (`ip` and `ip6` tables) on `uplink0`. This
 //!   is the in-kernel limit the fast path is measured against.
 //! * **tapgate**: a [`GuestKind::Veth`] topology with the release build of
 //!   tapgate attached to `tap0` (`--log-level info`, a private control
-//!   socket); the guest gets its address by DHCP.
+//!   socket). The guest first autoconfigures IPv6 from tapgate's router
+//!   advertisements: the bench waits (at most [`SLAAC_TIMEOUT`] each) for
+//!   a global address in `fd00::/64`, out of `tentative`, and for the
+//!   default route via the router's link-local [`ROUTER_LL`], and runs the
+//!   IPv6 transfers; only then does the guest get its IPv4 address by DHCP
+//!   (the harness's udhcpc script flushes every address of `eth0`, the
+//!   link-local one too, after which the guest would wait for tapgate's
+//!   next unsolicited advertisement, up to minutes, to get IPv6 back).
 //!
 //! For each peer and direction an `iperf3 -s -1` server runs in the world
 //! namespace on `198.51.100.2` and the guest runs `iperf3 -c 198.51.100.2
@@ -20,20 +29,27 @@
 //! UDP run of 8192-byte datagrams offered at 2 Gbit/s (`-u -l 8192 -b 2G`),
 //! which the guest fragments and tapgate reassembles and fragments again
 //! (the slow path end to end; the kernel peer routes fragments as they
-//! are); the result is `end.sum_received.bits_per_second` of iperf3's JSON
-//! (for UDP: what the server received). Each run
-//! is bounded (`--connect-timeout`, and the client is killed after SECS +
-//! 20 s); a failed run is reported as such (`no connection (iperf3 error:
-//! ...)`) and the bench goes on.
+//! are); then both TCP directions again over IPv6: the server listens with
+//! `-s -1 -B 2001:db8:1::2`, the client runs `iperf3 -6 -c 2001:db8:1::2`
+//! (NAT66 in tapgate, masquerade in the kernel peer). The result is
+//! `end.sum_received.bits_per_second` of iperf3's JSON (for UDP: what the
+//! server received). Each run is bounded (`--connect-timeout`, and the
+//! client is killed after SECS + 20 s); a failed run is reported as such
+//! (`no connection (iperf3 error: ...)`, `no SLAAC address ...`) and the
+//! bench goes on.
 //!
-//! Around the tapgate TCP runs the bench reads `tapgate stats --json` from
-//! the control socket; the share of packets the fast path handled is
-//! `Δfastpath_packets / (Δfastpath_packets + Δslowpath_packets)`.
+//! Around tapgate's IPv4 TCP runs, and separately around its IPv6 TCP
+//! runs, the bench reads `tapgate stats --json` from the control socket;
+//! the share of packets the fast path handled is `Δfastpath_packets /
+//! (Δfastpath_packets + Δslowpath_packets)` (`fastpath` and
+//! `fastpath_share6` in the JSON).
 //!
 //! The table goes to stdout and the same data as JSON to
-//! `target/bench/latest.json`. Every namespace and process is owned by a
-//! guard, so an error or Ctrl-C (recorded by a handler, checked between
-//! steps) leaves nothing behind.
+//! `target/bench/latest.json`: `results` holds the IPv4 rows (one object
+//! per direction), `ipv6` the IPv6 ones (per peer, keys
+//! `tcp6_guest_to_world` and `tcp6_world_to_guest`, and their ratios).
+//! Every namespace and process is owned by a guard, so an error or Ctrl-C
+//! (recorded by a handler, checked between steps) leaves nothing behind.
 
 use std::{
     path::{Path, PathBuf},
@@ -49,8 +65,10 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use serde_json::{Value, json};
 use tapgate_tests::{
-    Child, GuestKind, Netns, Topology, child::run_with_timeout, dhcp::DhcpClient,
-    topology::WORLD_ADDR,
+    Child, GuestKind, Netns, Topology,
+    child::run_with_timeout,
+    dhcp::DhcpClient,
+    topology::{GUEST_IFACE, WORLD_ADDR, WORLD_ADDR6},
 };
 
 /// The iperf3 port in the world namespace.
@@ -61,6 +79,13 @@ pub(crate) const RUN_SLACK: Duration = Duration::from_secs(20);
 pub(crate) const CONNECT_TIMEOUT_MS: &str = "5000";
 /// How long to wait for the iperf3 server to listen.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for each of the guest's SLAAC address and IPv6
+/// default route (tapgate answers the guest's router solicitation at once;
+/// the guest sends it after its link-local address's DAD, about 1-2 s).
+const SLAAC_TIMEOUT: Duration = Duration::from_secs(20);
+/// tapgate's link-local router address for its default MAC
+/// 52:55:0a:00:02:02 (modified EUI-64).
+const ROUTER_LL: &str = "fe80::5055:aff:fe00:202";
 
 /// Which side of the comparison to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,21 +113,54 @@ enum Direction {
     /// UDP, 8192-byte datagrams (fragmented on the 1500-byte links),
     /// guest → world, offered at 2 Gbit/s: what arrives counts.
     FragUdpUp,
+    /// TCP over IPv6, guest → world.
+    Tcp6GuestToWorld,
+    /// TCP over IPv6, world → guest (`-R`).
+    Tcp6WorldToGuest,
 }
 
 impl Direction {
-    const ALL: [Direction; 3] = [
+    /// Every run, in table order.
+    const ALL: [Direction; 5] = [
+        Direction::GuestToWorld,
+        Direction::WorldToGuest,
+        Direction::FragUdpUp,
+        Direction::Tcp6GuestToWorld,
+        Direction::Tcp6WorldToGuest,
+    ];
+    /// The IPv4 runs (the `results` array of the JSON).
+    const IPV4: [Direction; 3] = [
         Direction::GuestToWorld,
         Direction::WorldToGuest,
         Direction::FragUdpUp,
     ];
+    /// The IPv6 runs (the `ipv6` object of the JSON).
+    const IPV6: [Direction; 2] = [Direction::Tcp6GuestToWorld, Direction::Tcp6WorldToGuest];
 
     fn label(self) -> &'static str {
         match self {
             Self::GuestToWorld => "guest→world",
             Self::WorldToGuest => "world→guest",
             Self::FragUdpUp => "udp 8K frag ↑",
+            Self::Tcp6GuestToWorld => "IPv6 guest→world",
+            Self::Tcp6WorldToGuest => "IPv6 world→guest",
         }
+    }
+
+    /// A JSON key for the run (those of the IPv6 runs are the keys of
+    /// `ipv6`; the IPv4 runs keep their `results` array).
+    fn key(self) -> &'static str {
+        match self {
+            Self::GuestToWorld => "tcp_guest_to_world",
+            Self::WorldToGuest => "tcp_world_to_guest",
+            Self::FragUdpUp => "udp_frag_guest_to_world",
+            Self::Tcp6GuestToWorld => "tcp6_guest_to_world",
+            Self::Tcp6WorldToGuest => "tcp6_world_to_guest",
+        }
+    }
+
+    fn is_ipv6(self) -> bool {
+        matches!(self, Self::Tcp6GuestToWorld | Self::Tcp6WorldToGuest)
     }
 }
 
@@ -115,6 +173,8 @@ struct PeerResults {
     up: Option<Measurement>,
     down: Option<Measurement>,
     frag: Option<Measurement>,
+    up6: Option<Measurement>,
+    down6: Option<Measurement>,
 }
 
 impl PeerResults {
@@ -123,24 +183,34 @@ impl PeerResults {
             Direction::GuestToWorld => self.up.as_ref(),
             Direction::WorldToGuest => self.down.as_ref(),
             Direction::FragUdpUp => self.frag.as_ref(),
+            Direction::Tcp6GuestToWorld => self.up6.as_ref(),
+            Direction::Tcp6WorldToGuest => self.down6.as_ref(),
         }
     }
 
     fn set(&mut self, d: Direction, m: Measurement) {
-        match d {
-            Direction::GuestToWorld => self.up = Some(m),
-            Direction::WorldToGuest => self.down = Some(m),
-            Direction::FragUdpUp => self.frag = Some(m),
+        let slot = match d {
+            Direction::GuestToWorld => &mut self.up,
+            Direction::WorldToGuest => &mut self.down,
+            Direction::FragUdpUp => &mut self.frag,
+            Direction::Tcp6GuestToWorld => &mut self.up6,
+            Direction::Tcp6WorldToGuest => &mut self.down6,
+        };
+        *slot = Some(m);
+    }
+
+    /// The same failure for every direction of `dirs`.
+    fn fail_all(&mut self, dirs: &[Direction], reason: &str) {
+        for &d in dirs {
+            self.set(d, Err(reason.to_owned()));
         }
     }
 
     /// The same failure for every direction.
     fn failed(reason: &str) -> Self {
-        Self {
-            up: Some(Err(reason.to_owned())),
-            down: Some(Err(reason.to_owned())),
-            frag: Some(Err(reason.to_owned())),
-        }
+        let mut r = Self::default();
+        r.fail_all(&Direction::ALL, reason);
+        r
     }
 }
 
@@ -149,6 +219,17 @@ impl PeerResults {
 struct Share {
     fast: u64,
     slow: u64,
+}
+
+/// A fast-path share, or why there is none.
+type ShareResult = std::result::Result<Share, String>;
+
+/// tapgate's fast-path shares: around the IPv4 TCP runs and around the
+/// IPv6 ones.
+#[derive(Debug)]
+struct Shares {
+    v4: ShareResult,
+    v6: ShareResult,
 }
 
 /// Runs the benchmark with the tapgate binary `bin` (a release build);
@@ -164,7 +245,7 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
     let kernel_release = command_line("uname", &["-r"]);
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let header = format!(
-        "single-stream TCP and 8K UDP, veth guest, {} s, {date}, {cores} cores",
+        "single-stream TCP (IPv4, IPv6) and 8K UDP, veth guest, {} s, {date}, {cores} cores",
         opts.seconds
     );
     eprintln!("xtask: {header}");
@@ -174,11 +255,11 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
     } else {
         Some(run_kernel(opts, &stop)?)
     };
-    let (tapgate, share) = if opts.only == Some(Peer::Kernel) {
+    let (tapgate, shares) = if opts.only == Some(Peer::Kernel) {
         (None, None)
     } else {
-        let (results, share) = run_tapgate(bin, opts, &stop)?;
-        (Some(results), Some(share))
+        let (results, shares) = run_tapgate(bin, opts, &stop)?;
+        (Some(results), Some(shares))
     };
     if stop.load(Ordering::SeqCst) {
         bail!("interrupted");
@@ -186,33 +267,46 @@ pub fn run(bin: &Path, opts: &Options, report: &Path) -> Result<()> {
 
     println!(
         "{}",
-        table(&header, kernel.as_ref(), tapgate.as_ref(), share.as_ref())
+        table(&header, kernel.as_ref(), tapgate.as_ref(), shares.as_ref())
     );
+    let k = |d| kernel.as_ref().and_then(|r| r.get(d));
+    let t = |d| tapgate.as_ref().and_then(|r| r.get(d));
+    let ipv6_of = |peer: Option<&PeerResults>| {
+        Direction::IPV6
+            .iter()
+            .map(|&d| {
+                (
+                    d.key().to_owned(),
+                    measurement_json(peer.and_then(|r| r.get(d))),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+    };
     let doc = json!({
-        "benchmark": "single-stream TCP and fragmented UDP (iperf3)",
+        "benchmark": "single-stream TCP (IPv4 and IPv6) and fragmented UDP (iperf3)",
         "topology": "veth guest",
         "seconds": opts.seconds,
         "date": date,
         "cores": cores,
         "kernel_release": kernel_release,
-        "results": Direction::ALL.iter().map(|&d| {
-            let k = kernel.as_ref().and_then(|r| r.get(d));
-            let t = tapgate.as_ref().and_then(|r| r.get(d));
+        "results": Direction::IPV4.iter().map(|&d| {
             json!({
                 "direction": d.label(),
-                "kernel_nft": measurement_json(k),
-                "tapgate": measurement_json(t),
-                "ratio": ratio(k, t),
+                "kernel_nft": measurement_json(k(d)),
+                "tapgate": measurement_json(t(d)),
+                "ratio": ratio(k(d), t(d)),
             })
         }).collect::<Vec<_>>(),
-        "fastpath": share.as_ref().map(|s| match s {
-            Ok(s) => json!({
-                "fastpath_packets": s.fast,
-                "slowpath_packets": s.slow,
-                "share": share_of(s),
-            }),
-            Err(e) => json!({ "error": e }),
-        }),
+        "ipv6": {
+            "kernel_nft": ipv6_of(kernel.as_ref()),
+            "tapgate": ipv6_of(tapgate.as_ref()),
+            "ratio": Direction::IPV6
+                .iter()
+                .map(|&d| (d.key().to_owned(), json!(ratio(k(d), t(d)))))
+                .collect::<serde_json::Map<_, _>>(),
+        },
+        "fastpath": shares.as_ref().map(|s| share_json(&s.v4)),
+        "fastpath_share6": shares.as_ref().map(|s| share_json(&s.v6)),
     });
     if let Some(dir) = report.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -244,7 +338,7 @@ pub(crate) fn check_stop(stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-/// The kernel peer: both directions on a kernel-routed topology.
+/// The kernel peer: every run on one (dual-stack) kernel-routed topology.
 fn run_kernel(opts: &Options, stop: &AtomicBool) -> Result<PeerResults> {
     eprintln!("xtask: kernel+nft: building the kernel-routed topology");
     let topo = Topology::new_kernel_router().context("building the kernel-routed topology")?;
@@ -259,40 +353,30 @@ fn run_kernel(opts: &Options, stop: &AtomicBool) -> Result<PeerResults> {
     Ok(results)
 }
 
-/// The tapgate peer: both directions, and the fast-path share.
-fn run_tapgate(
-    bin: &Path,
-    opts: &Options,
-    stop: &AtomicBool,
-) -> Result<(PeerResults, std::result::Result<Share, String>)> {
+/// The tapgate peer: every run, and the fast-path shares. IPv6 first
+/// (see the module documentation), then DHCP and IPv4.
+fn run_tapgate(bin: &Path, opts: &Options, stop: &AtomicBool) -> Result<(PeerResults, Shares)> {
     eprintln!("xtask: tapgate: building the veth topology");
     let mut topo = Topology::new(GuestKind::Veth).context("building the veth topology")?;
     topo.set_tapgate_bin(bin.to_path_buf());
     let control = topo.control_socket();
+    let no_run = || Shares {
+        v4: Err("no run".to_owned()),
+        v6: Err("no run".to_owned()),
+    };
     // `info` is the quietest level that still logs the readiness line;
     // nothing is logged per packet or per flow at that level.
     let mut tapgate = match topo.start_tapgate(&["--log-level", "info"]) {
         Ok(child) => child,
         Err(e) => {
             let reason = format!("tapgate did not start: {e:#}");
-            return Ok((PeerResults::failed(&reason), Err("no run".to_owned())));
+            return Ok((PeerResults::failed(&reason), no_run()));
         }
     };
-    check_stop(stop)?;
-    let client = DhcpClient::new(topo.guest(), topo.guest_iface())?;
-    if let Err(e) = client.run_once() {
-        let reason = format!("no DHCP lease: {e:#}");
-        return Ok((PeerResults::failed(&reason), Err("no run".to_owned())));
-    }
-    let before = fast_slow(bin, &control);
-    let mut after = None;
     let mut results = PeerResults::default();
-    for d in Direction::ALL {
+    let mut shares = no_run();
+    let measure = |d: Direction, results: &mut PeerResults, tapgate: &mut Child| -> Result<()> {
         check_stop(stop)?;
-        if d == Direction::FragUdpUp {
-            // The share is the TCP runs'; fragments all take the slow path.
-            after = Some(fast_slow(bin, &control));
-        }
         eprintln!("xtask: tapgate: {} for {} s", d.label(), opts.seconds);
         let mut m = iperf(&topo, d, opts.seconds);
         if let Some(status) = tapgate.try_wait()? {
@@ -303,17 +387,106 @@ fn run_tapgate(
         }
         report_progress("tapgate", d, &m);
         results.set(d, m);
+        Ok(())
+    };
+
+    check_stop(stop)?;
+    eprintln!("xtask: tapgate: waiting for the guest's SLAAC address and IPv6 default route");
+    match wait_slaac(topo.guest()) {
+        Ok(()) => {
+            let before = fast_slow(bin, &control);
+            for d in Direction::IPV6 {
+                measure(d, &mut results, &mut tapgate)?;
+            }
+            shares.v6 = share_between(before, fast_slow(bin, &control));
+        }
+        Err(e) => {
+            let reason = format!("{e:#}");
+            eprintln!("xtask: tapgate: IPv6 runs skipped: {reason}");
+            results.fail_all(&Direction::IPV6, &reason);
+        }
+    }
+
+    check_stop(stop)?;
+    let client = DhcpClient::new(topo.guest(), topo.guest_iface())?;
+    if let Err(e) = client.run_once() {
+        let reason = format!("no DHCP lease: {e:#}");
+        results.fail_all(&Direction::IPV4, &reason);
+        return Ok((results, shares));
+    }
+    let before = fast_slow(bin, &control);
+    let mut after = None;
+    for d in Direction::IPV4 {
+        if d == Direction::FragUdpUp {
+            // The share is the TCP runs'; fragments all take the slow path.
+            after = Some(fast_slow(bin, &control));
+        }
+        measure(d, &mut results, &mut tapgate)?;
     }
     let after = after.unwrap_or_else(|| fast_slow(bin, &control));
-    let share = match (before, after) {
+    shares.v4 = share_between(before, after);
+    drop(tapgate);
+    Ok((results, shares))
+}
+
+/// The fast-path share between two `(fast, slow)` readings.
+fn share_between(
+    before: std::result::Result<(u64, u64), String>,
+    after: std::result::Result<(u64, u64), String>,
+) -> ShareResult {
+    match (before, after) {
         (Ok((f0, s0)), Ok((f1, s1))) => Ok(Share {
             fast: f1.saturating_sub(f0),
             slow: s1.saturating_sub(s0),
         }),
         (Err(e), _) | (_, Err(e)) => Err(e),
-    };
-    drop(tapgate);
-    Ok((results, share))
+    }
+}
+
+/// Waits (at most [`SLAAC_TIMEOUT`] each) until the guest has a global
+/// address in `fd00::/64` out of `tentative`, no link-local address still
+/// `tentative`, and a default route via [`ROUTER_LL`].
+fn wait_slaac(guest: &Netns) -> Result<()> {
+    wait_guest(
+        guest,
+        &["ip", "-6", "addr", "show", "dev", GUEST_IFACE],
+        "no SLAAC address in fd00::/64",
+        |t| {
+            t.lines().any(|l| {
+                l.contains("inet6 fd00::") && l.contains("scope global") && !l.contains("tentative")
+            }) && !t
+                .lines()
+                .any(|l| l.contains("inet6 fe80") && l.contains("tentative"))
+        },
+    )?;
+    let route = format!("default via {ROUTER_LL} dev {GUEST_IFACE}");
+    wait_guest(
+        guest,
+        &["ip", "-6", "route", "show", "default"],
+        &format!("no IPv6 default route via {ROUTER_LL}"),
+        |t| t.contains(&route),
+    )
+}
+
+/// Polls `argv` in `guest` until its stdout satisfies `cond`; after
+/// [`SLAAC_TIMEOUT`], fails with `what` and the last output.
+fn wait_guest(guest: &Netns, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> Result<()> {
+    let deadline = Instant::now() + SLAAC_TIMEOUT;
+    loop {
+        let out = guest.output_timeout(argv, Duration::from_secs(5))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && cond(&text) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{what} after {SLAAC_TIMEOUT:?}; `{}` printed:\n{}",
+                argv.join(" "),
+                text.trim_end()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn report_progress(peer: &str, d: Direction, m: &Measurement) {
@@ -375,15 +548,19 @@ fn iperf(topo: &Topology, d: Direction, seconds: u32) -> Measurement {
 
 fn iperf_inner(topo: &Topology, d: Direction, seconds: u32) -> Result<Measurement> {
     let port = IPERF_PORT.to_string();
+    let server_addr = if d.is_ipv6() { WORLD_ADDR6 } else { WORLD_ADDR };
     let mut server_cmd = topo.world().cmd("iperf3");
-    server_cmd.args(["-s", "-1", "-B", WORLD_ADDR, "-p", &port]);
+    server_cmd.args(["-s", "-1", "-B", server_addr, "-p", &port]);
     let mut server = Child::spawn(server_cmd, "iperf3 server")?;
     wait_listening(topo.world(), &mut server, IPERF_PORT)?;
     let secs = seconds.to_string();
-    let mut argv = vec![
-        "iperf3",
+    let mut argv = vec!["iperf3"];
+    if d.is_ipv6() {
+        argv.push("-6");
+    }
+    argv.extend([
         "-c",
-        WORLD_ADDR,
+        server_addr,
         "-p",
         &port,
         "-t",
@@ -391,10 +568,10 @@ fn iperf_inner(topo: &Topology, d: Direction, seconds: u32) -> Result<Measuremen
         "-J",
         "--connect-timeout",
         CONNECT_TIMEOUT_MS,
-    ];
+    ]);
     match d {
-        Direction::GuestToWorld => {}
-        Direction::WorldToGuest => argv.push("-R"),
+        Direction::GuestToWorld | Direction::Tcp6GuestToWorld => {}
+        Direction::WorldToGuest | Direction::Tcp6WorldToGuest => argv.push("-R"),
         Direction::FragUdpUp => argv.extend(["-u", "-l", "8192", "-b", "2G"]),
     }
     let limit = Duration::from_secs(u64::from(seconds)) + RUN_SLACK;
@@ -446,6 +623,17 @@ fn share_of(s: &Share) -> Option<f64> {
     (total > 0).then(|| s.fast as f64 / total as f64)
 }
 
+fn share_json(s: &ShareResult) -> Value {
+    match s {
+        Ok(s) => json!({
+            "fastpath_packets": s.fast,
+            "slowpath_packets": s.slow,
+            "share": share_of(s),
+        }),
+        Err(e) => json!({ "error": e }),
+    }
+}
+
 fn measurement_json(m: Option<&Measurement>) -> Value {
     match m {
         None => Value::Null,
@@ -460,12 +648,15 @@ pub(crate) fn pad(s: &str, width: usize) -> String {
     format!("{s}{}", " ".repeat(width.saturating_sub(len)))
 }
 
+/// Width of the table's first column (`IPv6 world→guest` and a space).
+const LABEL_WIDTH: usize = 18;
+
 /// The human-readable report.
 fn table(
     header: &str,
     kernel: Option<&PeerResults>,
     tapgate: Option<&PeerResults>,
-    share: Option<&std::result::Result<Share, String>>,
+    shares: Option<&Shares>,
 ) -> String {
     let cell = |m: Option<&Measurement>| match m {
         None => "skipped".to_owned(),
@@ -476,7 +667,7 @@ fn table(
         header.to_owned(),
         format!(
             "{}{}{}ratio",
-            pad("direction", 17),
+            pad("direction", LABEL_WIDTH),
             pad("kernel+nft", 14),
             pad("tapgate", 14)
         ),
@@ -488,7 +679,7 @@ fn table(
         let r = ratio(k, t).map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"));
         lines.push(format!(
             "{}{}{}{r}",
-            pad(d.label(), 17),
+            pad(d.label(), LABEL_WIDTH),
             pad(&cell(k), 14),
             pad(&cell(t), 14)
         ));
@@ -498,17 +689,20 @@ fn table(
             }
         }
     }
-    match share {
-        None => {}
-        Some(Ok(s)) => match share_of(s) {
-            Some(f) => lines.push(format!(
-                "fast-path share: {:.2}% of {} packets",
-                f * 100.0,
-                s.fast + s.slow
-            )),
-            None => lines.push("fast-path share: no packets counted".to_owned()),
-        },
-        Some(Err(e)) => lines.push(format!("fast-path share: unavailable ({e})")),
+    if let Some(shares) = shares {
+        for (what, share) in [("IPv4 TCP", &shares.v4), ("IPv6 TCP", &shares.v6)] {
+            lines.push(match share {
+                Ok(s) => match share_of(s) {
+                    Some(f) => format!(
+                        "fast-path share, {what}: {:.2}% of {} packets",
+                        f * 100.0,
+                        s.fast + s.slow
+                    ),
+                    None => format!("fast-path share, {what}: no packets counted"),
+                },
+                Err(e) => format!("fast-path share, {what}: unavailable ({e})"),
+            });
+        }
     }
     lines.extend(notes);
     lines.join("\n")
@@ -558,32 +752,47 @@ mod tests {
             up: Some(Ok(13.1e9)),
             down: Some(Ok(10.2e9)),
             frag: Some(Ok(2.0e9)),
+            up6: Some(Ok(12.5e9)),
+            down6: Some(Ok(10.0e9)),
         };
         let tapgate = PeerResults {
             up: Some(Ok(12.0e9)),
             down: Some(Err("no connection (iperf3 error: x)".to_owned())),
             frag: None,
+            up6: Some(Ok(12.5e9)),
+            down6: Some(Err("no SLAAC address".to_owned())),
         };
-        let share = Ok(Share {
-            fast: 9997,
-            slow: 3,
-        });
-        let t = table("h", Some(&kernel), Some(&tapgate), Some(&share));
+        let shares = Shares {
+            v4: Ok(Share {
+                fast: 9997,
+                slow: 3,
+            }),
+            v6: Err("no run".to_owned()),
+        };
+        let t = table("h", Some(&kernel), Some(&tapgate), Some(&shares));
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
-            lines[1],
-            "direction        kernel+nft    tapgate       ratio"
+            lines[1..],
+            [
+                "direction         kernel+nft    tapgate       ratio",
+                "guest→world       13.1 Gbit/s   12.0 Gbit/s   0.92",
+                "world→guest       10.2 Gbit/s   failed        -",
+                "udp 8K frag ↑     2.0 Gbit/s    skipped       -",
+                "IPv6 guest→world  12.5 Gbit/s   12.5 Gbit/s   1.00",
+                "IPv6 world→guest  10.0 Gbit/s   failed        -",
+                "fast-path share, IPv4 TCP: 99.97% of 10000 packets",
+                "fast-path share, IPv6 TCP: unavailable (no run)",
+                "tapgate world→guest: no connection (iperf3 error: x)",
+                "tapgate IPv6 world→guest: no SLAAC address",
+            ]
         );
-        assert_eq!(
-            lines[2],
-            "guest→world      13.1 Gbit/s   12.0 Gbit/s   0.92"
-        );
-        assert_eq!(lines[3], "world→guest      10.2 Gbit/s   failed        -");
-        assert_eq!(lines[4], "udp 8K frag ↑    2.0 Gbit/s    skipped       -");
-        assert_eq!(lines[5], "fast-path share: 99.97% of 10000 packets");
-        assert_eq!(
-            lines[6],
-            "tapgate world→guest: no connection (iperf3 error: x)"
-        );
+    }
+
+    #[test]
+    fn failed_fills_every_direction() {
+        let r = PeerResults::failed("boom");
+        for d in Direction::ALL {
+            assert_eq!(r.get(d), Some(&Err("boom".to_owned())), "{d:?}");
+        }
     }
 }
