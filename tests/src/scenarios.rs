@@ -90,32 +90,32 @@ pub fn http_get(topo: &Topology) -> Result<()> {
 /// the server answer with 1 MiB, which must arrive whole (data towards the
 /// guest on a connection the guest half-closed).
 pub fn half_close_guest_first(topo: &Topology, port: u16) -> Result<()> {
+    half_close_guest_first_at(topo, world(port))
+}
+
+/// [`half_close_guest_first`] against a server at `at` (either family).
+pub fn half_close_guest_first_at(topo: &Topology, at: SocketAddr) -> Result<()> {
     let request = pattern(300_000, 1);
     let response = pattern(1 << 20, 2);
     let (want_request, reply) = (request.clone(), response.clone());
-    let server = serve_once(
-        topo.world(),
-        world(port),
-        THREAD_TIMEOUT,
-        move |mut s, _| {
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))?;
-            let mut got = Vec::new();
-            s.read_to_end(&mut got)
-                .context("server reading the request")?;
-            ensure!(
-                got == want_request,
-                "server got {} request bytes, want {}",
-                got.len(),
-                want_request.len()
-            );
-            s.write_all(&reply)
-                .context("server writing after the guest's FIN")?;
-            Ok(())
-        },
-    )?;
+    let server = serve_once(topo.world(), at, THREAD_TIMEOUT, move |mut s, _| {
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .context("server reading the request")?;
+        ensure!(
+            got == want_request,
+            "server got {} request bytes, want {}",
+            got.len(),
+            want_request.len()
+        );
+        s.write_all(&reply)
+            .context("server writing after the guest's FIN")?;
+        Ok(())
+    })?;
     let got = nsthread::run_in(topo.guest(), "guest", THREAD_TIMEOUT, move || {
-        let mut s = connect(world(port))?;
+        let mut s = connect(at)?;
         s.write_all(&request)?;
         s.shutdown(Shutdown::Write)?;
         let mut got = Vec::new();
@@ -139,27 +139,27 @@ pub fn half_close_guest_first(topo: &Topology, port: u16) -> Result<()> {
 /// guest reads it all, then sends 512 KiB, which the server must receive
 /// whole (data towards the world on a connection the world half-closed).
 pub fn half_close_server_first(topo: &Topology, port: u16) -> Result<()> {
+    half_close_server_first_at(topo, world(port))
+}
+
+/// [`half_close_server_first`] against a server at `at` (either family).
+pub fn half_close_server_first_at(topo: &Topology, at: SocketAddr) -> Result<()> {
     let greeting = pattern(256 << 10, 3);
     let answer = pattern(512 << 10, 4);
     let to_send = greeting.clone();
-    let server = serve_once(
-        topo.world(),
-        world(port),
-        THREAD_TIMEOUT,
-        move |mut s, _| {
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))?;
-            s.write_all(&to_send)?;
-            s.shutdown(Shutdown::Write)?;
-            let mut got = Vec::new();
-            s.read_to_end(&mut got)
-                .context("server reading after its FIN")?;
-            Ok(got)
-        },
-    )?;
+    let server = serve_once(topo.world(), at, THREAD_TIMEOUT, move |mut s, _| {
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        s.set_write_timeout(Some(IO_TIMEOUT))?;
+        s.write_all(&to_send)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .context("server reading after its FIN")?;
+        Ok(got)
+    })?;
     let reply = answer.clone();
     let got_greeting = nsthread::run_in(topo.guest(), "guest", THREAD_TIMEOUT, move || {
-        let mut s = connect(world(port))?;
+        let mut s = connect(at)?;
         let mut got = Vec::new();
         s.read_to_end(&mut got)
             .context("guest reading the greeting")?;
@@ -188,7 +188,7 @@ pub fn half_close_server_first(topo: &Topology, port: u16) -> Result<()> {
 
 /// A connected UDP socket (in the calling thread's namespace).
 pub fn udp_socket(to: SocketAddr) -> Result<UdpSocket> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let s = UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     s.connect(to)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     Ok(s)
@@ -226,13 +226,20 @@ pub struct UdpOutcome {
 }
 
 /// Against a UDP echo server at `198.51.100.2:port`: datagrams of 1, 100,
-/// 1000 and 1472 bytes come back; then `push 5` makes the server send five
+/// 1000 and 1472 bytes (1452 over IPv6) come back; then `push 5` makes the server send five
 /// datagrams of its own, which must all reach the guest.
 pub fn udp_round_trips(topo: &Topology, port: u16) -> Result<UdpOutcome> {
-    let server = UdpEchoServer::start(topo.world(), world(port))?;
+    udp_round_trips_at(topo, world(port))
+}
+
+/// [`udp_round_trips`] against a server at `at` (either family).
+pub fn udp_round_trips_at(topo: &Topology, at: SocketAddr) -> Result<UdpOutcome> {
+    let server = UdpEchoServer::start(topo.world(), at)?;
     let guest = nsthread::run_in(topo.guest(), "guest", THREAD_TIMEOUT, move || {
-        let s = udp_socket(world(port))?;
-        for len in [1, 100, 1000, 1472] {
+        let s = udp_socket(at)?;
+        // The largest datagram that fits the guest's MTU unfragmented.
+        let max = if at.is_ipv6() { 1500 - 48 } else { 1500 - 28 };
+        for len in [1, 100, 1000, max] {
             udp_echo(&s, &pattern(len, 5))?;
         }
         s.send(b"push 5")?;
@@ -262,9 +269,14 @@ pub fn udp_round_trips(topo: &Topology, port: u16) -> Result<UdpOutcome> {
 
 /// Empty datagrams echo as empty datagrams (and do not break the flow).
 pub fn udp_empty_datagrams(topo: &Topology, port: u16) -> Result<()> {
-    let server = UdpEchoServer::start(topo.world(), world(port))?;
+    udp_empty_datagrams_at(topo, world(port))
+}
+
+/// [`udp_empty_datagrams`] against a server at `at` (either family).
+pub fn udp_empty_datagrams_at(topo: &Topology, at: SocketAddr) -> Result<()> {
+    let server = UdpEchoServer::start(topo.world(), at)?;
     nsthread::run_in(topo.guest(), "guest", THREAD_TIMEOUT, move || {
-        let s = udp_socket(world(port))?;
+        let s = udp_socket(at)?;
         udp_echo(&s, b"").context("empty datagram")?;
         udp_echo(&s, b"x").context("datagram after an empty one")?;
         udp_echo(&s, b"").context("second empty datagram")

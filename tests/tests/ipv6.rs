@@ -9,12 +9,15 @@
 
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 
 use tapgate_tests::bulk::{self, Direction};
 use tapgate_tests::child::Child;
 use tapgate_tests::control;
+use tapgate_tests::nsthread;
 use tapgate_tests::running::Running;
+use tapgate_tests::scenarios;
 use tapgate_tests::scratch::ScratchDir;
 use tapgate_tests::servers::{HttpServer, TcpEchoServer, UdpEchoServer};
 use tapgate_tests::topology::{
@@ -31,6 +34,18 @@ const GATEWAY6: &str = "fd00::2";
 const DNS6: &str = "fd00::3";
 /// The address DHCPv6 hands out.
 const GUEST6: &str = "fd00::15";
+/// dhclient's script for the tests: the address only, never the machine's
+/// /etc/resolv.conf or hostname.
+const DHCLIENT6_SCRIPT: &str = r#"#!/bin/sh
+case "$reason" in
+BOUND6|RENEW6|REBIND6|REBOOT6)
+    [ -n "$new_ip6_address" ] && ip -6 addr replace "$new_ip6_address/$new_ip6_prefixlen" \
+        dev "$interface" valid_lft "${new_max_life:-forever}" preferred_lft "${new_preferred_life:-forever}" ;;
+RELEASE6|EXPIRE6|STOP6)
+    [ -n "$old_ip6_address" ] && ip -6 addr del "$old_ip6_address/$old_ip6_prefixlen" dev "$interface" ;;
+esac
+exit 0
+"#;
 /// Bound on the guest's autoconfiguration.
 const SLAAC_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -527,13 +542,33 @@ fn dhcpv6_lease_renew_and_release_with_dhclient() {
     let dir = ScratchDir::new("dhclient6").unwrap();
     let lease = dir.join("dhclient6.leases");
     let pid = dir.join("dhclient6.pid");
-    let (lease, pid) = (lease.to_str().unwrap(), pid.to_str().unwrap());
+    let script = dir.join("dhclient6-script");
+    // Debian's dhclient-script would write the machine's /etc/resolv.conf
+    // (network namespaces share /etc): this one only sets the address.
+    std::fs::write(&script, DHCLIENT6_SCRIPT).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (lease, pid, script) = (
+        lease.to_str().unwrap(),
+        pid.to_str().unwrap(),
+        script.to_str().unwrap(),
+    );
     // In the foreground with a 6 s lease: the binding, then a renewal at
     // T1 (3 s).
     let mut client = Child::spawn(
         {
             let mut c = run.topo.guest().cmd("dhclient");
-            c.args(["-6", "-d", "-v", "-lf", lease, "-pf", pid, GUEST_IFACE]);
+            c.args([
+                "-6",
+                "-d",
+                "-v",
+                "-sf",
+                script,
+                "-lf",
+                lease,
+                "-pf",
+                pid,
+                GUEST_IFACE,
+            ]);
             c
         },
         "dhclient -6",
@@ -566,6 +601,8 @@ fn dhcpv6_lease_renew_and_release_with_dhclient() {
             "-6",
             "-r",
             "-v",
+            "-sf",
+            script,
             "-lf",
             lease,
             "-pf",
@@ -600,7 +637,7 @@ fn dhcpv6_with_dhcpcd() {
     let conf = dir.join("dhcpcd.conf");
     std::fs::write(
         &conf,
-        "ipv6only\nnoipv6rs\nia_na 1\nduid\nnohook resolv.conf\noption dhcp6_name_servers, dhcp6_domain_search\n",
+        "ipv6only\nnoipv6rs\nia_na 1\nduid\nnohook resolv.conf\nnohook hostname\nnohook ntp.conf\noption dhcp6_name_servers, dhcp6_domain_search\n",
     )
     .unwrap();
     let (ok, out) = run.guest_out(
@@ -613,6 +650,9 @@ fn dhcpv6_with_dhcpcd() {
             "15",
             "-B",
             "-d",
+            // No hooks at all: they would write the machine's files.
+            "-c",
+            "/bin/true",
             GUEST_IFACE,
         ],
         Duration::from_secs(30),
@@ -622,5 +662,191 @@ fn dhcpv6_with_dhcpcd() {
         &["ip", "-6", "addr", "show", "dev", GUEST_IFACE],
         "dhcpcd's DHCPv6 address on eth0",
         |t| t.contains(&format!("inet6 {GUEST6}/128")),
+    );
+}
+
+/// `[2001:db8:1::2]:port`, the world's end of the uplink.
+fn world6(port: u16) -> SocketAddr {
+    SocketAddr::new(WORLD_ADDR6.parse().unwrap(), port)
+}
+
+#[test]
+fn half_close_both_ways_over_ipv6() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    run.ok(scenarios::half_close_guest_first_at(
+        &run.topo,
+        world6(5611),
+    ));
+    run.ok(scenarios::half_close_server_first_at(
+        &run.topo,
+        world6(5612),
+    ));
+}
+
+#[test]
+fn udp_over_ipv6_both_ways() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    let o = run.ok(scenarios::udp_round_trips_at(&run.topo, world6(5621)));
+    let host6: std::net::IpAddr = HOST_UPLINK_ADDR6.parse().unwrap();
+    run.check(
+        !o.world_peers.is_empty() && o.world_peers.iter().all(|p| p.ip() == host6),
+        format!("the world saw {:?}, not the host's address", o.world_peers),
+    );
+    run.ok(scenarios::udp_empty_datagrams_at(&run.topo, world6(5622)));
+}
+
+#[test]
+fn icmpv6_from_the_world_reaches_the_guest_translated() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    // A UDP port nobody listens on in the world: the world's kernel answers
+    // port unreachable to the host's address; the guest's connected socket
+    // must see ECONNREFUSED.
+    let got = run.ok(nsthread::run_in(
+        run.topo.guest(),
+        "udp6",
+        Duration::from_secs(20),
+        move || {
+            let s = scenarios::udp_socket(world6(5631))?;
+            for _ in 0..3 {
+                s.send(b"anyone?")?;
+                let mut b = [0u8; 16];
+                match s.recv(&mut b) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        return Ok(true);
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+            Ok(false)
+        },
+    ));
+    run.check(got, "no ECONNREFUSED from a closed world port over IPv6");
+    let stats = run.ok(control::stats(&run.topo));
+    run.check(
+        stats["icmp"]["translated_to_guest"]
+            .as_object()
+            .is_some_and(|m| m.values().any(|v| v.as_u64().unwrap_or(0) > 0)),
+        format!("no ICMP translated to the guest: {}", stats["icmp"]),
+    );
+}
+
+#[test]
+fn path_mtu_over_ipv6_with_a_1280_byte_uplink() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    run.ok(run
+        .topo
+        .host()
+        .ip(&["link", "set", "uplink0", "mtu", "1280"]));
+    // Only the host's side: the world still announces a 1440-byte MSS,
+    // so the guest's segments must be cut down by path MTU discovery.
+    // tapgate reads the uplink's MTU every few seconds.
+    std::thread::sleep(Duration::from_secs(6));
+    let hashes = run.ok(bulk::transfer_at(
+        &run.topo,
+        WORLD_ADDR6,
+        Direction::GuestToWorld,
+        16 << 20,
+        5641,
+        Duration::from_secs(60),
+    ));
+    run.check(
+        hashes.equal(),
+        format!("upload over a 1280-byte path: {hashes:?}"),
+    );
+    let route = run.ok(run
+        .topo
+        .guest()
+        .stdout(&["ip", "-6", "route", "get", WORLD_ADDR6]));
+    run.check(
+        route.contains("mtu 1280"),
+        format!("the guest learnt no path MTU: {route}"),
+    );
+}
+
+/// An idle IPv6 connection from the guest to the world, after one round
+/// trip: (guest end, world end).
+fn idle_pair6(run: &Running, port: u16) -> (std::net::TcpStream, std::net::TcpStream) {
+    let server = run.ok(tapgate_tests::servers::serve_once(
+        run.topo.world(),
+        world6(port),
+        Duration::from_secs(10),
+        |s, _| Ok(s),
+    ));
+    let mut guest = run.ok(nsthread::run_in(
+        run.topo.guest(),
+        "connect",
+        Duration::from_secs(20),
+        move || scenarios::connect(world6(port)),
+    ));
+    let mut world_end = run.ok(server.join(Duration::from_secs(20)));
+    world_end
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    guest.write_all(b"g").unwrap();
+    let mut b = [0u8; 1];
+    world_end.read_exact(&mut b).unwrap();
+    (guest, world_end)
+}
+
+#[test]
+fn keepalives_over_ipv6() {
+    let Some(run) = start(&["--keepalive-interval", "1", "--inactivity-interval", "0"]) else {
+        return;
+    };
+    run.wait_slaac();
+    let (mut guest, mut world_end) = idle_pair6(&run, 5651);
+    let stat = |k: &str| run.ok(control::stats(&run.topo))[k].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stat("keepalives_sent") < 2 {
+        run.check(Instant::now() < deadline, "no keepalives over IPv6");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The guest answered them: the connection still works.
+    guest.write_all(b"h").unwrap();
+    let mut b = [0u8; 1];
+    world_end.read_exact(&mut b).unwrap();
+    run.check(
+        &b == b"h" && stat("probe_resets") == 0,
+        "the connection broke",
+    );
+}
+
+#[test]
+fn inactivity_resets_idle_ipv6_connections() {
+    let Some(run) = start(&["--keepalive-interval", "0", "--inactivity-interval", "2"]) else {
+        return;
+    };
+    run.wait_slaac();
+    let (mut guest, mut world_end) = idle_pair6(&run, 5652);
+    // No packet at all for an inactivity interval: reset on both sides.
+    let began = Instant::now();
+    let mut buf = [0u8; 8];
+    let r = world_end.read(&mut buf);
+    run.check(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        format!(
+            "the world end was not reset: {r:?} after {:?}",
+            began.elapsed()
+        ),
+    );
+    guest
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = guest.read(&mut buf);
+    run.check(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        format!("the guest end was not reset: {r:?}"),
     );
 }
