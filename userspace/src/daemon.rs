@@ -826,6 +826,11 @@ impl State {
                     // large ping) or for a flow.
                     _ => services.handle(p.frame, now),
                 };
+                if let Some(a) = services.guest_addr6()
+                    && manager.guest_addr6() != Some(a)
+                {
+                    manager.set_guest_addr6(a);
+                }
                 match claim {
                     Claim::Reply(frame) => {
                         // A reply to a reassembled request (a large ping

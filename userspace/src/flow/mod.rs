@@ -456,6 +456,8 @@ enum Side {
 pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     guest: GuestNetConfig,
     guest6: Option<GuestNet6Config>,
+    /// The guest's current IPv6 address (inbound IPv6 forwards go there).
+    guest_addr6: Option<Ipv6Addr>,
     tap_ifindex: u32,
     uplink_ifindex: u32,
     uplink_mtu: u16,
@@ -513,6 +515,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             policy,
             guest,
             guest6,
+            guest_addr6: None,
             tap_ifindex,
             uplink_ifindex,
             uplink_mtu,
@@ -529,6 +532,17 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             guest_mac: None,
             icmp_limit: icmp::Limiter::new(),
         }
+    }
+
+    /// Sets the guest's current IPv6 address (from the guest services:
+    /// its DHCPv6 lease or the first address it was seen to use).
+    pub fn set_guest_addr6(&mut self, addr: Ipv6Addr) {
+        self.guest_addr6 = Some(addr);
+    }
+
+    /// The guest's current IPv6 address, once known.
+    pub fn guest_addr6(&self) -> Option<Ipv6Addr> {
+        self.guest_addr6
     }
 
     /// Sets the uplink's MTU (it may change while tapgate runs).

@@ -78,6 +78,27 @@ struct V6 {
     cfg: GuestNet6Config,
     ndp: Ndp,
     dhcp: Dhcpv6Server,
+    /// The guest's addresses in the prefix, in the order they were seen
+    /// (duplicate-address probes, then sources), at most [`LEARNED6_MAX`].
+    learned: Vec<std::net::Ipv6Addr>,
+}
+
+/// How many of the guest's IPv6 addresses are remembered.
+const LEARNED6_MAX: usize = 16;
+
+impl V6 {
+    /// Remembers `a` as one of the guest's addresses if it is one it may
+    /// use (in the prefix, not the gateway's).
+    fn learn(&mut self, a: std::net::Ipv6Addr) {
+        if self.cfg.in_prefix(a)
+            && !self.cfg.is_gateway_addr(a)
+            && !self.learned.contains(&a)
+            && self.learned.len() < LEARNED6_MAX
+        {
+            info!("guest IPv6 address {a}");
+            self.learned.push(a);
+        }
+    }
 }
 
 /// The gateway's services for one guest.
@@ -101,6 +122,7 @@ impl GuestServices {
                 ndp: Ndp::new(cfg.clone(), now),
                 dhcp: Dhcpv6Server::new(cfg.clone()),
                 cfg,
+                learned: Vec::new(),
             }),
             guest_mac: None,
             stats: ServiceStats::default(),
@@ -133,6 +155,18 @@ impl GuestServices {
         if let Some((mac, expires)) = state.lease(now) {
             self.dhcp.restore_lease(mac, expires);
         }
+    }
+
+    /// The guest's IPv6 address inbound IPv6 forwards go to: the DHCPv6
+    /// address while it is leased, else the first address the guest was
+    /// seen to use (its first duplicate-address probe in the prefix, or
+    /// its first source there) — with SLAAC, its stable address.
+    pub fn guest_addr6(&self) -> Option<std::net::Ipv6Addr> {
+        let v6 = self.v6.as_ref()?;
+        if v6.dhcp.lease().is_some() {
+            return Some(v6.cfg.guest_addr);
+        }
+        v6.learned.first().copied()
     }
 
     /// Frames the services send unasked at `now` (unsolicited router
@@ -205,6 +239,15 @@ impl GuestServices {
                 // Router/Neighbor Solicitation and Advertisement, Redirect.
                 Some(ty @ 133..=137) => {
                     let reply = v6.ndp.handle(frame)?;
+                    // A duplicate-address probe names an address the guest
+                    // is about to use.
+                    if ty == 135
+                        && src.is_unspecified()
+                        && let Some(t) = ip.payload().get(8..24)
+                        && let Ok(t) = <[u8; 16]>::try_from(t)
+                    {
+                        v6.learn(std::net::Ipv6Addr::from(t));
+                    }
                     if reply.is_some() {
                         match ty {
                             133 => self.stats.router_adverts += 1,
@@ -236,6 +279,7 @@ impl GuestServices {
             self.stats.ipv6_bad_source += 1;
             return Ok(Claim::Consumed);
         }
+        v6.learn(src);
         Ok(Claim::NotMine)
     }
 }
@@ -341,5 +385,24 @@ mod tests {
         // With it, the first unsolicited RA is due at once.
         assert_eq!(s.poll(now).len(), 1);
         assert_eq!(s.stats().router_adverts, 1);
+    }
+
+    #[test]
+    fn the_guests_ipv6_address_is_the_first_it_used() {
+        let cfg6 = GuestNet6Config::default();
+        let mut s = GuestServices::new(GuestNetConfig::default(), Some(cfg6.clone()));
+        let now = Instant::now();
+        let world: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+        assert_eq!(s.guest_addr6(), None);
+        let stable: std::net::Ipv6Addr = "fd00::5054:ff:fe12:3456".parse().unwrap();
+        let temp: std::net::Ipv6Addr = "fd00::1234:5678:9abc:def0".parse().unwrap();
+        let _ = s.handle(&udp6(stable, world), now);
+        let _ = s.handle(&udp6(temp, world), now);
+        // Spoofed and link-local sources are never learnt.
+        let _ = s.handle(&udp6("fe80::1".parse().unwrap(), world), now);
+        assert_eq!(s.guest_addr6(), Some(stable));
+        // Without IPv6 there is none.
+        let off = GuestServices::new(GuestNetConfig::default(), None);
+        assert_eq!(off.guest_addr6(), None);
     }
 }
