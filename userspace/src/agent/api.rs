@@ -122,6 +122,21 @@ pub struct AttachSettings {
     /// The gateway's MAC address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// `--address6`: the guest's IPv6 address and prefix (`fd00::15/64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<String>,
+    /// `--gateway6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<String>,
+    /// `--dns6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns6: Option<String>,
+    /// `--dns-search`, one per domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_search: Option<Vec<String>>,
+    /// `false` = `--no-ipv6`: serve the guest no IPv6 at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
     /// DHCP lease time in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp_lease: Option<u32>,

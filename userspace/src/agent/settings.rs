@@ -35,6 +35,9 @@ pub fn run_flags(s: &AttachSettings) -> Vec<(&'static str, &'static str, Option<
         ("gateway", "--gateway", s.gateway.clone()),
         ("dns", "--dns", s.dns.clone()),
         ("mac", "--mac", s.mac.clone()),
+        ("address6", "--address6", s.address6.clone()),
+        ("gateway6", "--gateway6", s.gateway6.clone()),
+        ("dns6", "--dns6", s.dns6.clone()),
         (
             "dhcpLease",
             "--dhcp-lease",
@@ -70,6 +73,12 @@ pub fn run_flags(s: &AttachSettings) -> Vec<(&'static str, &'static str, Option<
     }
     if s.allow_host == Some(true) {
         out.push(("allowHost", "--allow-host", None));
+    }
+    if s.ipv6 == Some(false) {
+        out.push(("ipv6", "--no-ipv6", None));
+    }
+    for d in s.dns_search.iter().flatten() {
+        out.push(("dnsSearch", "--dns-search", Some(d.clone())));
     }
     out
 }
@@ -125,6 +134,7 @@ pub fn run_args(ifname: &str, s: &AttachSettings, log: LogLevel) -> Result<RunAr
         return Err("internal error: not a run command".into());
     };
     args.guest_config().map_err(|e| e.to_string())?;
+    args.guest_config6().map_err(|e| e.to_string())?;
     args.forwards(crate::fwd::host_ephemeral_range())
         .map_err(|e| format!("port forwarding rules: {e}"))?;
     Ok(args)
@@ -165,6 +175,41 @@ mod tests {
         assert_eq!((a.keepalive_interval, a.inactivity_interval), (30, 600));
         assert!(a.allow_host);
         assert_eq!(a.log_level, LogLevel::Debug);
+    }
+
+    #[test]
+    fn ipv6_settings_map_onto_flags() {
+        let s = AttachSettings {
+            address6: Some("fd42::10/64".into()),
+            gateway6: Some("fd42::1".into()),
+            dns6: Some("fd42::53".into()),
+            dns_search: Some(vec!["pod.example".into(), "example".into()]),
+            ..AttachSettings::default()
+        };
+        let a = run_args("tap0", &s, LogLevel::Info).unwrap();
+        let c = a.guest_config6().unwrap().unwrap();
+        assert_eq!(c.guest_addr.to_string(), "fd42::10");
+        assert_eq!(c.gateway.to_string(), "fd42::1");
+        assert_eq!(c.search, vec!["pod.example", "example"]);
+        let off = AttachSettings {
+            ipv6: Some(false),
+            ..AttachSettings::default()
+        };
+        assert!(run_args("tap0", &off, LogLevel::Info)
+            .unwrap()
+            .guest_config6()
+            .unwrap()
+            .is_none());
+        let e = run_args(
+            "tap0",
+            &AttachSettings {
+                gateway6: Some("fd43::1".into()),
+                ..AttachSettings::default()
+            },
+            LogLevel::Info,
+        )
+        .unwrap_err();
+        assert!(e.contains("--gateway6"), "{e}");
     }
 
     #[test]

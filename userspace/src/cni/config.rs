@@ -357,6 +357,11 @@ fn settings(obj: &Map<String, Value>) -> Result<AttachSettings, CniError> {
         gateway: take(obj, "gateway")?,
         dns,
         mac: take(obj, "mac")?,
+        address6: take(obj, "address6")?,
+        gateway6: take(obj, "gateway6")?,
+        dns6: take(obj, "dns6")?,
+        dns_search: take(obj, "dnsSearch")?,
+        ipv6: take(obj, "ipv6")?,
         dhcp_lease: take(obj, "dhcpLease")?,
         dns_upstream: take(obj, "dnsUpstream")?,
         tcp_ports: take(obj, "tcpPorts")?,
@@ -430,6 +435,15 @@ pub fn check_settings(s: &AttachSettings) -> Result<(), CniError> {
         let key = match &e {
             ConfigError::GuestAddress(..) | ConfigError::Prefix(_) => "address",
             ConfigError::OutsideSubnet { flag, .. } => flag,
+        };
+        CniError::config(key, e)
+    })?;
+    args.guest_config6().map_err(|e| {
+        let key = match &e {
+            crate::cli::Config6Error::Prefix(_) | crate::cli::Config6Error::GuestAddress(_) => {
+                "address6"
+            }
+            crate::cli::Config6Error::OutsidePrefix { flag, .. } => flag,
         };
         CniError::config(key, e)
     })?;
@@ -632,6 +646,13 @@ mod tests {
             ("maxFlows", "8"),
             ("maxFlows", "99999999"),
             ("allowHost", r#""yes""#),
+            ("address6", r#""fd00::15""#),
+            ("address6", r#""fe80::15/64""#),
+            ("gateway6", r#""fd01::2""#),
+            ("dns6", r#""nope""#),
+            ("dnsSearch", r#""example.com""#),
+            ("dnsSearch", r#"["bad domain"]"#),
+            ("ipv6", r#""no""#),
             ("agentSocket", r#""run/agent.sock""#),
             ("agentSocket", "1"),
             ("name", r#""-bad""#),
