@@ -5,8 +5,11 @@
 //! Flows live in the kernel maps, which outlive the daemon when it keeps
 //! its datapath (see `loader`). What does not is the guest's identity
 //! towards the gateway's services: its MAC address (the destination of
-//! inbound forwards and of the gateway's replies) and its DHCP lease (so
-//! the renewal of a lease granted before the restart is ACKed, not NAKed).
+//! inbound forwards and of the gateway's replies), its DHCP lease (so
+//! the renewal of a lease granted before the restart is ACKed, not NAKed),
+//! its DHCPv6 lease (client DUID and expiry) and the IPv6 address inbound
+//! IPv6 forwards go to. The IPv6 fields are optional, so a file written
+//! before them still loads.
 //! The daemon writes both to a small JSON file whenever they change —
 //! atomically, to a temporary name renamed over the file — and reads it
 //! back when it adopts a datapath. Times are stored as wall-clock seconds
@@ -55,6 +58,31 @@ pub struct GuestState {
     lease_mac: Option<[u8; 6]>,
     /// The lease's expiry, seconds since the Unix epoch.
     lease_expires_unix: Option<u64>,
+    /// The DHCPv6 lease holder's DUID (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease6_duid: Option<String>,
+    /// The DHCPv6 lease's expiry, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lease6_expires_unix: Option<u64>,
+    /// The guest's IPv6 address for inbound forwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    guest_addr6: Option<std::net::Ipv6Addr>,
+}
+
+/// `bytes` as lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of a hex string; `None` if it is not one.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()))
+        .collect()
 }
 
 fn unix_now() -> u64 {
@@ -76,18 +104,51 @@ impl GuestState {
             lease_expires_unix: lease.map(|(_, e)| {
                 unix_now().saturating_add(e.saturating_duration_since(now).as_secs())
             }),
+            ..Self::default()
         }
+    }
+
+    /// Adds the IPv6 side: the DHCPv6 lease (client DUID, expiry) and the
+    /// guest's IPv6 address.
+    pub fn with_ipv6(
+        mut self,
+        lease6: Option<(Vec<u8>, Instant)>,
+        addr6: Option<std::net::Ipv6Addr>,
+    ) -> Self {
+        let now = Instant::now();
+        self.lease6_duid = lease6.as_ref().map(|(d, _)| hex(d));
+        self.lease6_expires_unix = lease6
+            .map(|(_, e)| unix_now().saturating_add(e.saturating_duration_since(now).as_secs()));
+        self.guest_addr6 = addr6;
+        self
+    }
+
+    /// The DHCPv6 lease (client DUID, expiry), if one was granted and has
+    /// not expired by now.
+    pub fn lease6(&self, now: Instant) -> Option<(Vec<u8>, Instant)> {
+        let duid = unhex(self.lease6_duid.as_deref()?)?;
+        let left = self.lease6_expires_unix?.checked_sub(unix_now())?;
+        (left > 0 && !duid.is_empty()).then(|| (duid, now + Duration::from_secs(left)))
+    }
+
+    /// The guest's IPv6 address, if it was known.
+    pub fn guest_addr6(&self) -> Option<std::net::Ipv6Addr> {
+        self.guest_addr6
     }
 
     /// Whether `other` says the same (lease expiries within two seconds:
     /// both are rounded from a monotonic clock, so they jitter).
     pub fn same_as(&self, other: &GuestState) -> bool {
+        let close = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => a.abs_diff(b) <= 2,
+            (a, b) => a == b,
+        };
         self.guest_mac == other.guest_mac
             && self.lease_mac == other.lease_mac
-            && match (self.lease_expires_unix, other.lease_expires_unix) {
-                (Some(a), Some(b)) => a.abs_diff(b) <= 2,
-                (a, b) => a == b,
-            }
+            && close(self.lease_expires_unix, other.lease_expires_unix)
+            && self.lease6_duid == other.lease6_duid
+            && close(self.lease6_expires_unix, other.lease6_expires_unix)
+            && self.guest_addr6 == other.guest_addr6
     }
 
     /// The guest's MAC address, if it was known.
@@ -186,6 +247,7 @@ mod tests {
             guest_mac: Some([2, 0, 0, 0, 0, 1]),
             lease_mac: Some([2, 0, 0, 0, 0, 1]),
             lease_expires_unix: Some(1000),
+            ..GuestState::default()
         };
         let b = GuestState {
             lease_expires_unix: Some(1001),
@@ -201,11 +263,39 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_lease_and_address_round_trip_and_old_files_load() {
+        let now = Instant::now();
+        let addr: std::net::Ipv6Addr = "fd00::15".parse().unwrap();
+        let duid = vec![0, 1, 0, 1, 0xde, 0xad, 0xbe, 0xef];
+        let s = GuestState::new(None, None).with_ipv6(
+            Some((duid.clone(), now + Duration::from_secs(600))),
+            Some(addr),
+        );
+        let text = serde_json::to_string(&s).unwrap();
+        let back: GuestState = serde_json::from_str(&text).unwrap();
+        assert!(back.same_as(&s));
+        let (d, e) = back.lease6(now).unwrap();
+        assert_eq!(d, duid);
+        assert!((598..=600).contains(&e.duration_since(now).as_secs()));
+        assert_eq!(back.guest_addr6(), Some(addr));
+        // A file from before the IPv6 fields.
+        let old: GuestState = serde_json::from_str(
+            r#"{"guestMac":[2,0,0,0,0,1],"leaseMac":null,"leaseExpiresUnix":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.lease6(now), None);
+        assert_eq!(old.guest_addr6(), None);
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("0a0"), None);
+    }
+
+    #[test]
     fn expired_lease_is_not_restored() {
         let s = GuestState {
             guest_mac: Some([2, 0, 0, 0, 0, 1]),
             lease_mac: Some([2, 0, 0, 0, 0, 1]),
             lease_expires_unix: Some(unix_now().saturating_sub(5)),
+            ..GuestState::default()
         };
         assert!(s.lease(Instant::now()).is_none());
     }

@@ -140,9 +140,11 @@ impl GuestServices {
     }
 
     /// What a restarted daemon needs to go on serving the same guest: its
-    /// MAC address and its DHCP lease.
+    /// MAC address, its DHCP and DHCPv6 leases, its IPv6 address.
     pub fn snapshot(&self) -> crate::state::GuestState {
+        let v6 = self.v6.as_ref();
         crate::state::GuestState::new(self.guest_mac, self.dhcp.lease())
+            .with_ipv6(v6.and_then(|v| v.dhcp.lease()), self.guest_addr6())
     }
 
     /// Puts back what [`Self::snapshot`] saved.
@@ -154,6 +156,14 @@ impl GuestServices {
         }
         if let Some((mac, expires)) = state.lease(now) {
             self.dhcp.restore_lease(mac, expires);
+        }
+        if let Some(v6) = self.v6.as_mut() {
+            if let Some((duid, expires)) = state.lease6(now) {
+                v6.dhcp.restore_lease(duid, expires);
+            }
+            if let Some(a) = state.guest_addr6() {
+                v6.learn(a);
+            }
         }
     }
 
