@@ -850,3 +850,32 @@ fn inactivity_resets_idle_ipv6_connections() {
         format!("the guest end was not reset: {r:?}"),
     );
 }
+
+#[test]
+fn dns_on_the_ipv6_address_is_relayed_to_an_ipv4_resolver() {
+    let Some(run) = start(&["--dns-upstream", tapgate_tests::topology::WORLD_ADDR]) else {
+        return;
+    };
+    let dns = run.ok(tapgate_tests::servers::DnsServer::start(
+        run.topo.world(),
+        SocketAddr::new(tapgate_tests::topology::WORLD_ADDR.parse().unwrap(), 53),
+        "192.0.2.77".parse().unwrap(),
+    ));
+    run.wait_slaac();
+    let answer = run.ok(tapgate_tests::scenarios::dig(
+        &run.topo,
+        DNS6,
+        "example.test",
+    ));
+    run.check(
+        answer == "192.0.2.77",
+        format!(
+            "dig @{DNS6}: {answer:?} (upstream saw {} queries)",
+            dns.queries()
+        ),
+    );
+    run.check(
+        run.service("dns6_relayed") >= 1,
+        "the query was not relayed",
+    );
+}

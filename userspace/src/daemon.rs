@@ -341,7 +341,13 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
 
     let mut fcfg = FlowConfig::new(cfg.clone(), tap.index, uplink.index);
     fcfg.guest6 = cfg6.clone();
-    fcfg.dns_upstream6 = flow::resolv::resolve_upstream6();
+    // An operator-named resolver (IPv4) serves both DNS addresses (the
+    // IPv6 one through the relay); otherwise resolv.conf's IPv6 one, if any.
+    fcfg.dns_upstream6 = if args.dns_upstream.is_some() {
+        None
+    } else {
+        flow::resolv::resolve_upstream6()
+    };
     fcfg.uplink_mtu = uplink_mtu(&uplink).context("uplink")?;
     fcfg.last_ack_timeout = Duration::from_secs(args.last_ack_timeout);
     fcfg.udp_timeout = Duration::from_secs(args.udp_timeout);
@@ -359,8 +365,22 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
             cfg.dns
         ),
     }
+    let fcfg_dns6_missing = fcfg.guest6.is_some() && fcfg.dns_upstream6.is_none();
+    let dns_upstream4 = fcfg.dns_upstream;
     let mut manager = FlowManager::new(fcfg, flow_maps, SocketPorts::new());
     let mut services = GuestServices::new(cfg.clone(), cfg6.clone());
+    // The IPv6 DNS address needs an IPv6 resolver to be a NAT flow; with
+    // an IPv4 one only, the services relay it.
+    let dns_relay_fd = match (fcfg_dns6_missing, dns_upstream4) {
+        (true, Some(up)) => match services.enable_dns_relay(up) {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!("dns: cannot relay the IPv6 DNS address: {e}");
+                None
+            }
+        },
+        _ => None,
+    };
     let mut flows_adopted = 0;
     if adopted {
         flows_adopted = manager.adopt(Instant::now()).flows;
@@ -511,6 +531,33 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
                 }
             }
         };
+        let dns_relay = async {
+            let Some(fd) = dns_relay_fd else {
+                return std::future::pending().await;
+            };
+            let afd = match crate::aio::register(fd, tokio::io::Interest::READABLE) {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!("dns: relay socket: {e}");
+                    return std::future::pending().await;
+                }
+            };
+            loop {
+                match afd.readable().await {
+                    Ok(mut ready) => ready.clear_ready(),
+                    Err(e) => {
+                        warn!("dns: relay socket: {e}");
+                        return std::future::pending().await;
+                    }
+                }
+                let frames = state.services.borrow_mut().dns_relay_answers();
+                for f in frames {
+                    if let Err(e) = injectors.send(&Output::ToGuest(f)).await {
+                        warn!("{e}");
+                    }
+                }
+            }
+        };
         let control = async {
             match listener {
                 Some(l) => control::serve(l, &state).await,
@@ -523,6 +570,7 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
             () = control => Ok(Ended::Stopped(Stop::Detach)),
             () = forward_bpf_logs(bpf_logger) => Ok(Ended::Stopped(Stop::Detach)),
             () = answer(queries, &state) => Ok(Ended::Stopped(Stop::Detach)),
+            () = dns_relay => Ok(Ended::Stopped(Stop::Detach)),
             s = stopped(stop, hooks.keep_on_signal) => s.map(Ended::Stopped),
         };
         if let Some(path) = &hooks.state_file {
@@ -957,6 +1005,7 @@ impl ControlSource for State {
                 "neighbor_adverts": s.neighbor_adverts,
                 "router_adverts": s.router_adverts,
                 "ipv6_bad_source": s.ipv6_bad_source,
+                "dns6_relayed": s.dns6_relayed,
                 "malformed": s.malformed,
                 "unhandled": s.unhandled,
             },

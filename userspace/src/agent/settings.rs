@@ -195,11 +195,13 @@ mod tests {
             ipv6: Some(false),
             ..AttachSettings::default()
         };
-        assert!(run_args("tap0", &off, LogLevel::Info)
-            .unwrap()
-            .guest_config6()
-            .unwrap()
-            .is_none());
+        assert!(
+            run_args("tap0", &off, LogLevel::Info)
+                .unwrap()
+                .guest_config6()
+                .unwrap()
+                .is_none()
+        );
         let e = run_args(
             "tap0",
             &AttachSettings {

@@ -15,6 +15,7 @@
 //! | IPv6 | Neighbor Discovery: NA for the gateway's addresses, RAs | [`ndp`] |
 //! | IPv6 | DHCPv6 server | [`dhcpv6`] |
 //! | IPv6 | echo to the gateway | [`icmpv6`] |
+//! | IPv6 | DNS on the IPv6 DNS address, relayed to an IPv4 resolver | [`dns`] |
 //!
 //! Each service returns at most one reply frame, which the caller writes
 //! back on the tap; [`GuestServices::poll`] yields what the services send
@@ -40,6 +41,7 @@ use crate::config::{GuestNet6Config, GuestNetConfig};
 pub mod arp;
 pub mod dhcpv4;
 pub mod dhcpv6;
+pub mod dns;
 pub mod echo;
 pub mod error;
 pub mod icmpv6;
@@ -67,6 +69,8 @@ pub struct ServiceStats {
     pub router_adverts: u64,
     /// The guest's IPv6 packets from a source outside its prefix.
     pub ipv6_bad_source: u64,
+    /// DNS queries to the IPv6 DNS address relayed to an IPv4 resolver.
+    pub dns6_relayed: u64,
     /// Frames dropped because they failed to parse.
     pub malformed: u64,
     /// Well-formed frames no service handles (yet).
@@ -81,6 +85,9 @@ struct V6 {
     /// The guest's addresses in the prefix, in the order they were seen
     /// (duplicate-address probes, then sources), at most [`LEARNED6_MAX`].
     learned: Vec<std::net::Ipv6Addr>,
+    /// The relay for the IPv6 DNS address, when the host's resolver is
+    /// IPv4 only.
+    relay: Option<dns::DnsRelay>,
 }
 
 /// How many of the guest's IPv6 addresses are remembered.
@@ -123,6 +130,7 @@ impl GuestServices {
                 dhcp: Dhcpv6Server::new(cfg.clone()),
                 cfg,
                 learned: Vec::new(),
+                relay: None,
             }),
             guest_mac: None,
             stats: ServiceStats::default(),
@@ -179,12 +187,41 @@ impl GuestServices {
         v6.learned.first().copied()
     }
 
+    /// Serves the IPv6 DNS address by relaying to the IPv4 resolver
+    /// `upstream` (for a host without an IPv6 resolver); returns a
+    /// duplicate of the relay's socket to wait on, `None` without IPv6.
+    pub fn enable_dns_relay(
+        &mut self,
+        upstream: std::net::Ipv4Addr,
+    ) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+        let Some(v6) = self.v6.as_mut() else {
+            return Ok(None);
+        };
+        let relay = dns::DnsRelay::new(v6.cfg.clone(), upstream)?;
+        let fd = relay.socket().try_clone()?;
+        info!("dns: {}:53 relayed to {upstream}:53", v6.cfg.dns);
+        v6.relay = Some(relay);
+        Ok(Some(std::os::fd::OwnedFd::from(fd)))
+    }
+
+    /// The relayed DNS answers waiting for the guest, as frames.
+    pub fn dns_relay_answers(&mut self) -> Vec<Vec<u8>> {
+        self.v6
+            .as_mut()
+            .and_then(|v| v.relay.as_mut())
+            .map(dns::DnsRelay::answers)
+            .unwrap_or_default()
+    }
+
     /// Frames the services send unasked at `now` (unsolicited router
     /// advertisements).
     pub fn poll(&mut self, now: Instant) -> Vec<Vec<u8>> {
         let Some(v6) = self.v6.as_mut() else {
             return Vec::new();
         };
+        if let Some(r) = v6.relay.as_mut() {
+            r.expire(now);
+        }
         let adverts: Vec<Vec<u8>> = v6.ndp.poll(now).into_iter().collect();
         self.stats.router_adverts += adverts.len() as u64;
         adverts
@@ -272,6 +309,13 @@ impl GuestServices {
                 }
                 _ => {}
             },
+            IpProtocol::Udp if v6.relay.as_ref().is_some_and(|r| r.is_query(frame)) => {
+                if let Some(r) = v6.relay.as_mut() {
+                    r.query(frame, now)?;
+                    self.stats.dns6_relayed += 1;
+                }
+                return Ok(Claim::Consumed);
+            }
             IpProtocol::Udp if dhcpv6::is_dhcpv6_request(frame) => {
                 let reply = v6.dhcp.handle(frame, now)?;
                 return Ok(Claim::from(
