@@ -879,3 +879,36 @@ fn dns_on_the_ipv6_address_is_relayed_to_an_ipv4_resolver() {
         "the query was not relayed",
     );
 }
+
+#[test]
+fn traceroute6_sees_the_gateway_then_the_destination() {
+    let Some(run) = start(&[]) else {
+        return;
+    };
+    run.wait_slaac();
+    let (ok, out) = run.guest_out(
+        &[
+            "traceroute",
+            "-6",
+            "-n",
+            "-q",
+            "1",
+            "-w",
+            "2",
+            "-m",
+            "4",
+            WORLD_FAR_ADDR6,
+        ],
+        Duration::from_secs(30),
+    );
+    let hops: Vec<Vec<&str>> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    run.check(
+        ok && hops.first().and_then(|h| h.get(1)) == Some(&GATEWAY6)
+            && hops.get(1).and_then(|h| h.get(1)) == Some(&WORLD_FAR_ADDR6),
+        format!("traceroute -6:\n{out}"),
+    );
+}
