@@ -22,7 +22,10 @@ use bytemuck::{Pod, Zeroable};
 /// adopted by another (restart without loss) only if both have the same
 /// version, so it must be bumped with any change to the maps listed in
 /// [`PINNED_MAPS`] or to the types stored in them.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+///
+/// History: 1, the first pinned layout; 2, [`FwdPrefix`] carries a family
+/// and a 16-byte address (inbound forwards over IPv6).
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// The maps that outlive a restarting daemon (pinned under bpffs): the flow
 /// table and everything a running flow or a pending punt depends on. The
@@ -368,29 +371,37 @@ pub const FWD_PORTS_MAP: &str = "TG_FWD_PORTS";
 /// Capacity of [`FWD_PORTS_MAP`] in prefixes (trie nodes are allocated on
 /// insert; the capacity costs nothing until used).
 pub const FWD_PORTS_MAX: u32 = 65536;
-/// Bits of a [`FwdPrefix`] that every entry matches exactly: the address
-/// and the protocol.
-pub const FWD_PREFIX_FIXED_BITS: u32 = 40;
-/// Bits of a whole [`FwdPrefix`] (the prefix length of a lookup).
-pub const FWD_PREFIX_BITS: u32 = 56;
+/// Bits of a [`FwdPrefix`] that every entry matches exactly: the family,
+/// the address and the protocol (8 + 128 + 8).
+pub const FWD_PREFIX_FIXED_BITS: u32 = 144;
+/// Bits of a whole [`FwdPrefix`] (the prefix length of a lookup): the
+/// fixed part and the 16-bit port.
+pub const FWD_PREFIX_BITS: u32 = FWD_PREFIX_FIXED_BITS + 16;
 
-/// Data of a [`FWD_PORTS_MAP`] key, in match order: a host address, a
-/// protocol and a host port (big-endian, so a port range is a bit prefix).
-/// Entries always match address and protocol exactly: user space
-/// publishes a rule without an address once per address of the host, so
-/// traffic routed through the host, or to a multicast or broadcast
-/// address, never matches.
+/// Data of a [`FWD_PORTS_MAP`] key, in match order: an address family, a
+/// host address, a protocol and a host port (big-endian, so a port range
+/// is a bit prefix). Entries always match family, address and protocol
+/// exactly: user space publishes a rule without an address once per
+/// address of the host, of both families, so traffic routed through the
+/// host, or to a multicast or broadcast address, never matches. The family
+/// comes first so an IPv4 address (in the first four bytes of `addr`, the
+/// rest zero, as in [`FlowKey`]) never matches an IPv6 address that
+/// happens to share those bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
 pub struct FwdPrefix {
-    /// The host (destination) IPv4 address.
-    pub addr: [u8; 4],
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// The host (destination) address: IPv6 as on the wire, IPv4 in the
+    /// first four bytes and the rest zero ([`ipv4_to_16`]).
+    pub addr: [u8; 16],
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
     /// The host (destination) port, big-endian.
     pub port: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FwdPrefix>() == 7);
+const _: () = assert!(core::mem::size_of::<FwdPrefix>() == 20);
+const _: () = assert!(FWD_PREFIX_BITS as usize == 8 * core::mem::size_of::<FwdPrefix>());
 
 /// Name of the fragment-tracking map: [`FragKey`] → the time (ns,
 /// `bpf_ktime_get_ns`) the first fragment of a datagram of one of our flows

@@ -15,11 +15,14 @@
 //! Anything the fast path does not handle leaves through the single punt
 //! exit with a reason; a packet on the uplink that matches no flow is
 //! returned untouched (`TCX_NEXT`), unless it opens a connection to a
-//! forwarded host port (a pure SYN, or any UDP datagram, to a port in
-//! `TG_FWD_PORTS`; IPv4 only, the trie's keys are IPv4): that one is
-//! punted (`Forward`) for user space to install the inbound flow. Other
-//! segments to a forwarded port without a flow reach the host stack, whose
+//! forwarded host port (a pure SYN, or any UDP datagram, to an (address,
+//! protocol, port) in `TG_FWD_PORTS`, IPv4 and IPv6 alike: the trie's keys
+//! carry the family and a 16-byte address): that one is punted
+//! (`Forward`) for user space to install the inbound flow. Other segments
+//! to a forwarded port without a flow reach the host stack, whose
 //! bound-but-not-listening socket on the port answers them with an RST.
+//! An IPv6 opening that arrives fragmented is not recognised (IPv6
+//! fragments from the world are never ours, see below).
 //!
 //! The checks that send a packet of a known flow to user space instead:
 //! the flow is still in its handshake; a SYN on an established flow; IPv4
@@ -215,7 +218,7 @@ pub fn from_tap(ctx: &TcContext, family: Family) -> i32 {
 /// Ours are: packets matching a flow entry (of ICMP, echo replies), ICMP
 /// errors quoting a packet of a flow (punted for translation), IPv4
 /// fragments of datagrams of a flow ([`uplink_fragment`]) and openings of
-/// forwarded ports (IPv4).
+/// forwarded ports (either family, [`opens_forward`]).
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext, family: Family) -> i32 {
     let Some(p) = parse::l4(ctx, family) else {
@@ -323,12 +326,11 @@ fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
 
 /// Whether a packet that matched no flow opens one to a forwarded port: a
 /// pure SYN (TCP) or any datagram (UDP) to a port `TG_FWD_PORTS` covers for
-/// its destination address. IPv4 only: the trie's keys are IPv4 addresses.
+/// its family and destination address (IPv4 or IPv6; the packet's 16-byte
+/// address is already in the trie's form, an IPv4 address in the first
+/// four bytes).
 #[inline(always)]
 fn opens_forward(p: &Packet) -> bool {
-    if p.family != Family::V4 {
-        return false;
-    }
     let opening = match p.proto {
         PROTO_TCP => p.tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
         PROTO_UDP => true,
@@ -337,12 +339,13 @@ fn opens_forward(p: &Packet) -> bool {
     if !opening {
         return false;
     }
-    // Entries match the address exactly (see FwdPrefix): never a packet
-    // merely routed through the host, never multicast or broadcast.
+    // Entries match family and address exactly (see FwdPrefix): never a
+    // packet merely routed through the host, never multicast or broadcast.
     let key = Key::new(
         FWD_PREFIX_BITS,
         FwdPrefix {
-            addr: ipv4_from_16(&p.dst),
+            family: p.family.key(),
+            addr: p.dst,
             proto: p.proto,
             port: p.dport,
         },

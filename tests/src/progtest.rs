@@ -31,7 +31,9 @@
 //! the calling thread's namespace, so flows seeded with ifindex 1 (`lo`,
 //! MTU 65536) pass it.
 //!
-//! The fixture seeds `TG_FLOWS` ([`ProgTest::insert_flow`]), and reads
+//! The fixture seeds `TG_FLOWS` ([`ProgTest::insert_flow`]) and the
+//! forwarded-ports trie `TG_FWD_PORTS` ([`ProgTest::insert_fwd_prefix`],
+//! keys as user space publishes them), and reads
 //! what the program left behind: the per-CPU counters summed over CPUs
 //! ([`ProgTest::counters`]), activity words ([`ProgTest::activity`]),
 //! entries (their packet counters and last ACK) and the records in the
@@ -42,13 +44,16 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::SchedClassifier,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTER_SLOTS, COUNTERS_MAP, FLOWS_MAP, FlowEntry, FlowKey, L4_CSUM_IPV6_GLOBAL,
-    PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_RING_MAP, PuntHeader,
-    SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTER_SLOTS, COUNTERS_MAP, FLOWS_MAP, FWD_PORTS_MAP, FlowEntry, FlowKey,
+    FwdPrefix, L4_CSUM_IPV6_GLOBAL, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS,
+    PUNT_RING_MAP, PuntHeader, SCRATCH_MAP,
 };
 
 /// `BPF_PROG_TEST_RUN`, the `bpf(2)` command (`enum bpf_cmd` in
@@ -168,6 +173,7 @@ pub struct ProgTest {
     activity: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     punts: RingBuf<MapData>,
+    fwd_ports: LpmTrie<MapData, FwdPrefix, u8>,
 }
 
 impl ProgTest {
@@ -213,12 +219,14 @@ impl ProgTest {
         let activity = Array::try_from(take(&mut ebpf, ACTIVITY_MAP)?)?;
         let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)?;
         let punts = RingBuf::try_from(take(&mut ebpf, PUNT_RING_MAP)?)?;
+        let fwd_ports = LpmTrie::try_from(take(&mut ebpf, FWD_PORTS_MAP)?)?;
         Ok(Self {
             ebpf,
             flows,
             activity,
             counters,
             punts,
+            fwd_ports,
         })
     }
 
@@ -311,6 +319,22 @@ impl ProgTest {
         let keys: Vec<FlowKey> = self.flows.keys().collect::<Result<_, _>>()?;
         for k in keys {
             self.flows.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a forwarded-ports prefix: `prefix_len` leading bits of
+    /// `data` (`FWD_PREFIX_FIXED_BITS` plus the port bits) must match.
+    pub fn insert_fwd_prefix(&mut self, data: FwdPrefix, prefix_len: u32) -> Result<()> {
+        self.fwd_ports.insert(&Key::new(prefix_len, data), 1, 0)?;
+        Ok(())
+    }
+
+    /// Removes every forwarded-ports prefix.
+    pub fn clear_fwd_prefixes(&mut self) -> Result<()> {
+        let keys: Vec<Key<FwdPrefix>> = self.fwd_ports.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.fwd_ports.remove(&k)?;
         }
         Ok(())
     }

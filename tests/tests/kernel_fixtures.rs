@@ -1712,3 +1712,173 @@ fn uplink_egress_forwards_ipv6() {
     case.program = PROG_UPLINK_EGRESS;
     run_all("egress", &mut t, &[case], false);
 }
+
+// ---------------------------------------------------------------------------
+// Forwarded ports (TG_FWD_PORTS), both families
+// ---------------------------------------------------------------------------
+
+/// The forwarding rules of the openings cases: TCP 8080 → 80 and UDP 5353
+/// on every host address (both families), TCP 9000-9010 (a range: several
+/// prefixes), TCP 9443 → 443 on the host's IPv6 address only.
+fn fwd_rules() -> tapgate::fwd::FwdTable {
+    use tapgate::fwd::{FwdTable, PortRange, Proto};
+    let mut t = FwdTable::new();
+    for (proto, spec) in [
+        (Proto::Tcp, "8080:80"),
+        (Proto::Udp, "5353"),
+        (Proto::Tcp, "9000-9010"),
+        (Proto::Tcp, "[2001:db8::1]/9443:443"),
+    ] {
+        t.add_spec(proto, spec, PortRange::LINUX_EPHEMERAL)
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+    }
+    t
+}
+
+/// A pure SYN (no ACK number) from the world.
+fn syn_only(sport: u16, dport: u16) -> L4<'static> {
+    L4::Tcp {
+        sport,
+        dport,
+        control: TcpControl::Syn,
+        ack: None,
+        payload: b"",
+    }
+}
+
+fn forward_cases() -> Vec<Case> {
+    const CLIENT_PORT: u16 = 41000;
+    let other6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99);
+    // The IPv6 address whose first four bytes are the host's IPv4 address.
+    let lookalike6 = Ipv6Addr::from(ipv4_to_16(NAT4.octets()));
+    let w6 = |dst: Ipv6Addr, l4: &L4| from_world(&ipv6(WORLD6, dst, 50, l4));
+    let w4 = |dst: Ipv4Addr, l4: &L4| from_world(&ipv4(WORLD4, dst, 50, l4));
+    let fwd = |name, frame| {
+        Case::punt(
+            name,
+            PROG_UPLINK_INGRESS,
+            Vec::new(),
+            frame,
+            PuntReason::Forward,
+        )
+    };
+    let no = |name, frame| Case::not_ours(name, Vec::new(), frame);
+    let udp_to_5353 = udp(CLIENT_PORT, 5353, b"query");
+    vec![
+        // IPv6
+        fwd(
+            "ipv6 SYN to a forwarded port: punted (forward)",
+            w6(NAT6, &syn_only(CLIENT_PORT, 8080)),
+        ),
+        no(
+            "ipv6 SYN to another port: not ours",
+            w6(NAT6, &syn_only(CLIENT_PORT, 8081)),
+        ),
+        fwd(
+            "ipv6 UDP to a forwarded port: punted (forward)",
+            w6(NAT6, &udp_to_5353),
+        ),
+        no(
+            "ipv6 UDP to another port: not ours",
+            w6(NAT6, &udp(CLIENT_PORT, 5354, b"query")),
+        ),
+        no(
+            "ipv6 SYN to the UDP-only port: not ours",
+            w6(NAT6, &syn_only(CLIENT_PORT, 5353)),
+        ),
+        no(
+            "ipv6 SYN-ACK to a forwarded port: not ours",
+            w6(NAT6, &tcp(CLIENT_PORT, 8080, TcpControl::Syn, b"")),
+        ),
+        no(
+            "ipv6 ACK to a forwarded port: not ours",
+            w6(NAT6, &tcp(CLIENT_PORT, 8080, TcpControl::None, b"x")),
+        ),
+        fwd(
+            "ipv6 SYN into a forwarded range: punted (forward)",
+            w6(NAT6, &syn_only(CLIENT_PORT, 9007)),
+        ),
+        no(
+            "ipv6 SYN past a forwarded range: not ours",
+            w6(NAT6, &syn_only(CLIENT_PORT, 9011)),
+        ),
+        fwd(
+            "ipv6 SYN to an IPv6-addressed rule: punted (forward)",
+            w6(NAT6, &syn_only(CLIENT_PORT, 9443)),
+        ),
+        no(
+            "ipv6 SYN to a forwarded port of an address not the host's: not ours",
+            w6(other6, &syn_only(CLIENT_PORT, 8080)),
+        ),
+        no(
+            "ipv6 SYN to the address sharing the host's IPv4 bytes: not ours",
+            w6(lookalike6, &syn_only(CLIENT_PORT, 8080)),
+        ),
+        no(
+            "ipv6 fragment of a UDP datagram to a forwarded port: not ours",
+            from_world(&ipv6_raw(
+                WORLD6,
+                NAT6,
+                50,
+                IpProtocol::Ipv6Frag,
+                &concat(
+                    &ext_fragment(IpProtocol::Udp),
+                    &udp_to_5353.bytes(WORLD6.into(), NAT6.into()),
+                ),
+            )),
+        ),
+        // IPv4, through the same trie
+        fwd(
+            "ipv4 SYN to a forwarded port: punted (forward)",
+            w4(NAT4, &syn_only(CLIENT_PORT, 8080)),
+        ),
+        no(
+            "ipv4 SYN to another port: not ours",
+            w4(NAT4, &syn_only(CLIENT_PORT, 8081)),
+        ),
+        fwd(
+            "ipv4 UDP to a forwarded port: punted (forward)",
+            w4(NAT4, &udp_to_5353),
+        ),
+        no(
+            "ipv4 UDP to another port: not ours",
+            w4(NAT4, &udp(CLIENT_PORT, 5354, b"query")),
+        ),
+        no(
+            "ipv4 SYN to the IPv6-only rule's port: not ours",
+            w4(NAT4, &syn_only(CLIENT_PORT, 9443)),
+        ),
+    ]
+}
+
+/// Openings of forwarded ports, IPv6 and IPv4, with `TG_FWD_PORTS` filled
+/// exactly as user space fills it (`kernel::maps::wanted_prefixes` over
+/// the rules and the host's addresses): a pure SYN or a datagram to a
+/// forwarded (address, protocol, port) is punted as `Forward`, anything
+/// else is not ours.
+#[test]
+fn forwarded_port_openings() {
+    if !have_root("forwarded_port_openings") {
+        return;
+    }
+    let mut t = load(ProgTestOptions::default());
+    let host = [IpAddr::V4(NAT4), IpAddr::V6(NAT6)];
+    let prefixes = tapgate::kernel::maps::wanted_prefixes(fwd_rules().rules(), &host);
+    assert!(
+        prefixes
+            .iter()
+            .any(|(k, _)| k.family == FAMILY_IPV6 && k.addr == NAT6.octets()),
+        "no IPv6 key published"
+    );
+    for (data, len) in prefixes {
+        t.insert_fwd_prefix(data, len).unwrap();
+    }
+    run_all("forwards", &mut t, &forward_cases(), false);
+    // Without the keys, the same openings are not ours.
+    t.clear_fwd_prefixes().unwrap();
+    let none: Vec<Case> = forward_cases()
+        .into_iter()
+        .map(|c| Case::not_ours(c.name, Vec::new(), c.frame))
+        .collect();
+    run_all("no keys (every case not ours)", &mut t, &none, false);
+}

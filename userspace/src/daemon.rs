@@ -326,7 +326,7 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
             .context("reading the adopted forwarded-ports map")?;
     }
     fwd_ports
-        .set_host_addrs(&flow::policy::system_host_addrs().context("reading the host's addresses")?)
+        .set_host_addrs(&fwd::host_addrs(cfg6.is_some()).context("reading the host's addresses")?)
         .context("filling the forwarded-ports map")?;
     let forwarded = fwd_ports
         .insert(forwards.rules())
@@ -394,6 +394,10 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     }
     if let Some(mac) = services.guest_mac() {
         manager.set_guest_mac(mac);
+    }
+    // After a restart: inbound IPv6 forwards go to the restored address.
+    if let Some(a) = services.guest_addr6() {
+        manager.set_guest_addr6(a);
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -505,10 +509,11 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
                 if let Some(gone) = gone(&tap, hooks.netns_watch.as_ref()) {
                     return gone;
                 }
-                // Forwards without an address follow the host's addresses.
+                // Forwards without an address follow the host's addresses
+                // (both families; IPv6 ones while the guest has IPv6).
                 if now.duration_since(addrs_checked) >= HOST_ADDRS_REFRESH {
                     addrs_checked = now;
-                    let addrs = flow::policy::system_host_addrs();
+                    let addrs = fwd::host_addrs(cfg6.is_some());
                     let synced = addrs
                         .map_err(anyhow::Error::from)
                         .and_then(|a| Ok(state.fwd.borrow_mut().kernel.set_host_addrs(&a)?));

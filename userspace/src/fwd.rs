@@ -41,16 +41,27 @@
 //! ([`host_ephemeral_range`] reads the real one), so the parser's tests do
 //! not depend on the machine.
 //!
+//! **Both families.** A rule's address may be IPv4 or IPv6; a rule
+//! without one forwards the port on every address of the host of either
+//! family. Its IPv6 openings go to the guest's current IPv6 address (see
+//! `flow::inbound`).
+//!
 //! **The ports are really ours.** The kernel fast path never consults the
 //! host's socket tables, so a forwarded port must be taken in the host's
 //! own eyes: at startup [`PortReservations::reserve`] creates one socket
 //! per forwarded (protocol, address, port), `bind`s it without listening
 //! (as the NAT ports are held, see `flow::ports`) and keeps it for the
-//! daemon's life. A port the host already uses fails that `bind`, which is
-//! a startup error naming the port and the rule; while tapgate runs, no
-//! host process can bind the port. A TCP segment that reaches the host
-//! stack for such a port (one that neither matches a flow nor opens one)
-//! is answered by the host kernel with an RST, as for a closed port.
+//! daemon's life. A rule without an address holds each port twice: on
+//! `0.0.0.0` and on `[::]` with `IPV6_V6ONLY`, so the port is taken on
+//! both families and neither socket stands in the other's way; a rule for
+//! an IPv6 address holds it on that address (`IPV6_V6ONLY` too). A port
+//! the host already uses on either family fails a `bind`, which is a
+//! startup error naming the port and the rule; while tapgate runs, no host
+//! process can bind the port. (A host without IPv6 support at all, where
+//! no `AF_INET6` socket can be made, holds the IPv4 side only.) A TCP
+//! segment that reaches the host stack for such a port (one that neither
+//! matches a flow nor opens one) is answered by the host kernel with an
+//! RST, as for a closed port.
 //!
 //! At runtime (`tapgate rules add|del`) a change is prepared first
 //! ([`FwdTable::prepare_add`]: parsed and checked for overlaps;
@@ -60,15 +71,17 @@
 //! then applied, so a refused change leaves everything as it was. Each rule
 //! counts the flows opened through it ([`FwdTable::hit`]).
 //!
-//! The uplink program learns the forwarded ports from a map keyed by
-//! (address, protocol, port) ([`FwdTable::kernel_keys`], filled by the
-//! loader); the flow manager maps each new inbound connection to its guest
-//! port with [`FwdTable::lookup`].
+//! The uplink program learns the forwarded ports from a trie keyed by
+//! (family, address, protocol, port prefix), filled by
+//! `kernel::maps::KernelFwdPorts` from the rules and the host's addresses
+//! ([`host_addrs`]; [`FwdTable::kernel_keys`] lists the same ports one by
+//! one); the flow manager maps each new inbound connection to its guest
+//! port with [`FwdTable::lookup`], for either family.
 
 use std::{
     collections::HashMap,
-    fmt, fs,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    fmt, fs, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsRawFd, OwnedFd},
 };
 
@@ -76,7 +89,8 @@ use datapath_common::{PROTO_TCP, PROTO_UDP};
 use nix::{
     errno::Errno,
     sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+        AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, setsockopt, socket,
+        sockopt,
     },
 };
 use thiserror::Error;
@@ -518,30 +532,56 @@ impl FwdTable {
     }
 
     /// Every (protocol, host address, host port) the uplink program must
-    /// punt openings for; the address is `0.0.0.0` for rules without one.
-    /// Rules for IPv6 addresses are left out (the datapath is IPv4).
-    pub fn kernel_keys(&self) -> impl Iterator<Item = (Proto, Ipv4Addr, u16)> + '_ {
+    /// punt openings for, of both families; a rule without an address
+    /// gives each port twice, with `0.0.0.0` and with `::` (standing for
+    /// every host address of that family).
+    pub fn kernel_keys(&self) -> impl Iterator<Item = (Proto, IpAddr, u16)> + '_ {
         kernel_keys(&self.rules)
     }
 
-    /// How many (protocol, address, port) the table forwards.
+    /// How many (protocol, address, port) the table forwards, a rule
+    /// without an address counted once per family: the number of
+    /// [`FwdTable::kernel_keys`], and of the sockets
+    /// [`PortReservations`] holds for the table.
     pub fn port_count(&self) -> usize {
-        self.rules.iter().map(|r| r.host.len() as usize).sum()
+        self.rules
+            .iter()
+            .map(|r| r.host.len() as usize * rule_addrs(r).len())
+            .sum()
     }
 }
 
-/// Every (protocol, host address, host port) of `rules`, the address
-/// `0.0.0.0` for rules without one; IPv6 rules are left out.
-pub fn kernel_keys(rules: &[Rule]) -> impl Iterator<Item = (Proto, Ipv4Addr, u16)> + '_ {
+/// The addresses a rule's ports are keyed and held on: its own, or the
+/// unspecified address of each family for a rule without one.
+fn rule_addrs(rule: &Rule) -> Vec<IpAddr> {
+    match rule.addr {
+        Some(a) => vec![a],
+        None => vec![
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ],
+    }
+}
+
+/// Every (protocol, host address, host port) of `rules`, of both
+/// families; a rule without an address gives each port with `0.0.0.0`
+/// and with `::`.
+pub fn kernel_keys(rules: &[Rule]) -> impl Iterator<Item = (Proto, IpAddr, u16)> + '_ {
     rules.iter().flat_map(|r| {
-        let addr = match r.addr {
-            None => Some(Ipv4Addr::UNSPECIFIED),
-            Some(IpAddr::V4(a)) => Some(a),
-            Some(IpAddr::V6(_)) => None,
-        };
-        addr.into_iter()
+        rule_addrs(r)
+            .into_iter()
             .flat_map(move |a| (r.host.first..=r.host.last).map(move |p| (r.proto, a, p)))
     })
+}
+
+/// The host's addresses that rules without an address forward on: every
+/// address of the host's interfaces, IPv4 and, if `ipv6` (the guest has
+/// IPv6), IPv6. (`kernel::maps::published_host_addrs` then leaves out
+/// loopback, link-local IPv6 and the like.)
+pub fn host_addrs(ipv6: bool) -> io::Result<Vec<IpAddr>> {
+    let mut addrs = crate::flow::policy::system_host_ips()?;
+    addrs.retain(|a| ipv6 || a.is_ipv4());
+    Ok(addrs)
 }
 
 /// The host's ephemeral port range (`net.ipv4.ip_local_port_range`), or
@@ -587,12 +627,6 @@ pub enum ReserveError {
         /// The SPEC item of the rule.
         token: String,
     },
-    /// IPv6 forwards need an IPv6 datapath.
-    #[error("\"{token}\": forwarding IPv6 addresses is not supported")]
-    Ipv6 {
-        /// The SPEC item of the rule.
-        token: String,
-    },
     /// A system call failed.
     #[error("{proto} port {port}: {op}: {source}")]
     Os {
@@ -609,10 +643,11 @@ pub enum ReserveError {
 }
 
 /// The sockets that hold every forwarded port for as long as they live
-/// (see the module documentation).
+/// (see the module documentation), keyed by (protocol, address, port): a
+/// rule without an address holds its ports on `0.0.0.0` and on `::`.
 #[derive(Debug, Default)]
 pub struct PortReservations {
-    sockets: HashMap<(Proto, Ipv4Addr, u16), OwnedFd>,
+    sockets: HashMap<(Proto, IpAddr, u16), OwnedFd>,
 }
 
 impl PortReservations {
@@ -630,17 +665,27 @@ impl PortReservations {
     pub fn add(&mut self, rules: &[Rule]) -> Result<(), ReserveError> {
         let mut new = HashMap::new();
         for rule in rules {
-            let addr = match rule.addr {
-                None => Ipv4Addr::UNSPECIFIED,
-                Some(IpAddr::V4(a)) => a,
-                Some(IpAddr::V6(_)) => {
-                    return Err(ReserveError::Ipv6 {
-                        token: rule.token.clone(),
-                    });
+            for addr in rule_addrs(rule) {
+                for port in rule.host.first..=rule.host.last {
+                    match reserve_one(rule, addr, port) {
+                        Ok(fd) => {
+                            new.insert((rule.proto, addr, port), fd);
+                        }
+                        // No IPv6 on this host at all: the wildcard's
+                        // IPv6 side has nothing to hold.
+                        Err(ReserveError::Os {
+                            source: Errno::EAFNOSUPPORT,
+                            ..
+                        }) if rule.addr.is_none() && addr.is_ipv6() => {
+                            log::debug!(
+                                "fwd: no IPv6 on this host: {} port {port} held on IPv4 only",
+                                rule.proto
+                            );
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-            };
-            for port in rule.host.first..=rule.host.last {
-                new.insert((rule.proto, addr, port), reserve_one(rule, addr, port)?);
             }
         }
         self.sockets.extend(new);
@@ -650,13 +695,10 @@ impl PortReservations {
     /// Releases the ports of `rules` (the host may use them again).
     pub fn release(&mut self, rules: &[Rule]) {
         for rule in rules {
-            let addr = match rule.addr {
-                None => Ipv4Addr::UNSPECIFIED,
-                Some(IpAddr::V4(a)) => a,
-                Some(IpAddr::V6(_)) => continue,
-            };
-            for port in rule.host.first..=rule.host.last {
-                self.sockets.remove(&(rule.proto, addr, port));
+            for addr in rule_addrs(rule) {
+                for port in rule.host.first..=rule.host.last {
+                    self.sockets.remove(&(rule.proto, addr, port));
+                }
             }
         }
     }
@@ -672,8 +714,12 @@ impl PortReservations {
     }
 }
 
-/// Binds (without listening) a socket on `addr`:`port` for `rule`.
-fn reserve_one(rule: &Rule, addr: Ipv4Addr, port: u16) -> Result<OwnedFd, ReserveError> {
+/// Binds (without listening) a socket on `addr`:`port` for `rule`: an
+/// `AF_INET` socket for an IPv4 address, an `AF_INET6` one with
+/// `IPV6_V6ONLY` for an IPv6 address (`::` included, which then holds the
+/// port on IPv6 only, beside the `0.0.0.0` socket). A link-local IPv6
+/// address is bound on the rule's interface, if it names one.
+fn reserve_one(rule: &Rule, addr: IpAddr, port: u16) -> Result<OwnedFd, ReserveError> {
     let proto = rule.proto;
     let os = |op| {
         move |source| ReserveError::Os {
@@ -687,7 +733,14 @@ fn reserve_one(rule: &Rule, addr: Ipv4Addr, port: u16) -> Result<OwnedFd, Reserv
         Proto::Tcp => SockType::Stream,
         Proto::Udp => SockType::Datagram,
     };
-    let fd = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).map_err(os("socket"))?;
+    let family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, None).map_err(os("socket"))?;
+    if addr.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(os("IPV6_V6ONLY"))?;
+    }
     if let Some(iface) = &rule.iface {
         setsockopt(&fd, sockopt::BindToDevice, &std::ffi::OsString::from(iface))
             .map_err(os("SO_BINDTODEVICE"))?;
@@ -699,10 +752,25 @@ fn reserve_one(rule: &Rule, addr: Ipv4Addr, port: u16) -> Result<OwnedFd, Reserv
             log::debug!("fwd: shrinking udp port {port}'s receive buffer: {e}");
         }
     }
-    match bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(addr, port)),
-    ) {
+    let bound = match addr {
+        IpAddr::V4(a) => bind(
+            fd.as_raw_fd(),
+            &SockaddrIn::from(SocketAddrV4::new(a, port)),
+        ),
+        IpAddr::V6(a) => {
+            let scope = match &rule.iface {
+                Some(iface) if a.is_unicast_link_local() => {
+                    nix::net::if_::if_nametoindex(iface.as_str()).map_err(os("if_nametoindex"))?
+                }
+                _ => 0,
+            };
+            bind(
+                fd.as_raw_fd(),
+                &SockaddrIn6::from(SocketAddrV6::new(a, port, 0, scope)),
+            )
+        }
+    };
+    match bound {
         Ok(()) => Ok(fd),
         Err(Errno::EADDRINUSE) => Err(ReserveError::InUse {
             proto,
@@ -712,7 +780,7 @@ fn reserve_one(rule: &Rule, addr: Ipv4Addr, port: u16) -> Result<OwnedFd, Reserv
         Err(Errno::EADDRNOTAVAIL) => Err(ReserveError::NotLocal {
             proto,
             port,
-            addr: IpAddr::V4(addr),
+            addr,
             token: rule.token.clone(),
         }),
         Err(source) => Err(os("bind")(source)),

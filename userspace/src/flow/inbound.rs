@@ -22,6 +22,20 @@
 //! port. The host port is held for the daemon's life by
 //! [`crate::fwd::PortReservations`], so the flow's lease holds nothing.
 //!
+//! **Both families.** The opening's family decides the guest address: an
+//! IPv4 opening goes to the guest's configured IPv4 address, an IPv6 one to
+//! the guest's *current* IPv6 address (`FlowManager::guest_addr6`, set by
+//! the daemon from the guest services: its DHCPv6 address while leased,
+//! else the first address it was seen to use). Until one is known an IPv6
+//! opening is dropped as `GuestUnknown`, as any opening is before the
+//! guest's MAC address is; with IPv6 off for the guest it is
+//! `NoForward`. The flow is then an ordinary IPv6 flow (its keys carry the
+//! family); the rule lookup, hit counters, `reset_forwarded` and adoption
+//! compare the rule's address, if any, with the flow's own, so an IPv4 rule
+//! address never matches an IPv6 flow and a rule without an address
+//! matches both. A guest that changes its address later keeps the flows
+//! opened to the old one; new openings go to the new one.
+//!
 //! A TCP flow starts in `Handshake` with the world's SYN translated to the
 //! guest; the guest's SYN-ACK (punted: handshake) moves both entries to
 //! `Established` before it is sent on (`tcp.rs`), and from then on the
@@ -80,15 +94,17 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return Err(DropReason::TooBig);
         }
         let guest_mac = self.guest_mac.ok_or(DropReason::GuestUnknown)?;
+        // The guest address of the opening's family: IPv6 goes to the
+        // guest's current IPv6 address, once one is known.
+        let guest_ip = match pkt.dst {
+            IpAddr::V4(_) => IpAddr::V4(self.guest.guest_addr),
+            IpAddr::V6(_) if self.guest6.is_none() => return Err(DropReason::NoForward),
+            IpAddr::V6(_) => IpAddr::V6(self.guest_addr6.ok_or(DropReason::GuestUnknown)?),
+        };
         if !self.table.has_room() {
             return Err(DropReason::TableFull);
         }
-        // Inbound IPv6 needs the guest's current IPv6 address, which the
-        // flow manager does not track yet.
-        let guest = match pkt.dst {
-            IpAddr::V4(_) => SocketAddr::new(IpAddr::V4(self.guest.guest_addr), guest_port),
-            IpAddr::V6(_) => return Err(DropReason::NoForward),
-        };
+        let guest = SocketAddr::new(guest_ip, guest_port);
         let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
         let client = SocketAddr::new(pkt.src, sport);
         let mut flow = Flow::new(

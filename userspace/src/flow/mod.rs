@@ -29,9 +29,10 @@
 //!   image: the kernel punts the opening (`PuntReason::Forward`), the rule
 //!   table gives the guest port, and the flow is installed with the world
 //!   client as `remote`/`world` (source unchanged) and the forwarded host
-//!   address and port as `nat`. From there on it is an ordinary flow; only
-//!   who sent the SYN differs, so the guest's SYN-ACK is what establishes
-//!   it.
+//!   address and port as `nat`; IPv4 and IPv6 alike, an IPv6 opening going
+//!   to the guest's current IPv6 address. From there on it is an ordinary
+//!   flow; only who sent the SYN differs, so the guest's SYN-ACK is what
+//!   establishes it.
 //! * **Events** ([`FlowManager::event`]): the kernel reports FINs and RSTs
 //!   it forwarded (and, for flows that ask, every packet). FINs drive the
 //!   half-close states of the seed PR, mirrored into both map entries
@@ -273,7 +274,8 @@ pub enum DropReason {
     DnsUnavailable,
     /// An opening from the world that no forwarding rule covers.
     NoForward,
-    /// An inbound forward before the guest's MAC address is known.
+    /// An inbound forward before the guest's MAC address (or, for IPv6,
+    /// its current IPv6 address) is known.
     GuestUnknown,
 }
 

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod adopt;
+mod forward6;
 mod icmp;
 mod ipv6;
 

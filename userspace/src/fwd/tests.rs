@@ -592,17 +592,64 @@ fn hits_are_counted_per_rule() {
 fn kernel_keys_cover_every_port() {
     let t = tcp("198.51.100.1/80-81,443");
     let keys: Vec<_> = t.kernel_keys().collect();
+    let v4 = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
     assert_eq!(
         keys,
         vec![
-            (Proto::Tcp, Ipv4Addr::new(198, 51, 100, 1), 80),
-            (Proto::Tcp, Ipv4Addr::new(198, 51, 100, 1), 81),
-            (Proto::Tcp, Ipv4Addr::UNSPECIFIED, 443),
+            (Proto::Tcp, v4, 80),
+            (Proto::Tcp, v4, 81),
+            // No address: both families.
+            (Proto::Tcp, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 443),
+            (Proto::Tcp, IpAddr::V6(Ipv6Addr::UNSPECIFIED), 443),
         ]
     );
-    assert_eq!(t.port_count(), 3);
-    // IPv6 rules have no IPv4 kernel key.
-    assert_eq!(tcp("2001:db8::1/80").kernel_keys().count(), 0);
+    assert_eq!(t.port_count(), 4);
+    // An IPv6 rule address is its own key.
+    let v6: IpAddr = "2001:db8::1".parse().unwrap();
+    let t = tcp("[2001:db8::1]/80-81");
+    assert_eq!(
+        t.kernel_keys().collect::<Vec<_>>(),
+        vec![(Proto::Tcp, v6, 80), (Proto::Tcp, v6, 81)]
+    );
+    assert_eq!(t.port_count(), 2);
+}
+
+#[test]
+fn lookups_by_family() {
+    let t = match table(&[
+        (Proto::Tcp, "8080:80"),
+        (Proto::Tcp, "2001:db8::1/8443:443"),
+        (Proto::Tcp, "198.51.100.1/8081:81"),
+    ]) {
+        Ok(t) => t,
+        Err(e) => panic!("{e}"),
+    };
+    let host6: IpAddr = "2001:db8::1".parse().unwrap();
+    let other6: IpAddr = "2001:db8::2".parse().unwrap();
+    // A rule without an address matches either family.
+    assert_eq!(t.lookup(Proto::Tcp, ANY, 8080), Some(80));
+    assert_eq!(t.lookup(Proto::Tcp, host6, 8080), Some(80));
+    assert_eq!(t.lookup(Proto::Tcp, other6, 8080), Some(80));
+    // An IPv6 rule address only that address, never an IPv4 one.
+    assert_eq!(t.lookup(Proto::Tcp, host6, 8443), Some(443));
+    assert_eq!(t.lookup(Proto::Tcp, other6, 8443), None);
+    assert_eq!(t.lookup(Proto::Tcp, ANY, 8443), None);
+    // An IPv4 rule address never an IPv6 one.
+    assert_eq!(t.lookup(Proto::Tcp, host6, 8081), None);
+    assert_eq!(
+        t.rule_for(Proto::Tcp, host6, 8443)
+            .map(|r| r.token.as_str()),
+        Some("2001:db8::1/8443:443")
+    );
+    // The same port on an IPv4 and an IPv6 address does not overlap.
+    let mut t = tcp("198.51.100.1/9000");
+    t.add_spec(Proto::Tcp, "2001:db8::1/9000", EPH).unwrap();
+    assert_eq!(t.lookup(Proto::Tcp, host6, 9000), Some(9000));
+    // A rule without an address does overlap an IPv6-addressed one.
+    assert!(matches!(
+        t.add_spec(Proto::Tcp, "9000", EPH),
+        Err(SpecError::Overlap { .. })
+    ));
 }
 
 #[test]
@@ -634,4 +681,117 @@ fn held_ports_cannot_be_taken_by_the_host() {
     // Released, the host may use it again.
     drop(held);
     std::net::TcpListener::bind(addr).unwrap();
+}
+
+/// A port free on the loopback addresses of both families (asked of the
+/// kernel, then let go).
+fn free_port_both() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if std::net::TcpListener::bind(("::1", port)).is_ok()
+            && std::net::UdpSocket::bind(("::1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// An `AF_INET6` socket with `IPV6_V6ONLY` bound to `addr` (the kind of
+/// socket that shares a port with an IPv4 one).
+fn bind6_only(ty: SockType, addr: std::net::SocketAddrV6) -> Result<OwnedFd, Errno> {
+    let sock = socket(AddressFamily::Inet6, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&sock, sockopt::Ipv6V6Only, &true)?;
+    bind(sock.as_raw_fd(), &SockaddrIn6::from(addr))?;
+    Ok(sock)
+}
+
+#[test]
+fn ipv6_rule_addresses_are_held_on_ipv6_only() {
+    let port = free_port_both();
+    let held = PortReservations::reserve(&tcp(&format!("[::1]/{port}"))).unwrap();
+    assert_eq!(held.len(), 1);
+    let lo6 = std::net::SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0);
+    assert_eq!(
+        bind6_only(SockType::Stream, lo6).err(),
+        Some(Errno::EADDRINUSE)
+    );
+    // IPV6_V6ONLY: the IPv4 side of the port is the host's.
+    drop(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    drop(held);
+    drop(bind6_only(SockType::Stream, lo6).unwrap());
+}
+
+#[test]
+fn rules_without_an_address_hold_both_families() {
+    let port = free_port_both();
+    for (proto, ty) in [
+        (Proto::Tcp, SockType::Stream),
+        (Proto::Udp, SockType::Datagram),
+    ] {
+        let t = match table(&[(proto, &port.to_string())]) {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        };
+        let held = PortReservations::reserve(&t).unwrap();
+        assert_eq!(held.len(), 2, "{proto}");
+        assert_eq!(held.len(), t.port_count());
+        let v4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let v6 = std::net::SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0);
+        let sock4 = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        assert_eq!(
+            bind(sock4.as_raw_fd(), &SockaddrIn::from(v4)),
+            Err(Errno::EADDRINUSE),
+            "{proto} IPv4"
+        );
+        assert_eq!(
+            bind6_only(ty, v6).err(),
+            Some(Errno::EADDRINUSE),
+            "{proto} IPv6"
+        );
+        // Released: both families are free again.
+        let mut held = held;
+        held.release(t.rules());
+        assert!(held.is_empty());
+        drop(bind6_only(ty, v6).unwrap());
+        let sock4 = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        bind(sock4.as_raw_fd(), &SockaddrIn::from(v4)).unwrap();
+    }
+}
+
+#[test]
+fn a_port_the_host_uses_on_ipv6_only_is_in_use() {
+    let port = free_port_both();
+    let any6 = std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    let host_user = bind6_only(SockType::Stream, any6).unwrap();
+    let t = tcp(&format!("{port}:80"));
+    match PortReservations::reserve(&t) {
+        Err(e @ ReserveError::InUse { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("tcp port {port} is already in use on the host")),
+                "{msg}"
+            );
+            assert!(msg.contains(&format!("\"{port}:80\"")), "{msg}");
+        }
+        other => panic!("reserved a port the host holds on IPv6: {other:?}"),
+    }
+    // Nothing of the refused rule is kept: its IPv4 side is free.
+    drop(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    drop(host_user);
+}
+
+#[test]
+fn an_ipv6_address_of_another_host_is_refused() {
+    let port = free_port_both();
+    match PortReservations::reserve(&tcp(&format!("2001:db8:ffff::99/{port}"))) {
+        Err(ReserveError::NotLocal { addr, .. }) => {
+            assert_eq!(addr, "2001:db8:ffff::99".parse::<IpAddr>().unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -10,8 +10,10 @@
 //! atomically, and user space reads and clears them with atomic
 //! operations on the same memory.
 //!
-//! The forwarded-ports map ([`KernelFwdPorts`]) is a plain hash map too,
-//! written at startup and by `tapgate rules add|del`.
+//! The forwarded-ports map ([`KernelFwdPorts`]) is a longest-prefix-match
+//! trie, written at startup, by `tapgate rules add|del` and whenever the
+//! host's addresses change: its keys are (family, address, protocol, port
+//! prefix), for IPv4 and IPv6 alike ([`fwd_prefix`]).
 //!
 //! A state change rewrites the whole entry (hash maps have no partial
 //! update): counters or the last ACK the kernel wrote between the read and
@@ -20,7 +22,9 @@
 //! on is lost.
 
 use std::{
+    collections::HashSet,
     io,
+    net::IpAddr,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
@@ -31,8 +35,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use datapath_common::{
-    ActivityWord, FLOW_F_EVENTS, FWD_PORTS_MAP, FWD_PREFIX_FIXED_BITS, FlowEntry, FlowKey,
-    FlowState, FwdPrefix,
+    ActivityWord, FAMILY_IPV4, FAMILY_IPV6, FLOW_F_EVENTS, FWD_PORTS_MAP, FWD_PREFIX_FIXED_BITS,
+    FlowEntry, FlowKey, FlowState, FwdPrefix, ipv4_to_16,
 };
 
 use crate::{
@@ -235,15 +239,15 @@ impl FlowMaps for KernelFlowMaps {
 }
 
 /// The forwarded-ports trie: which (address, protocol, port) openings the
-/// uplink program punts. User space keeps the rules and the host's
-/// addresses and publishes their product as port prefixes (a range is
-/// covered by at most 30 of them, `all` by a handful), changing only what
-/// differs from what is published.
+/// uplink program punts, for both families. User space keeps the rules and
+/// the host's addresses and publishes their product as port prefixes (a
+/// range is covered by at most 30 of them, `all` by a handful), changing
+/// only what differs from what is published.
 pub struct KernelFwdPorts {
     map: LpmTrie<MapData, FwdPrefix, u8>,
     rules: Vec<crate::fwd::Rule>,
-    host_addrs: Vec<std::net::Ipv4Addr>,
-    published: std::collections::HashSet<(FwdPrefix, u32)>,
+    host_addrs: Vec<IpAddr>,
+    published: HashSet<(FwdPrefix, u32)>,
 }
 
 impl KernelFwdPorts {
@@ -256,7 +260,7 @@ impl KernelFwdPorts {
             map,
             rules: Vec::new(),
             host_addrs: Vec::new(),
-            published: std::collections::HashSet::new(),
+            published: HashSet::new(),
         })
     }
 
@@ -285,16 +289,11 @@ impl KernelFwdPorts {
         self.sync().map(drop)
     }
 
-    /// Sets the host's addresses (rules without an address are published
-    /// once per address); loopback and unspecified addresses are left out.
-    pub fn set_host_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<(), MapError> {
-        let mut addrs: Vec<_> = addrs
-            .iter()
-            .copied()
-            .filter(|a| !a.is_loopback() && !a.is_unspecified())
-            .collect();
-        addrs.sort_unstable();
-        addrs.dedup();
+    /// Sets the host's addresses, IPv4 and IPv6 (rules without an address
+    /// are published once per address); see [`published_host_addrs`] for
+    /// the ones left out.
+    pub fn set_host_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), MapError> {
+        let addrs = published_host_addrs(addrs);
         if addrs == self.host_addrs {
             return Ok(());
         }
@@ -303,26 +302,7 @@ impl KernelFwdPorts {
     }
 
     fn sync(&mut self) -> Result<usize, MapError> {
-        let mut want = std::collections::HashSet::new();
-        for rule in &self.rules {
-            let addrs: Vec<std::net::Ipv4Addr> = match rule.addr {
-                None => self.host_addrs.clone(),
-                Some(std::net::IpAddr::V4(a)) => vec![a],
-                Some(std::net::IpAddr::V6(_)) => continue,
-            };
-            for (base, bits) in port_prefixes(rule.host.first, rule.host.last) {
-                for a in &addrs {
-                    want.insert((
-                        FwdPrefix {
-                            addr: a.octets(),
-                            proto: rule.proto.ip_proto(),
-                            port: base.to_be_bytes(),
-                        },
-                        FWD_PREFIX_FIXED_BITS + u32::from(bits),
-                    ));
-                }
-            }
-        }
+        let want = wanted_prefixes(&self.rules, &self.host_addrs);
         // New prefixes first, so a port covered before and after is never
         // uncovered in between.
         for (data, len) in &want {
@@ -341,6 +321,70 @@ impl KernelFwdPorts {
         }
         Ok(self.published.len())
     }
+}
+
+/// The host addresses a rule without an address is published for, sorted
+/// and without duplicates: every address of both families but loopback,
+/// unspecified and multicast ones, and IPv6 link-local addresses (the same
+/// `fe80::` address may sit on several interfaces, and an inbound flow's
+/// replies are routed by destination, which a link-local one cannot be
+/// without its interface).
+pub fn published_host_addrs(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| !a.is_loopback() && !a.is_unspecified() && !a.is_multicast())
+        .filter(|a| match a {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(v6) => !v6.is_unicast_link_local(),
+        })
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    addrs
+}
+
+/// The trie key data of host address `addr`, IP protocol `proto` and port
+/// (or port-prefix base) `port`: the family, the address in 16 bytes (IPv4
+/// in the first four, as the uplink program reads packets), the protocol
+/// and the port big-endian.
+pub fn fwd_prefix(addr: IpAddr, proto: u8, port: u16) -> FwdPrefix {
+    let (family, addr) = match addr {
+        IpAddr::V4(a) => (FAMILY_IPV4, ipv4_to_16(a.octets())),
+        IpAddr::V6(a) => (FAMILY_IPV6, a.octets()),
+    };
+    FwdPrefix {
+        family,
+        addr,
+        proto,
+        port: port.to_be_bytes(),
+    }
+}
+
+/// Every (key data, prefix length) `rules` need published, with
+/// `host_addrs` (as [`published_host_addrs`] leaves them) standing in for
+/// a rule without an address: each rule's port range as its prefixes, for
+/// each address it covers, of either family.
+pub fn wanted_prefixes(
+    rules: &[crate::fwd::Rule],
+    host_addrs: &[IpAddr],
+) -> HashSet<(FwdPrefix, u32)> {
+    let mut want = HashSet::new();
+    for rule in rules {
+        let addrs: &[IpAddr] = match &rule.addr {
+            None => host_addrs,
+            Some(a) => std::slice::from_ref(a),
+        };
+        for (base, bits) in port_prefixes(rule.host.first, rule.host.last) {
+            for a in addrs {
+                want.insert((
+                    fwd_prefix(*a, rule.proto.ip_proto(), base),
+                    FWD_PREFIX_FIXED_BITS + u32::from(bits),
+                ));
+            }
+        }
+    }
+    want
 }
 
 /// The fewest prefixes `(base, prefix bits)` of the 16-bit port space that
@@ -366,8 +410,16 @@ pub fn port_prefixes(first: u16, last: u16) -> Vec<(u16, u8)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::port_prefixes;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use datapath_common::{
+        FAMILY_IPV4, FAMILY_IPV6, FWD_PREFIX_BITS, FWD_PREFIX_FIXED_BITS, PROTO_TCP, PROTO_UDP,
+    };
+
+    use super::{fwd_prefix, port_prefixes, published_host_addrs, wanted_prefixes};
+    use crate::fwd::{FwdTable, PortRange, Proto};
 
     fn covered(p: &[(u16, u8)]) -> Vec<u16> {
         let mut v: Vec<u16> = p
@@ -399,5 +451,88 @@ mod tests {
         }
         assert_eq!(port_prefixes(0, 65535), vec![(0, 0)]);
         assert_eq!(port_prefixes(80, 80), vec![(80, 16)]);
+    }
+
+    const HOST4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+    const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+
+    fn rules(specs: &[(Proto, &str)]) -> FwdTable {
+        let mut t = FwdTable::new();
+        for (proto, spec) in specs {
+            t.add_spec(*proto, spec, PortRange::LINUX_EPHEMERAL)
+                .unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn prefix_keys_carry_the_family_and_16_byte_addresses() {
+        let k = fwd_prefix(IpAddr::V4(HOST4), PROTO_TCP, 8080);
+        assert_eq!(k.family, FAMILY_IPV4);
+        assert_eq!(&k.addr[..4], &HOST4.octets());
+        assert!(k.addr[4..].iter().all(|b| *b == 0));
+        assert_eq!(k.port, 8080u16.to_be_bytes());
+        let k6 = fwd_prefix(IpAddr::V6(HOST6), PROTO_UDP, 53);
+        assert_eq!(
+            (k6.family, k6.addr, k6.proto),
+            (FAMILY_IPV6, HOST6.octets(), PROTO_UDP)
+        );
+        // An IPv6 address sharing an IPv4 address's bytes is another key.
+        let lookalike = Ipv6Addr::from(k.addr);
+        assert_ne!(fwd_prefix(IpAddr::V6(lookalike), PROTO_TCP, 8080), k);
+        assert_eq!(FWD_PREFIX_BITS, FWD_PREFIX_FIXED_BITS + 16);
+    }
+
+    #[test]
+    fn host_addresses_of_both_families_are_published() {
+        let ll: Ipv6Addr = "fe80::1".parse().unwrap();
+        let addrs = published_host_addrs(&[
+            IpAddr::V6(HOST6),
+            IpAddr::V4(HOST4),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            IpAddr::V6(ll),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            IpAddr::V4(HOST4),
+        ]);
+        assert_eq!(addrs, vec![IpAddr::V4(HOST4), IpAddr::V6(HOST6)]);
+    }
+
+    #[test]
+    fn rules_are_published_per_address_and_family() {
+        let host = [IpAddr::V4(HOST4), IpAddr::V6(HOST6)];
+        // No address: every host address of both families.
+        let t = rules(&[(Proto::Tcp, "8080:80")]);
+        let want = wanted_prefixes(t.rules(), &host);
+        let full = FWD_PREFIX_FIXED_BITS + 16;
+        assert_eq!(want.len(), 2);
+        for a in host {
+            assert!(
+                want.contains(&(fwd_prefix(a, PROTO_TCP, 8080), full)),
+                "{a}"
+            );
+        }
+        // An IPv6 rule address: that address only, whatever the host has.
+        let other6: Ipv6Addr = "2001:db8:1::2".parse().unwrap();
+        let t = rules(&[(Proto::Udp, "[2001:db8:1::2]/5353")]);
+        let want = wanted_prefixes(t.rules(), &host);
+        assert_eq!(
+            want.into_iter().collect::<Vec<_>>(),
+            vec![(fwd_prefix(IpAddr::V6(other6), PROTO_UDP, 5353), full)]
+        );
+        // An IPv4 rule address: no IPv6 key at all.
+        let t = rules(&[(Proto::Tcp, "198.51.100.1/8000-8001")]);
+        let want = wanted_prefixes(t.rules(), &host);
+        assert_eq!(want.len(), 1);
+        assert!(
+            want.iter()
+                .all(|(k, len)| k.family == FAMILY_IPV4 && *len == full - 1)
+        );
+        // A range is its prefixes, once per address.
+        let t = rules(&[(Proto::Tcp, "1-1023")]);
+        let per_addr = port_prefixes(1, 1023).len();
+        assert_eq!(wanted_prefixes(t.rules(), &host).len(), 2 * per_addr);
+        // Without host addresses a rule without an address publishes nothing.
+        assert!(wanted_prefixes(t.rules(), &[]).is_empty());
     }
 }
