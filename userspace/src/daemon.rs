@@ -636,8 +636,9 @@ fn remove_state(path: &std::path::Path) {
     }
 }
 
-/// `frame` as it is if its IPv4 packet fits `mtu`, else the frames of its
-/// fragments (the Ethernet header copied onto each).
+/// `frame` as it is if its IP packet fits `mtu`, else the frames of its
+/// fragments (the Ethernet header copied onto each): IPv4 fragments, or
+/// IPv6 ones with a Fragment header (see [`frag::fragment`]).
 fn frames_within(frame: Vec<u8>, mtu: usize) -> Vec<Vec<u8>> {
     let Some(ip) = frame.get(ETHERNET_HEADER_LEN..) else {
         return vec![frame];
@@ -659,6 +660,19 @@ fn frames_within(frame: Vec<u8>, mtu: usize) -> Vec<Vec<u8>> {
             Vec::new()
         }
     }
+}
+
+/// The IP packet of `frame` if it is a fragment for a [`Reassembler`]: an
+/// IPv4 one (EtherType 0x0800) or an IPv6 one with a Fragment header
+/// (EtherType 0x86DD), the version matching the EtherType.
+fn ip_fragment(frame: &[u8]) -> Option<&[u8]> {
+    let ip = frame.get(ETHERNET_HEADER_LEN..)?;
+    let version = match frame.get(12..14)? {
+        [0x08, 0x00] => 4,
+        [0x86, 0xdd] => 6,
+        _ => return None,
+    };
+    (ip.first().map(|b| b >> 4) == Some(version) && frag::is_fragment(ip)).then_some(ip)
 }
 
 /// The MTU of `uplink`, at most 65535.
@@ -799,14 +813,13 @@ impl State {
 }
 
 impl State {
-    /// Routes one punt record to its handler; IPv4 fragments go through
-    /// reassembly first, and the whole datagram is dispatched once it is
-    /// complete (with the Ethernet header of its last fragment).
+    /// Routes one punt record to its handler; IPv4 fragments and IPv6 ones
+    /// (a Fragment header) go through reassembly first, and the whole
+    /// datagram is dispatched once it is complete (with the Ethernet header
+    /// of its last fragment).
     fn dispatch(&self, p: &Punted<'_>, out: &mut Vec<Output>) {
         if !p.reason.is_event()
-            && let Some(ip) = p.frame.get(ETHERNET_HEADER_LEN..)
-            && p.frame.get(12..14) == Some(&[0x08, 0x00][..])
-            && frag::is_fragment(ip)
+            && let Some(ip) = ip_fragment(p.frame)
         {
             let frags = match p.origin {
                 Origin::Tap => &self.frags_guest,
@@ -834,14 +847,17 @@ impl State {
     }
 
     /// Drops reassemblies that timed out; the guest hears of its own
-    /// ("fragment reassembly time exceeded").
+    /// ("fragment reassembly time exceeded": ICMP, or ICMPv6 for IPv6).
     fn expire_fragments(&self, now: Instant, out: &mut Vec<Output>) {
         let mac = self.services.borrow().guest_mac();
         for e in self.frags_guest.borrow_mut().expire(now) {
             if let (Some(first), Some(mac)) = (e.first, mac) {
-                self.manager
-                    .borrow_mut()
-                    .reassembly_timeout_to_guest(&first, mac, out);
+                let mut manager = self.manager.borrow_mut();
+                if e.key_src.is_ipv6() {
+                    manager.reassembly_timeout6_to_guest(&first, mac, out);
+                } else {
+                    manager.reassembly_timeout_to_guest(&first, mac, out);
+                }
             }
         }
         let lost = self.frags_world.borrow_mut().expire(now).len();

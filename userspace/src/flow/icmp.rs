@@ -733,7 +733,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
 
     /// Queues the synthesized error `ip` (of `kind`) for the guest if the
     /// rate limit allows, and counts it.
-    fn emit_to_guest(
+    pub(super) fn emit_to_guest(
         &mut self,
         ip: Vec<u8>,
         kind: IcmpError,

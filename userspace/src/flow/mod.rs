@@ -82,6 +82,7 @@
 
 pub mod adopt;
 pub mod clock;
+mod frag6;
 pub mod icmp;
 mod inbound;
 pub mod packet;
@@ -460,6 +461,8 @@ pub struct FlowManager<M: FlowMaps, P: NatPorts> {
     guest6: Option<GuestNet6Config>,
     /// The guest's current IPv6 address (inbound IPv6 forwards go there).
     guest_addr6: Option<Ipv6Addr>,
+    /// The guest frame being handled is a reassembled datagram.
+    reassembled: bool,
     tap_ifindex: u32,
     uplink_ifindex: u32,
     uplink_mtu: u16,
@@ -518,6 +521,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             guest,
             guest6,
             guest_addr6: None,
+            reassembled: false,
             tap_ifindex,
             uplink_ifindex,
             uplink_mtu,
@@ -596,7 +600,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if guest_mac.is_unicast() {
             self.guest_mac = Some(guest_mac);
         }
-        if let Err(why) = self.guest_frame(frame, guest_mac, now, out) {
+        // A datagram the guest sent in fragments (reassembled by the
+        // daemon) may be cut again, IPv6 too: its source already chose to
+        // fragment, as Linux's conntrack re-fragments what it reassembled.
+        self.reassembled = reason == PuntReason::Fragment;
+        let done = self.guest_frame(frame, guest_mac, now, out);
+        self.reassembled = false;
+        if let Err(why) = done {
             self.count_drop(frame, why);
             debug!(
                 "flow: dropped a {}-byte frame from the guest ({}): {}",
@@ -1110,7 +1120,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         } else {
             usize::from(self.uplink_mtu)
         };
-        if pkt.ip.len() > mtu && pkt.dont_frag() {
+        if pkt.ip.len() > mtu && pkt.dont_frag() && !(pkt.is_v6() && self.reassembled) {
             let kind = IcmpError::FragNeeded {
                 mtu: self.uplink_mtu,
             };
