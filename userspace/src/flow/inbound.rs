@@ -90,9 +90,6 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         if pkt.ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
-        if pkt.ip.len() > usize::from(self.guest.mtu) {
-            return Err(DropReason::TooBig);
-        }
         let guest_mac = self.guest_mac.ok_or(DropReason::GuestUnknown)?;
         // The guest address of the opening's family: IPv6 goes to the
         // guest's current IPv6 address, once one is known.

@@ -626,7 +626,12 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         now: Instant,
         out: &mut Vec<Output>,
     ) {
-        if let Err(why) = self.world_frame(frame, reason, now, out) {
+        // A datagram that reached the host in fragments (reassembled by the
+        // daemon) is cut again for the guest, IPv6 too.
+        self.reassembled = reason == PuntReason::Fragment;
+        let done = self.world_frame(frame, reason, now, out);
+        self.reassembled = false;
+        if let Err(why) = done {
             self.count_drop(frame, why);
             debug!(
                 "flow: dropped a {}-byte frame from the world ({}): {}",
@@ -1166,7 +1171,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
         let (rw, mac) = (flow.to_guest(), flow.guest_mac);
         let mtu = usize::from(self.guest.mtu);
-        if pkt.ip.len() > mtu && pkt.dont_frag() {
+        if pkt.ip.len() > mtu && pkt.dont_frag() && !(pkt.is_v6() && self.reassembled) {
             let kind = IcmpError::FragNeeded {
                 mtu: self.guest.mtu,
             };

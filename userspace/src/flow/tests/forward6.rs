@@ -446,3 +446,76 @@ fn adopted_ipv6_inbound_flows_are_held_by_their_rule() {
     // No NAT port held: the forwarded ports are the reservations'.
     assert!(live.lock().unwrap().is_empty());
 }
+
+/// The frames for the guest in `out` as IP packets.
+fn all_to_guest(out: Vec<Output>) -> Vec<Vec<u8>> {
+    out.into_iter()
+        .map(|o| match o {
+            Output::ToGuest(f) => f[14..].to_vec(),
+            other => panic!("expected frames for the guest, got {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn big_datagrams_to_a_forwarded_port_reach_the_guest_in_fragments() {
+    let mut t = fwd6();
+    // A 5 KiB datagram reassembled from the world's fragments: cut again
+    // for the tap, both families.
+    let payload = vec![0x42u8; 5000];
+    for (src, dst) in [
+        (sa4(REMOTE_IP, 41000), sa4(HOST, 5353)),
+        (client6(), host6(5353)),
+    ] {
+        let mut ip = udp_ip(src, dst, &payload, 64);
+        if src.is_ipv4() {
+            // What the reassembler hands on: DF clear (fragments never
+            // have it).
+            let mut p = smoltcp::wire::Ipv4Packet::new_unchecked(&mut ip[..]);
+            p.set_dont_frag(false);
+            p.fill_checksum();
+        }
+        let frame = packet::ethernet_frame(GW_MAC, GW_MAC, &ip);
+        let pieces = all_to_guest(t.world(&frame, PuntReason::Fragment));
+        assert!(pieces.len() >= 4, "{} pieces", pieces.len());
+        let mut r = crate::frag::Reassembler::new(crate::frag::ReassemblyLimits::default());
+        let mut whole = None;
+        for p in &pieces {
+            assert!(p.len() <= 1500, "a {}-byte piece", p.len());
+            if let crate::frag::FragOutcome::Complete(w) = r.push(p, t.now) {
+                whole = Some(w);
+            }
+        }
+        let whole = whole.expect("the pieces make the datagram again");
+        let (ip_src, ip_dst, data) = if src.is_ipv6() {
+            let (h, _, _, _) = check6(&whole);
+            (
+                IpAddr::V6(h.src_addr),
+                IpAddr::V6(h.dst_addr),
+                whole[48..].to_vec(),
+            )
+        } else {
+            let (h, _, _, d) = check_udp(&whole);
+            (IpAddr::V4(h.src_addr), IpAddr::V4(h.dst_addr), d)
+        };
+        assert_eq!(ip_src, src.ip());
+        assert_eq!(
+            ip_dst,
+            if src.is_ipv6() {
+                IpAddr::V6(GUEST6)
+            } else {
+                IpAddr::V4(GuestNetConfig::default().guest_addr)
+            }
+        );
+        assert_eq!(data, payload);
+    }
+    // Not reassembled (the kernel punted it whole): IPv6 too big for the
+    // tap gets Packet Too Big towards the world, as a router answers.
+    let ip = udp_ip(client6(), host6(5353), &payload, 64);
+    let out = t.world(
+        &packet::ethernet_frame(GW_MAC, GW_MAC, &ip),
+        PuntReason::Exception,
+    );
+    let w = to_world(out);
+    assert_eq!((w[40], w[41]), (2, 0), "packet too big");
+}
