@@ -548,19 +548,25 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
                 }
             };
             loop {
-                match afd.readable().await {
-                    Ok(mut ready) => ready.clear_ready(),
+                let mut ready = match afd.readable().await {
+                    Ok(r) => r,
                     Err(e) => {
                         warn!("dns: relay socket: {e}");
                         return std::future::pending().await;
                     }
+                };
+                // A bounded batch per wake-up: a flood cannot hold the
+                // loop; readiness is cleared only once the socket is empty.
+                let (frames, drained) = state.services.borrow_mut().dns_relay_answers();
+                if drained {
+                    ready.clear_ready();
                 }
-                let frames = state.services.borrow_mut().dns_relay_answers();
                 for f in frames {
                     if let Err(e) = injectors.send(&Output::ToGuest(f)).await {
                         warn!("{e}");
                     }
                 }
+                tokio::task::yield_now().await;
             }
         };
         let control = async {

@@ -128,7 +128,12 @@ impl GuestState {
     pub fn lease6(&self, now: Instant) -> Option<(Vec<u8>, Instant)> {
         let duid = unhex(self.lease6_duid.as_deref()?)?;
         let left = self.lease6_expires_unix?.checked_sub(unix_now())?;
-        (left > 0 && !duid.is_empty()).then(|| (duid, now + Duration::from_secs(left)))
+        (left > 0 && !duid.is_empty())
+            .then(|| {
+                now.checked_add(Duration::from_secs(left))
+                    .map(|e| (duid, e))
+            })
+            .flatten()
     }
 
     /// The guest's IPv6 address, if it was known.
@@ -163,7 +168,9 @@ impl GuestState {
     pub fn lease(&self, now: Instant) -> Option<(EthernetAddress, Instant)> {
         let mac = EthernetAddress(self.lease_mac?);
         let left = self.lease_expires_unix?.checked_sub(unix_now())?;
-        (left > 0 && mac.is_unicast()).then(|| (mac, now + Duration::from_secs(left)))
+        (left > 0 && mac.is_unicast())
+            .then(|| now.checked_add(Duration::from_secs(left)).map(|e| (mac, e)))
+            .flatten()
     }
 
     /// Reads the state file; a missing file is an empty state.

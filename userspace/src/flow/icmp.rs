@@ -7,7 +7,7 @@
 //!   opens a flow like a first UDP datagram does: the identifier is the
 //!   "port" (a request's source port, a reply's destination port, so the
 //!   reply's key mirrors the request's), NATed to an identifier reserved
-//!   on the host ([`super::nat`]). The flow is installed `Established`;
+//!   on the host ([`super::ports`]). The flow is installed `Established`;
 //!   the kernel carries the following requests and every reply, and the
 //!   flow expires by silence with the UDP timeout. Echo to the gateway's
 //!   own addresses never gets here: the gateway's services answer it.
@@ -41,6 +41,11 @@
 //!   Quotes follow the passt seed: the offending header and its first 8
 //!   payload bytes (RFC 792). Never an error about an ICMP error, a
 //!   broadcast or multicast, or a later fragment (RFC 1122 §3.2.2).
+//!   ICMPv6 (RFC 4443): the same kinds as ICMPv6 types and codes, the
+//!   quote as much of the packet as keeps the error within 1280 bytes,
+//!   Packet Too Big instead of fragmentation needed (IPv6 is never
+//!   fragmented on the way); errors from the world and the guest are
+//!   translated by [`translate_error`] for both families.
 //! * **Rate limit.** Synthesized errors share one token bucket (like
 //!   Linux's `icmp_msgs_per_sec` / `icmp_msgs_burst`): a guest flooding
 //!   oversized or TTL-1 packets costs at most that many replies. What it
@@ -145,6 +150,29 @@ impl IcmpKind {
             (ICMP_TIME_EXCEEDED, 1) => Self::ReassemblyTimeout,
             (ICMP_TIME_EXCEEDED, _) => Self::TimeExceeded,
             (ICMP_PARAM_PROBLEM, _) => Self::ParamProblem,
+            _ => Self::Other,
+        }
+    }
+
+    /// The kind of a parsed ICMP or ICMPv6 message (RFC 4443 §2.1 for the
+    /// ICMPv6 numbers: no route and address unreachable count as net and
+    /// host unreachable, Packet Too Big as fragmentation needed).
+    pub fn of_msg(m: &IcmpMsg) -> Self {
+        if !m.v6 {
+            return Self::of(m.ty, m.code);
+        }
+        match (m.ty, m.code) {
+            (128, _) => Self::EchoRequest,
+            (129, _) => Self::EchoReply,
+            (1, 0) => Self::NetUnreachable,
+            (1, 1) => Self::AdminProhibited,
+            (1, 3) => Self::HostUnreachable,
+            (1, 4) => Self::PortUnreachable,
+            (1, _) => Self::UnreachableOther,
+            (2, _) => Self::FragNeeded,
+            (3, 1) => Self::ReassemblyTimeout,
+            (3, _) => Self::TimeExceeded,
+            (4, _) => Self::ParamProblem,
             _ => Self::Other,
         }
     }
@@ -384,11 +412,11 @@ pub fn csum_adjust(csum: u16, old: &[u8], new: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Translates the ICMP error `ip` (a whole IPv4 packet without options, as
-/// [`packet::parse_ip`] accepts it) along `rw`: outer addresses and TTL − 1,
-/// the quoted packet's addresses and ports, every checksum (the quoted
-/// transport checksum incrementally, when the quote holds it). Returns the
-/// new IPv4 packet.
+/// Translates the ICMP or ICMPv6 error `ip` (a whole packet, as
+/// [`packet::parse_ip`] accepts it; `rw`'s addresses of its family) along
+/// `rw`: outer addresses and TTL (hop limit) − 1, the quoted packet's
+/// addresses and ports, every checksum (the quoted transport checksum
+/// incrementally, when the quote holds it). Returns the new packet.
 pub fn translate_error(ip: &[u8], rw: ErrorRewrite) -> Result<Vec<u8>, PacketError> {
     match (rw.outer_src, rw.outer_dst, rw.inner_src, rw.inner_dst) {
         (IpAddr::V4(os), IpAddr::V4(od), SocketAddr::V4(is), SocketAddr::V4(id)) => {
@@ -458,6 +486,12 @@ fn translate_error6(
     };
     if let Some(c) = l4.get_mut(csum_at..csum_at + 2) {
         let old = u16::from_be_bytes([c[0], c[1]]);
+        // A quoted zero UDP checksum (invalid over IPv6, but quoted as
+        // sent) stays as it was.
+        if proto == PROTO_UDP && old == 0 {
+            Icmpv6Packet::new_unchecked(outer.payload_mut()).fill_checksum(&outer_src, &outer_dst);
+            return Ok(buf);
+        }
         let mut new = csum_adjust(old, &old_addrs, &new_addrs);
         new = csum_adjust(new, &old_ports, &new_ports);
         if proto == PROTO_UDP && new == 0 {
@@ -652,7 +686,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.stats
                 .icmp
                 .translated_to_world
-                .add(IcmpKind::of(m.ty, m.code));
+                .add(IcmpKind::of_msg(&m));
         }
         out.push(Output::ToWorld(ip));
         self.stats.slow_to_world += 1;
@@ -695,7 +729,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         self.stats
             .icmp
             .translated_to_guest
-            .add(IcmpKind::of(msg.ty, msg.code));
+            .add(IcmpKind::of_msg(&msg));
         out.push(Output::ToGuest(packet::ethernet_frame(
             self.guest.gateway_mac,
             mac,

@@ -8,11 +8,12 @@
 //! and hands everything else to user space; this module decides what
 //! enters the map, and when it leaves.
 //!
-//! * **Guest frames** ([`FlowManager::from_guest`]): the IPv4 TCP/UDP frames
-//!   the gateway's own services did not take. A guest SYN (TCP) or first
+//! * **Guest frames** ([`FlowManager::from_guest`]): the IPv4 and IPv6
+//!   TCP/UDP/echo frames the gateway's own services did not take (both
+//!   families take the same path; see `packet.rs` for what differs). A guest SYN (TCP) or first
 //!   datagram (UDP) to a destination the [`policy`] allows gets a source
 //!   address from the host's routing, a NAT port reserved against the
-//!   host's own sockets ([`nat`]), a slot, and two map entries, one per
+//!   host's own sockets ([`ports`]), a slot, and two map entries, one per
 //!   direction, each with that direction's full rewrite. TCP flows start in
 //!   `Handshake` (both directions punted), UDP flows as `Established`. The
 //!   packet itself is translated here and sent to the world
@@ -755,8 +756,10 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     /// as malformed ICMP too.
     fn count_drop(&mut self, frame: &[u8], why: DropReason) {
         self.stats.drops.add(why);
-        let is_icmp = frame.get(12..14) == Some(&[0x08, 0x00][..])
-            && frame.get(ETHERNET_HEADER_LEN + 9) == Some(&PROTO_ICMP);
+        let is_icmp = (frame.get(12..14) == Some(&[0x08, 0x00][..])
+            && frame.get(ETHERNET_HEADER_LEN + 9) == Some(&PROTO_ICMP))
+            || (frame.get(12..14) == Some(&[0x86, 0xdd][..])
+                && frame.get(ETHERNET_HEADER_LEN + 6) == Some(&packet::PROTO_ICMPV6));
         if why == DropReason::Malformed && is_icmp {
             self.stats.icmp.malformed += 1;
         }
@@ -1137,7 +1140,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.stats
                 .icmp
                 .translated_to_world
-                .add(IcmpKind::of(m.ty, m.code));
+                .add(IcmpKind::of_msg(&m));
         }
         self.stats.slow_to_world += 1;
         let pieces = self.within_mtu(ip, mtu)?;
@@ -1183,7 +1186,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             self.stats
                 .icmp
                 .translated_to_guest
-                .add(IcmpKind::of(m.ty, m.code));
+                .add(IcmpKind::of_msg(&m));
         }
         self.stats.slow_to_guest += 1;
         let gw = self.guest.gateway_mac;

@@ -4,32 +4,38 @@
 //! # Theory of operation
 //!
 //! Everything here is stateless and built on smoltcp's `wire` views, which
-//! check lengths before any accessor runs. Three jobs:
+//! check lengths before any accessor runs. Both families go through the
+//! same functions; only the header code differs. Three jobs:
 //!
 //! * **Parsing** ([`parse_frame`], [`parse_ip`]): an Ethernet frame (from
 //!   the guest or the uplink) is accepted when it carries a complete IPv4
 //!   packet (version 4, valid header checksum, total length within the
 //!   frame — Ethernet padding is cut off) without options and not a
-//!   fragment (fragments are reassembled before they get here), with a TCP
-//!   or UDP header whose ports are not zero, or an ICMP message whose
-//!   checksum is right (ICMP is never offloaded). The L4
-//!   checksum is deliberately *not* verified: frames from a tap or a veth
-//!   may carry a partial (offloaded) checksum that only the egress device
-//!   completes. [`parse_snap`] reads the truncated copies the kernel puts in
-//!   event records: only the headers are there, so payload lengths come
-//!   from the IP and TCP length fields, not from the snap.
+//!   fragment, or a complete IPv6 packet whose transport header follows
+//!   the fixed header (extension headers are refused; fragments are
+//!   reassembled before they get here), with a TCP or UDP header whose
+//!   ports are not zero (over IPv6 a zero UDP checksum is refused too, RFC
+//!   8200 §8.1), or an ICMP/ICMPv6 message whose checksum is right (ICMP is
+//!   never offloaded). The TCP/UDP checksum is deliberately *not*
+//!   verified: frames from a tap or a veth may carry a partial (offloaded)
+//!   checksum that only the egress device completes. [`parse_snap`] reads
+//!   the truncated copies the kernel puts in event records: only the
+//!   headers are there, so payload lengths come from the IP and TCP length
+//!   fields, not from the snap.
 //! * **Rewriting** ([`rewrite`]): the slow path applies exactly the rewrite
 //!   of the flow entry the kernel would apply (new source and destination
-//!   address and port — for ICMP echo, the identifier — TTL − 1) to a copy
-//!   of the packet, then recomputes the IPv4 header checksum and the *full*
-//!   TCP/UDP/ICMP checksum, so a partial
-//!   checksum on input still yields a correct packet. TCP options, flags
-//!   and payload are kept byte for byte.
+//!   address and port — for ICMP echo, the identifier — TTL or hop limit
+//!   − 1) to a copy of the packet, then recomputes the IPv4 header checksum
+//!   and the *full* TCP/UDP/ICMP(v6) checksum, so a partial checksum on
+//!   input still yields a correct packet. TCP options, flags and payload
+//!   are kept byte for byte.
 //! * **Synthesis**: RSTs for segments that match no connection (RFC 9293
 //!   §3.10.7.1: from the segment's ACK if it has one, otherwise seq 0 and
-//!   an ACK covering the segment) and ICMP errors quoting the offending
-//!   packet's IP header and first 8 payload bytes (RFC 792, the passt
-//!   seed's rule), as IP packets (wrapped in Ethernet for the guest).
+//!   an ACK covering the segment), in either family ([`ip_header`]), and
+//!   ICMP errors quoting the offending packet's IP header and first 8
+//!   payload bytes (RFC 792, the passt seed's rule) or, for IPv6, ICMPv6
+//!   errors quoting as much as fits 1280 bytes ([`icmp6_error_quoting`]),
+//!   as IP packets (wrapped in Ethernet for the guest).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -278,6 +284,10 @@ pub fn parse_ip6(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
             if udp.src_port() == 0 || udp.dst_port() == 0 {
                 return Err(PacketError::Malformed("udp port 0"));
             }
+            // RFC 8200 §8.1: a zero UDP checksum is invalid over IPv6.
+            if udp.checksum() == 0 {
+                return Err(PacketError::Malformed("udp checksum 0 over ipv6"));
+            }
             L4::Udp {
                 sport: udp.src_port(),
                 dport: udp.dst_port(),
@@ -420,9 +430,9 @@ pub struct SnapSeg {
 }
 
 /// Parses the leading bytes of a TCP packet as copied into an event record
-/// (Ethernet + IPv4 + TCP headers; the payload and even trailing TCP options
-/// may be cut off). The payload length comes from the IPv4 total length
-/// and the TCP data offset.
+/// (Ethernet + IPv4 or IPv6 + TCP headers; the payload and even trailing
+/// TCP options may be cut off). The payload length comes from the IP
+/// length field and the TCP data offset.
 pub fn parse_snap(snap: &[u8]) -> Result<SnapSeg, PacketError> {
     let eth = EthernetFrame::new_checked(snap).map_err(|_| PacketError::Malformed("ethernet"))?;
     let b = snap

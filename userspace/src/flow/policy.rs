@@ -23,10 +23,11 @@
 //! IPv6 mirrors it: the host's own IPv6 addresses and `::1`, the guest's
 //! own prefix, link-local and IPv4-mapped destinations are prohibited;
 //! multicast and `::` are dropped silently; the gateway's IPv6 addresses
-//! answer as a closed host. The DNS address `cfg6.dns` is served only by an
-//! IPv6 upstream resolver (NAT cannot change a packet's family); without
-//! one it is answered as closed, and the guest's resolver moves on to the
-//! IPv4 DNS address.
+//! answer as a closed host. The DNS address `cfg6.dns` is a NAT flow only
+//! to an IPv6 upstream resolver (NAT cannot change a packet's family);
+//! without one it is denied here as unavailable — the guest services relay
+//! its UDP queries to the IPv4 resolver before they reach the flow manager
+//! (`services/dns.rs`), so what is left (TCP) answers as closed.
 //!
 //! The verdict is pure data ([`Verdict`]); the flow manager turns denials
 //! into RSTs or ICMP errors and counts them.

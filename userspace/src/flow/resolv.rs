@@ -143,7 +143,7 @@ pub fn resolve_upstream6() -> Option<Ipv6Addr> {
     });
     match found {
         Some(ip) => info!("dns: IPv6 upstream {ip}"),
-        None => info!("dns: no IPv6 nameserver: the IPv6 DNS address answers as closed"),
+        None => info!("dns: no IPv6 nameserver: the IPv6 DNS address is relayed to the IPv4 one"),
     }
     found
 }

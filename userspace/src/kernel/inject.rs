@@ -189,7 +189,7 @@ async fn send_with(
     }
 }
 
-/// Sends IPv4 packets to the world through the host's routing.
+/// Sends IPv4 and IPv6 packets to the world through the host's routing.
 pub struct WorldWriter {
     fd: AsyncFd<OwnedFd>,
     /// The IPv6 raw socket, where the host has IPv6.

@@ -9,14 +9,19 @@
 //! hand out) are relayed here instead, as a stub forwarder does:
 //!
 //! * [`DnsRelay::query`] takes the guest's UDP datagram to `dns6:53`
-//!   (checksum verified), gives it a fresh transaction id of the relay's
-//!   own, remembers (id → guest address, port, MAC, the guest's id) and
-//!   sends the message from one unconnected IPv4 UDP socket to the
-//!   resolver;
-//! * [`DnsRelay::answers`] reads what the resolver sent back (only from
-//!   the resolver's address and port, only ids it handed out), puts the
-//!   guest's id back and builds the Ethernet frame from `dns6:53` to the
-//!   guest.
+//!   (checksum verified), gives it a random transaction id of the relay's
+//!   own (RFC 5452: from `/dev/urandom`), remembers (id → guest address,
+//!   port, MAC, the guest's id, the question) and sends the message from
+//!   an IPv4 UDP socket connected to the resolver (so the kernel drops
+//!   datagrams from anyone else);
+//! * [`DnsRelay::answers`] reads what the resolver sent back — at most
+//!   [`ANSWERS_PER_CALL`] datagrams a call, so a flood cannot hold the
+//!   event loop — keeps only answers to ids it handed out that repeat the
+//!   query's question, puts the guest's id back and builds the Ethernet
+//!   frame from `dns6:53` to the guest. An answer the tap's MTU cannot
+//!   carry is cut to its header and question with the TC bit set
+//!   (RFC 1035 §4.1.1): the resolver retries over TCP, which the IPv6 DNS
+//!   address refuses, and moves on to the IPv4 one.
 //!
 //! Pending queries are bounded ([`MAX_PENDING`], the oldest is dropped to
 //! make room) and forgotten after [`QUERY_TIMEOUT`] ([`DnsRelay::expire`]);
@@ -47,16 +52,41 @@ pub const MAX_PENDING: usize = 512;
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The DNS port.
 const DNS_PORT: u16 = 53;
-/// Largest answer read from the resolver (EDNS0 over UDP stays below).
-const MAX_ANSWER: usize = 4096;
+/// Largest answer read from the resolver (a UDP datagram).
+const MAX_ANSWER: usize = 65_535;
+/// Answers read by one [`DnsRelay::answers`] call, at most.
+pub const ANSWERS_PER_CALL: usize = 64;
+/// IPv6 and UDP headers in front of an answer, and the Ethernet header.
+const ANSWER_OVERHEAD: usize = 14 + 40 + 8;
 
 /// One query on its way.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Pending {
     guest: (Ipv6Addr, u16),
     mac: EthernetAddress,
     id: u16,
     sent: Instant,
+    /// The query's question section (what the answer must repeat).
+    question: Vec<u8>,
+}
+
+/// The question section of a DNS message: from byte 12 through the end
+/// of its first question (name, type, class); `None` if it does not parse.
+fn question(msg: &[u8]) -> Option<&[u8]> {
+    let mut at = 12usize;
+    loop {
+        let len = usize::from(*msg.get(at)?);
+        if len == 0 {
+            at += 1;
+            break;
+        }
+        // A compression pointer cannot occur in a query's first name.
+        if len > 63 {
+            return None;
+        }
+        at += 1 + len;
+    }
+    msg.get(12..at.checked_add(4)?)
 }
 
 /// Counters of the relay.
@@ -80,6 +110,9 @@ pub struct DnsRelay {
     socket: UdpSocket,
     pending: HashMap<u16, Pending>,
     order: VecDeque<u16>,
+    /// Where transaction ids come from.
+    random: Option<std::fs::File>,
+    /// Fallback id state when /dev/urandom cannot be read.
     next_id: u16,
     stats: RelayStats,
 }
@@ -89,14 +122,21 @@ impl DnsRelay {
     /// non-blocking socket of its own (in the calling thread's network
     /// namespace).
     pub fn new(cfg: GuestNet6Config, upstream: Ipv4Addr) -> io::Result<Self> {
+        Self::with_upstream(cfg, SocketAddrV4::new(upstream, DNS_PORT))
+    }
+
+    /// [`Self::new`] with the resolver's port too (tests).
+    pub fn with_upstream(cfg: GuestNet6Config, upstream: SocketAddrV4) -> io::Result<Self> {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket.connect(upstream)?;
         socket.set_nonblocking(true)?;
         Ok(Self {
             cfg,
-            upstream: SocketAddrV4::new(upstream, DNS_PORT),
+            upstream,
             socket,
             pending: HashMap::new(),
             order: VecDeque::new(),
+            random: std::fs::File::open("/dev/urandom").ok(),
             next_id: (std::process::id() as u16).wrapping_mul(40_503),
             stats: RelayStats::default(),
         })
@@ -141,6 +181,9 @@ impl DnsRelay {
         if msg.len() < 12 || !eth.src_addr().is_unicast() || !self.cfg.in_prefix(ip_repr.src_addr) {
             return Err(FrameError::Unsupported("dns query"));
         }
+        let question = question(msg)
+            .ok_or(FrameError::Unsupported("dns query without a question"))?
+            .to_vec();
         self.expire(now);
         if self.pending.len() >= MAX_PENDING
             && let Some(old) = self.order.pop_front()
@@ -151,7 +194,7 @@ impl DnsRelay {
         let ours = self.fresh_id();
         let mut out = msg.to_vec();
         out[..2].copy_from_slice(&ours.to_be_bytes());
-        match self.socket.send_to(&out, self.upstream) {
+        match self.socket.send(&out) {
             Ok(_) => {}
             Err(e) => {
                 log::debug!("dns6 relay: sending to {}: {e}", self.upstream);
@@ -165,6 +208,7 @@ impl DnsRelay {
                 mac: eth.src_addr(),
                 id,
                 sent: now,
+                question,
             },
         );
         self.order.push_back(ours);
@@ -172,12 +216,24 @@ impl DnsRelay {
         Ok(())
     }
 
-    /// An id no pending query uses.
+    /// A random id no pending query uses.
     fn fresh_id(&mut self) -> u16 {
         loop {
-            self.next_id = self.next_id.wrapping_add(1);
-            if !self.pending.contains_key(&self.next_id) {
-                return self.next_id;
+            let mut b = [0u8; 2];
+            let id = match self
+                .random
+                .as_mut()
+                .map(|f| io::Read::read_exact(f, &mut b))
+            {
+                Some(Ok(())) => u16::from_ne_bytes(b),
+                _ => {
+                    // No /dev/urandom: a scrambled counter (weaker).
+                    self.next_id = self.next_id.wrapping_add(0x9e37);
+                    self.next_id.rotate_left(5) ^ 0x5a5a
+                }
+            };
+            if !self.pending.contains_key(&id) {
+                return id;
             }
         }
     }
@@ -197,35 +253,54 @@ impl DnsRelay {
         }
     }
 
-    /// The frames for the guest of every answer waiting on the socket.
-    pub fn answers(&mut self) -> Vec<Vec<u8>> {
+    /// The frames for the guest of the answers waiting on the socket (at
+    /// most [`ANSWERS_PER_CALL`]), and whether the socket was drained
+    /// (`false`: call again).
+    pub fn answers(&mut self) -> (Vec<Vec<u8>>, bool) {
         let mut frames = Vec::new();
         let mut buf = vec![0u8; MAX_ANSWER];
-        loop {
+        for _ in 0..ANSWERS_PER_CALL {
             let (n, from) = match self.socket.recv_from(&mut buf) {
                 Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (frames, true),
                 Err(e) => {
+                    // E.g. ECONNREFUSED from the resolver's port
+                    // unreachable: the query times out.
                     log::debug!("dns6 relay: {e}");
-                    break;
+                    continue;
                 }
             };
             let msg = buf.get(..n).unwrap_or_default();
             let id = msg.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
             let p = match id {
-                Some(id) if from == SocketAddr::V4(self.upstream) => self.pending.remove(&id),
+                Some(id) if from == SocketAddr::V4(self.upstream) => self.pending.get(&id),
                 _ => None,
             };
-            let Some(p) = p else {
+            // The answer must repeat the question (RFC 5452 §9.1).
+            let Some(p) = p
+                .filter(|p| question(msg) == Some(&p.question[..]))
+                .cloned()
+            else {
                 self.stats.stray += 1;
                 continue;
             };
+            if let Some(id) = id {
+                self.pending.remove(&id);
+            }
             let mut answer = msg.to_vec();
             answer[..2].copy_from_slice(&p.id.to_be_bytes());
+            if ANSWER_OVERHEAD + answer.len() > usize::from(self.cfg.mtu).max(1280) + 14 {
+                // Too big for the tap: header and question, truncated.
+                answer.truncate(12 + p.question.len());
+                answer[2] |= 0x02;
+                for b in &mut answer[6..12] {
+                    *b = 0;
+                }
+            }
             frames.push(self.answer_frame(&p, &answer));
             self.stats.answers += 1;
         }
-        frames
+        (frames, false)
     }
 
     /// The Ethernet frame carrying `answer` from `dns6:53` to the guest.
@@ -315,8 +390,9 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let port = resolver.local_addr().unwrap().port();
-        let mut relay = DnsRelay::new(cfg.clone(), Ipv4Addr::LOCALHOST).unwrap();
-        relay.upstream = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let mut relay =
+            DnsRelay::with_upstream(cfg.clone(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+                .unwrap();
         let guest: Ipv6Addr = "fd00::15".parse().unwrap();
         let q = query_frame(&cfg, guest, 0xbeef);
         assert!(relay.is_query(&q));
@@ -326,14 +402,19 @@ mod tests {
         let sent_id = u16::from_be_bytes([buf[0], buf[1]]);
         assert_ne!(sent_id, 0xbeef, "the relay's own id");
         assert_eq!(&buf[2..n], &query_frame(&cfg, guest, 0)[14 + 48 + 2..]);
-        // A stray datagram, then the answer.
+        // A stray datagram, an answer to another question, then the
+        // answer.
         resolver.send_to(b"\x00\x00junkjunkjunk", from).unwrap();
+        let mut other = buf[..n].to_vec();
+        other[2] |= 0x80;
+        other[13] = b'E';
+        resolver.send_to(&other, from).unwrap();
         let mut answer = buf[..n].to_vec();
         answer[2] |= 0x80;
         resolver.send_to(&answer, from).unwrap();
         let mut frames = Vec::new();
         for _ in 0..100 {
-            frames.extend(relay.answers());
+            frames.extend(relay.answers().0);
             if !frames.is_empty() {
                 break;
             }
@@ -349,13 +430,44 @@ mod tests {
         assert_eq!((u.src_port(), u.dst_port()), (53, 40000));
         assert_eq!(&u.payload()[..2], &0xbeefu16.to_be_bytes());
         assert_eq!(relay.stats().answers, 1);
-        assert!(relay.stats().stray >= 1);
+        assert!(relay.stats().stray >= 2);
+        // An answer too big for the tap is cut to its question with TC.
+        relay
+            .query(&query_frame(&cfg, guest, 0x1111), Instant::now())
+            .unwrap();
+        let (n, _) = resolver.recv_from(&mut buf).unwrap();
+        let mut big = buf[..n].to_vec();
+        big[2] |= 0x80;
+        big[7] = 1;
+        big.extend(std::iter::repeat_n(0u8, 3000));
+        resolver.send_to(&big, from).unwrap();
+        let mut frames = Vec::new();
+        for _ in 0..100 {
+            frames.extend(relay.answers().0);
+            if !frames.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let f = EthernetFrame::new_checked(&frames[0][..]).unwrap();
+        let ip = Ipv6Packet::new_checked(f.payload()).unwrap();
+        let u = UdpPacket::new_checked(ip.payload()).unwrap();
+        let msg = u.payload();
+        assert!(frames[0].len() <= 1514);
+        assert_eq!(msg[2] & 0x02, 0x02, "TC set");
+        assert_eq!(&msg[6..12], &[0; 6]);
+        assert_eq!(&msg[..2], &0x1111u16.to_be_bytes());
     }
 
     #[test]
     fn bad_queries_are_refused_and_pending_is_bounded() {
         let cfg = GuestNet6Config::default();
-        let mut relay = DnsRelay::new(cfg.clone(), Ipv4Addr::LOCALHOST).unwrap();
+        // A resolver that never answers.
+        let resolver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = resolver.local_addr().unwrap().port();
+        let mut relay =
+            DnsRelay::with_upstream(cfg.clone(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+                .unwrap();
         let guest: Ipv6Addr = "fd00::15".parse().unwrap();
         // Bad checksum; outside the prefix; truncated.
         let mut q = query_frame(&cfg, guest, 1);

@@ -204,13 +204,13 @@ impl GuestServices {
         Ok(Some(std::os::fd::OwnedFd::from(fd)))
     }
 
-    /// The relayed DNS answers waiting for the guest, as frames.
-    pub fn dns_relay_answers(&mut self) -> Vec<Vec<u8>> {
+    /// The relayed DNS answers waiting for the guest, as frames (a
+    /// bounded batch), and whether the relay's socket was drained.
+    pub fn dns_relay_answers(&mut self) -> (Vec<Vec<u8>>, bool) {
         self.v6
             .as_mut()
             .and_then(|v| v.relay.as_mut())
-            .map(dns::DnsRelay::answers)
-            .unwrap_or_default()
+            .map_or((Vec::new(), true), dns::DnsRelay::answers)
     }
 
     /// Frames the services send unasked at `now` (unsolicited router
@@ -285,7 +285,7 @@ impl GuestServices {
             IpProtocol::Icmpv6 => match ip.payload().first().copied() {
                 // Router/Neighbor Solicitation and Advertisement, Redirect.
                 Some(ty @ 133..=137) => {
-                    let reply = v6.ndp.handle(frame)?;
+                    let reply = v6.ndp.handle(frame, now)?;
                     // A duplicate-address probe names an address the guest
                     // is about to use.
                     if ty == 135
@@ -345,7 +345,7 @@ pub enum Claim {
     Reply(Vec<u8>),
     /// Handled (or dropped and counted); nothing to send.
     Consumed,
-    /// An IPv4 packet that is not for the gateway's services: it belongs to
+    /// An IPv4 or IPv6 packet that is not for the gateway's services: it belongs to
     /// the flow manager.
     NotMine,
 }

@@ -15,14 +15,17 @@
 //!   is taken. A solicitation for any other address, above all a
 //!   duplicate-address probe for the guest's own address, is never
 //!   answered (RFC 4862 §5.4: the guest's address must stay usable).
-//! * **Router Solicitation** gets a Router Advertisement at once,
-//!   unicast to the solicitor (RFC 4861 §6.2.6 allows it, and it keeps
-//!   the answer well within the 0.5 s a client waits for, with no
-//!   multicast rate limit to respect); from an unspecified source it goes
-//!   to all nodes.
-//! * **Unsolicited Router Advertisements** go to all nodes: the first at
-//!   start, then [`INITIAL_ADVERTS`] more [`INITIAL_INTERVAL`] apart (RFC
-//!   4861 §6.2.4), then every 200–600 s (`MinRtrAdvInterval` and
+//! * **Router Solicitation** gets a Router Advertisement at once, unicast
+//!   to the solicitor (§6.2.6 allows the unicast answer). §6.2.6 also asks
+//!   for a random delay of up to 0.5 s; with one host on the link, which
+//!   the delay exists to desynchronise, tapgate deliberately answers at
+//!   once (a guest waits for the first RA it gets). A solicitation from the
+//!   unspecified address is answered to all nodes, at most once per
+//!   [`MIN_DELAY_BETWEEN_RAS`]: a guest flooding such solicitations gets
+//!   no multicast flood back.
+//! * **Unsolicited Router Advertisements** go to all nodes: the first
+//!   [`INITIAL_ADVERTS`] (the first at start) [`INITIAL_INTERVAL`] apart
+//!   (RFC 4861 §6.2.4), then every 200–600 s (`MinRtrAdvInterval` and
 //!   `MaxRtrAdvInterval`, §6.2.1), polled with [`Ndp::poll`].
 //!
 //! Every advertisement comes from the link-local router address with hop
@@ -66,9 +69,12 @@ pub const ROUTER_LIFETIME: Duration = Duration::from_secs(1800);
 /// Lifetime of the RDNSS and DNSSL options (RFC 8106 §5.1 recommends at
 /// least 3 × `MaxRtrAdvInterval`).
 pub const DNS_LIFETIME_SECS: u32 = 1800;
-/// Unsolicited advertisements sent fast after start (`MAX_INITIAL_RTR_
-/// ADVERTISEMENTS`), after the first.
+/// Unsolicited advertisements sent fast after start, the first included
+/// (`MAX_INITIAL_RTR_ADVERTISEMENTS`).
 pub const INITIAL_ADVERTS: u32 = 3;
+/// The least time between two multicast advertisements
+/// (`MIN_DELAY_BETWEEN_RAS`, RFC 4861 §10).
+pub const MIN_DELAY_BETWEEN_RAS: Duration = Duration::from_secs(3);
 /// Their spacing (at most `MAX_INITIAL_RTR_ADVERT_INTERVAL`, 16 s).
 pub const INITIAL_INTERVAL: Duration = Duration::from_secs(16);
 /// `MinRtrAdvInterval`.
@@ -223,6 +229,8 @@ pub struct Ndp {
     next_advert: Instant,
     /// Unsolicited advertisements sent so far.
     adverts_sent: u32,
+    /// When the last multicast advertisement went out.
+    last_multicast: Option<Instant>,
     stats: NdpStats,
 }
 
@@ -234,6 +242,7 @@ impl Ndp {
             cfg,
             next_advert: now,
             adverts_sent: 0,
+            last_multicast: None,
             stats: NdpStats::default(),
         }
     }
@@ -243,11 +252,6 @@ impl Ndp {
         &self.stats
     }
 
-    /// Updates the MTU the advertisements carry (the tap's).
-    pub fn set_mtu(&mut self, mtu: u16) {
-        self.cfg.mtu = mtu;
-    }
-
     /// The unsolicited advertisement, when one is due at `now`.
     pub fn poll(&mut self, now: Instant) -> Option<Vec<u8>> {
         if now < self.next_advert {
@@ -255,6 +259,7 @@ impl Ndp {
         }
         self.adverts_sent = self.adverts_sent.saturating_add(1);
         self.next_advert = now + self.interval(now);
+        self.last_multicast = Some(now);
         self.stats.unsolicited_adverts += 1;
         Some(self.router_advert(ALL_NODES, multicast_mac(ALL_NODES)))
     }
@@ -264,7 +269,7 @@ impl Ndp {
     /// 4861 §6.2.4 wants it random, so routers on one link do not
     /// synchronise).
     fn interval(&self, now: Instant) -> Duration {
-        if self.adverts_sent <= INITIAL_ADVERTS {
+        if self.adverts_sent < INITIAL_ADVERTS {
             return INITIAL_INTERVAL;
         }
         let span = (MAX_INTERVAL - MIN_INTERVAL).as_millis();
@@ -280,7 +285,7 @@ impl Ndp {
 
     /// Handles one ICMPv6 Neighbor Discovery frame from the guest: the
     /// reply frame, if one is due.
-    pub fn handle(&mut self, frame: &[u8]) -> Result<Option<Vec<u8>>, FrameError> {
+    pub fn handle(&mut self, frame: &[u8], now: Instant) -> Result<Option<Vec<u8>>, FrameError> {
         let eth = EthernetFrame::new_checked(frame).map_err(FrameError::malformed("ethernet"))?;
         if eth.ethertype() != EthernetProtocol::Ipv6 {
             return Err(FrameError::Unsupported("ethertype (not ipv6)"));
@@ -363,12 +368,20 @@ impl Ndp {
                 if from_unspecified && lladdr.is_some() {
                     return Err(FrameError::Unsupported("rs with lladdr from ::"));
                 }
-                self.stats.solicited_adverts += 1;
                 if from_unspecified {
+                    if self
+                        .last_multicast
+                        .is_some_and(|t| now.saturating_duration_since(t) < MIN_DELAY_BETWEEN_RAS)
+                    {
+                        return Ok(None);
+                    }
+                    self.last_multicast = Some(now);
+                    self.stats.solicited_adverts += 1;
                     return Ok(Some(
                         self.router_advert(ALL_NODES, multicast_mac(ALL_NODES)),
                     ));
                 }
+                self.stats.solicited_adverts += 1;
                 let mac = hardware_of(lladdr).unwrap_or(eth.src_addr());
                 Ok(Some(self.router_advert(src, mac)))
             }
@@ -553,7 +566,7 @@ mod tests {
                 255,
                 &ns(target, Some(GUEST_MAC)),
             );
-            let reply = ndp.handle(&f).unwrap().unwrap();
+            let reply = ndp.handle(&f, Instant::now()).unwrap().unwrap();
             let (mac, ip, icmp) = parse(&reply);
             assert_eq!(mac, GUEST_MAC);
             assert_eq!(
@@ -586,7 +599,7 @@ mod tests {
         let c = cfg();
         let mut ndp = Ndp::new(c.clone(), Instant::now());
         let f = frame(GUEST_LL, c.gateway, 255, &ns(c.gateway, None));
-        let (mac, ip, _) = parse(&ndp.handle(&f).unwrap().unwrap());
+        let (mac, ip, _) = parse(&ndp.handle(&f, Instant::now()).unwrap().unwrap());
         assert_eq!((mac, ip.dst_addr), (GUEST_MAC, GUEST_LL));
     }
 
@@ -602,13 +615,13 @@ mod tests {
             Ipv6Addr::new(0xfd00, 0, 0, 0, 1, 2, 3, 4),
         ] {
             let f = frame(un, solicited_node(target), 255, &ns(target, None));
-            assert_eq!(ndp.handle(&f).unwrap(), None);
+            assert_eq!(ndp.handle(&f, Instant::now()).unwrap(), None);
         }
         assert_eq!(ndp.stats().dad_probes, 3);
         // A probe for the gateway's address is defended, to all nodes and
         // without the Solicited flag (RFC 4861 §7.2.4).
         let f = frame(un, solicited_node(c.gateway), 255, &ns(c.gateway, None));
-        let (mac, ip, icmp) = parse(&ndp.handle(&f).unwrap().unwrap());
+        let (mac, ip, icmp) = parse(&ndp.handle(&f, Instant::now()).unwrap().unwrap());
         assert_eq!((mac, ip.dst_addr), (multicast_mac(ALL_NODES), ALL_NODES));
         let pkt = Icmpv6Packet::new_checked(&icmp[..]).unwrap();
         let NdiscRepr::NeighborAdvert { flags, .. } = NdiscRepr::parse(&pkt).unwrap() else {
@@ -618,14 +631,14 @@ mod tests {
         // A probe must go to the solicited-node group and carry no source
         // link-layer address.
         let f = frame(un, c.gateway, 255, &ns(c.gateway, None));
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
         let f = frame(
             un,
             solicited_node(c.gateway),
             255,
             &ns(c.gateway, Some(GUEST_MAC)),
         );
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
     }
 
     #[test]
@@ -638,7 +651,7 @@ mod tests {
             255,
             &ns(other, Some(GUEST_MAC)),
         );
-        assert_eq!(ndp.handle(&f).unwrap(), None);
+        assert_eq!(ndp.handle(&f, Instant::now()).unwrap(), None);
         assert_eq!(ndp.stats().neighbor_adverts, 0);
     }
 
@@ -648,24 +661,24 @@ mod tests {
         let mut ndp = Ndp::new(c.clone(), Instant::now());
         // Hop limit other than 255: could come from off-link.
         let f = frame(GUEST_LL, c.gateway, 64, &ns(c.gateway, None));
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
         // A multicast target.
         let f = frame(GUEST_LL, ALL_NODES, 255, &ns(ALL_NODES, None));
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
         // A bad checksum.
         let mut f = frame(GUEST_LL, c.gateway, 255, &ns(c.gateway, None));
         let last = f.len() - 1;
         f[last] ^= 0xff;
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
         // A non-zero code (checksum refreshed).
         let mut f = frame(GUEST_LL, c.gateway, 255, &ns(c.gateway, None));
         f[14 + 40 + 1] = 1;
         Icmpv6Packet::new_unchecked(&mut f[14 + 40..]).fill_checksum(&GUEST_LL, &c.gateway);
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
         // Truncated frames of every length.
         let f = frame(GUEST_LL, c.gateway, 255, &ns(c.gateway, Some(GUEST_MAC)));
         for n in 0..f.len() {
-            let _ = ndp.handle(&f[..n]);
+            let _ = ndp.handle(&f[..n], Instant::now());
         }
         assert_eq!(ndp.stats().neighbor_adverts, 0);
     }
@@ -683,7 +696,7 @@ mod tests {
             255,
             &rs,
         );
-        let (mac, ip, icmp) = parse(&ndp.handle(&f).unwrap().unwrap());
+        let (mac, ip, icmp) = parse(&ndp.handle(&f, Instant::now()).unwrap().unwrap());
         assert_eq!(mac, GUEST_MAC);
         assert_eq!(
             (ip.src_addr, ip.dst_addr, ip.hop_limit),
@@ -737,7 +750,7 @@ mod tests {
             255,
             &rs,
         );
-        let (mac, ip, _) = parse(&ndp.handle(&f).unwrap().unwrap());
+        let (mac, ip, _) = parse(&ndp.handle(&f, Instant::now()).unwrap().unwrap());
         assert_eq!((mac, ip.dst_addr), (multicast_mac(ALL_NODES), ALL_NODES));
         let rs = NdiscRepr::RouterSolicit {
             lladdr: Some(RawHardwareAddress::from(GUEST_MAC)),
@@ -748,7 +761,7 @@ mod tests {
             255,
             &rs,
         );
-        assert!(ndp.handle(&f).is_err());
+        assert!(ndp.handle(&f, Instant::now()).is_err());
     }
 
     #[test]
@@ -771,9 +784,9 @@ mod tests {
             (multicast_mac(ALL_NODES), ALL_NODES, cfg().router_ll)
         );
         assert!(ndp.poll(t0 + Duration::from_secs(1)).is_none());
-        // Three more, 16 s apart.
+        // The rest of the first three, 16 s apart.
         let mut t = t0;
-        for _ in 0..INITIAL_ADVERTS {
+        for _ in 1..INITIAL_ADVERTS {
             t += INITIAL_INTERVAL;
             assert!(ndp.poll(t - Duration::from_millis(1)).is_none());
             assert!(ndp.poll(t).is_some());
@@ -793,7 +806,7 @@ mod tests {
         }
         assert_eq!(
             ndp.stats().unsolicited_adverts,
-            1 + u64::from(INITIAL_ADVERTS) + 20
+            u64::from(INITIAL_ADVERTS) + 20
         );
     }
 
