@@ -1059,6 +1059,9 @@ struct Lease {
     duid: Vec<u8>,
     /// When the lease runs out.
     expires: Instant,
+    /// The MAC address the lease was bound from (unknown for a lease
+    /// restored after a restart).
+    mac: Option<EthernetAddress>,
 }
 
 /// How an IA_NA is being answered.
@@ -1210,6 +1213,8 @@ pub struct Dhcpv6Server {
     domain_list: Vec<u8>,
     /// The current lease, if any.
     lease: Option<Lease>,
+    /// The source MAC of the message being handled.
+    current_mac: Option<EthernetAddress>,
 }
 
 impl Dhcpv6Server {
@@ -1229,6 +1234,7 @@ impl Dhcpv6Server {
             cfg,
             domain_list,
             lease: None,
+            current_mac: None,
         }
     }
 
@@ -1289,6 +1295,23 @@ impl Dhcpv6Server {
 
         let packet = Packet::new_checked(udp.payload()).map_err(FrameError::malformed("dhcpv6"))?;
         let req = Repr::parse(&packet).map_err(FrameError::malformed("dhcpv6"))?;
+        // One guest behind the tap: the same MAC with another DUID is the
+        // same machine with another DHCPv6 client (an initramfs, a new
+        // network manager, a lost DUID file): it takes the lease over
+        // rather than waiting a whole lease time.
+        self.current_mac = Some(eth_repr.src_addr);
+        if let (Some(lease), Some(client)) = (&self.lease, req.client_id)
+            && lease.duid != client
+            && lease.mac == Some(eth_repr.src_addr)
+        {
+            log::info!(
+                "dhcpv6: {} now uses DUID {}: the lease of {} moves to it",
+                eth_repr.src_addr,
+                Hex(client),
+                Hex(&lease.duid)
+            );
+            self.lease = None;
+        }
         match req.msg_type {
             MessageType::Advertise
             | MessageType::Reply
@@ -1354,7 +1377,11 @@ impl Dhcpv6Server {
     /// Puts back a lease an earlier daemon granted (restart without loss):
     /// the client with DUID `duid` holds the address until `expires`.
     pub fn restore_lease(&mut self, duid: Vec<u8>, expires: Instant) {
-        self.lease = Some(Lease { duid, expires });
+        self.lease = Some(Lease {
+            duid,
+            expires,
+            mac: None,
+        });
     }
 
     /// Forgets the lease if it has run out at `now`.
@@ -1409,6 +1436,7 @@ impl Dhcpv6Server {
         self.lease = Some(Lease {
             duid: client.to_vec(),
             expires,
+            mac: self.current_mac,
         });
     }
 
@@ -2504,6 +2532,21 @@ mod tests {
         bind(&mut s, MAC_B, &b, later);
         // Now A is the one refused.
         let adv = handle(&mut s, &frame(MAC_A, &solicit(&a)), later).unwrap();
+        assert_refused(&adv.repr().ia_na[0], IAID, StatusCode::NoAddrsAvail);
+    }
+
+    #[test]
+    fn the_same_mac_with_a_new_duid_takes_the_lease_over() {
+        let mut s = server();
+        let (a, b) = (duid_llt(MAC_A), duid_llt(MAC_B));
+        let now = Instant::now();
+        bind(&mut s, MAC_A, &a, now);
+        // The same guest (MAC A) comes back with another DUID: served.
+        bind(&mut s, MAC_A, &b, now + secs(60));
+        assert_eq!(s.lease(), Some((b.clone(), now + secs(60) + secs(DAY))));
+        // Another MAC with yet another DUID is still refused.
+        let c = vec![0, 3, 0, 1, 2, 9, 9, 9, 9, 9];
+        let adv = handle(&mut s, &frame(MAC_B, &solicit(&c)), now + secs(61)).unwrap();
         assert_refused(&adv.repr().ia_na[0], IAID, StatusCode::NoAddrsAvail);
     }
 
