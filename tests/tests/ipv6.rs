@@ -1007,3 +1007,40 @@ fn iperf3_over_ipv6_from_a_veth_guest_with_gso() {
         ),
     );
 }
+
+#[test]
+fn keepalive_probes_reset_a_silent_ipv6_guest() {
+    let Some(run) = start(&[
+        "--keepalive-interval",
+        "1",
+        "--keepalive-probes",
+        "2",
+        "--inactivity-interval",
+        "0",
+    ]) else {
+        return;
+    };
+    run.wait_slaac();
+    let (_guest, mut world_end) = idle_pair6(&run, 5681);
+    // The guest goes silent: nothing it sends to the world leaves.
+    run.ok(scenarios::nft_rule(
+        run.topo.guest(),
+        "output",
+        &format!("ip6 daddr {WORLD_ADDR6} counter drop"),
+    ));
+    let began = Instant::now();
+    let mut buf = [0u8; 8];
+    let r = world_end.read(&mut buf);
+    run.check(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        format!(
+            "the world end was not reset: {r:?} after {:?}",
+            began.elapsed()
+        ),
+    );
+    let stats = run.ok(control::stats(&run.topo));
+    run.check(
+        stats["probe_resets"].as_u64() == Some(1),
+        format!("probe_resets: {}", stats["probe_resets"]),
+    );
+}
