@@ -68,6 +68,7 @@ pub mod control;
 pub mod dhcp;
 pub mod fixtures;
 pub mod icmp;
+pub mod ipv6;
 pub mod netns;
 pub mod nsthread;
 pub mod paced;

@@ -17,10 +17,11 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tapgate_tests::child::Child;
 use tapgate_tests::control;
+use tapgate_tests::ipv6::Ipv6Guest;
 use tapgate_tests::nsthread;
 use tapgate_tests::running::Running;
 use tapgate_tests::scenarios::{THREAD_TIMEOUT, connect};
@@ -30,22 +31,11 @@ use tapgate_tests::{GuestKind, Topology, require_root};
 
 /// Bound on a curl or socat run.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound on the guest's autoconfiguration.
-const SLAAC_TIMEOUT: Duration = Duration::from_secs(20);
-/// The gateway's link-local router address for the default MAC
-/// 52:55:0a:00:02:02 (modified EUI-64).
-const ROUTER_LL: &str = "fe80::5055:aff:fe00:202";
 
 /// This file's helpers on the shared fixture.
 trait Forward6Run {
     /// `curl ARGS` from the world namespace: (exit ok, stdout, stderr).
     fn curl(&self, args: &[&str]) -> (bool, String, String);
-    /// Waits until the guest's `argv` output satisfies `cond`, failing
-    /// with the last output after [`SLAAC_TIMEOUT`].
-    fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String;
-    /// Waits for an autoconfigured address in fd00::/64 (out of
-    /// `tentative`, as is the link-local address) and the default route.
-    fn wait_slaac(&self);
     /// The guest's global IPv6 address (after [`Forward6Run::wait_slaac`]).
     fn guest_addr6(&self) -> String;
 }
@@ -60,36 +50,6 @@ impl Forward6Run for Running {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
-    }
-
-    fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + SLAAC_TIMEOUT;
-        loop {
-            let text = self.ok(self.topo.guest().stdout(argv));
-            if cond(&text) {
-                return text;
-            }
-            if Instant::now() > deadline {
-                self.fail(format!("{what} within {SLAAC_TIMEOUT:?}; last:\n{text}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_slaac(&self) {
-        let show = ["ip", "-6", "addr", "show", "dev", GUEST_IFACE];
-        self.wait_guest(&show, "a SLAAC address in fd00::/64", |t| {
-            t.lines().any(|l| {
-                l.contains("inet6 fd00::") && l.contains("scope global") && !l.contains("tentative")
-            }) && !t
-                .lines()
-                .any(|l| l.contains("fe80") && l.contains("tentative"))
-        });
-        self.wait_guest(
-            &["ip", "-6", "route", "show", "default"],
-            "a default route via the router's link-local address",
-            |t| t.contains(&format!("default via {ROUTER_LL} dev {GUEST_IFACE}")),
-        );
     }
 
     fn guest_addr6(&self) -> String {

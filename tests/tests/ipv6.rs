@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use tapgate_tests::bulk::{self, Direction};
 use tapgate_tests::child::Child;
 use tapgate_tests::control;
+use tapgate_tests::ipv6::{DNS6, GATEWAY6, GUEST6, Ipv6Guest, ROUTER_LL};
 use tapgate_tests::nsthread;
 use tapgate_tests::running::Running;
 use tapgate_tests::scenarios;
@@ -25,15 +26,6 @@ use tapgate_tests::topology::{
 };
 use tapgate_tests::{GuestKind, require_root};
 
-/// The gateway's link-local router address for the default MAC
-/// 52:55:0a:00:02:02 (modified EUI-64).
-const ROUTER_LL: &str = "fe80::5055:aff:fe00:202";
-/// The gateway's global address.
-const GATEWAY6: &str = "fd00::2";
-/// The DNS address.
-const DNS6: &str = "fd00::3";
-/// The address DHCPv6 hands out.
-const GUEST6: &str = "fd00::15";
 /// dhclient's script for the tests: the address only, never the machine's
 /// /etc/resolv.conf or hostname.
 const DHCLIENT6_SCRIPT: &str = r#"#!/bin/sh
@@ -46,74 +38,14 @@ RELEASE6|EXPIRE6|STOP6)
 esac
 exit 0
 "#;
-/// Bound on the guest's autoconfiguration.
-const SLAAC_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// This file's helpers on the shared fixture.
 trait Ipv6Run {
-    /// Runs `argv` in the guest (bounded) and returns its output, whatever
-    /// its exit status.
-    fn guest_out(&self, argv: &[&str], timeout: Duration) -> (bool, String);
-    /// Waits until the guest's `ip -6 addr` / `ip -6 route` output
-    /// satisfies `cond`, failing with the last output after `timeout`.
-    fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String;
-    /// Waits for an autoconfigured address in fd00::/64 (and a link-local
-    /// address, if any, out of `tentative`) and the default route. (A
-    /// DHCPv4 client's deconfiguration may have flushed the link-local
-    /// address.)
-    fn wait_slaac(&self);
-    /// Waits for the guest's link-local address to leave `tentative`.
-    fn wait_link_local(&self);
     /// `tapgate stats --json`'s `services` counter `key`.
     fn service(&self, key: &str) -> u64;
 }
 
 impl Ipv6Run for Running {
-    fn guest_out(&self, argv: &[&str], timeout: Duration) -> (bool, String) {
-        let out = self.ok(self.topo.guest().output_timeout(argv, timeout));
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
-    }
-
-    fn wait_guest(&self, argv: &[&str], what: &str, cond: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + SLAAC_TIMEOUT;
-        loop {
-            let text = self.ok(self.topo.guest().stdout(argv));
-            if cond(&text) {
-                return text;
-            }
-            if Instant::now() > deadline {
-                self.fail(format!("{what} within {SLAAC_TIMEOUT:?}; last:\n{text}"));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_slaac(&self) {
-        let show = ["ip", "-6", "addr", "show", "dev", GUEST_IFACE];
-        self.wait_guest(&show, "a SLAAC address in fd00::/64", |t| {
-            t.lines().any(|l| {
-                l.contains("inet6 fd00::") && l.contains("scope global") && !l.contains("tentative")
-            }) && !t
-                .lines()
-                .any(|l| l.contains("fe80") && l.contains("tentative"))
-        });
-        self.wait_guest(
-            &["ip", "-6", "route", "show", "default"],
-            "a default route via the router's link-local address",
-            |t| t.contains(&format!("default via {ROUTER_LL} dev {GUEST_IFACE}")),
-        );
-    }
-
-    fn wait_link_local(&self) {
-        let show = ["ip", "-6", "addr", "show", "dev", GUEST_IFACE];
-        self.wait_guest(&show, "a usable link-local address", |t| {
-            t.lines()
-                .any(|l| l.contains("inet6 fe80::") && !l.contains("tentative"))
-        });
-    }
-
     fn service(&self, key: &str) -> u64 {
         let stats = self.ok(control::stats(&self.topo));
         stats["services"][key]
