@@ -24,7 +24,9 @@ use bytemuck::{Pod, Zeroable};
 /// [`PINNED_MAPS`] or to the types stored in them.
 ///
 /// History: 1, the first pinned layout; 2, [`FwdPrefix`] carries a family
-/// and a 16-byte address (inbound forwards over IPv6).
+/// and a 16-byte address (inbound forwards over IPv6), and [`FragKey`] a
+/// family, 16-byte addresses and a 32-bit identification (IPv6 fragments
+/// from the world; both changes belong to the one, unreleased version 2).
 pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// The maps that outlive a restarting daemon (pinned under bpffs): the flow
@@ -57,6 +59,11 @@ pub const PROG_UPLINK_INGRESS: &str = "tg_uplink_ingress";
 /// Name of the TC program attached to the uplink's egress with
 /// `--allow-host`: the host's own replies to host-local flows.
 pub const PROG_UPLINK_EGRESS: &str = "tg_uplink_egress";
+/// Name of the TC program attached to loopback's ingress while ports are
+/// forwarded: openings and packets of host-local clients of forwarded
+/// ports (a process on the host connecting to `127.0.0.1:PORT`, `[::1]:PORT`
+/// or one of the host's own addresses).
+pub const PROG_LO_INGRESS: &str = "tg_lo_ingress";
 
 /// Name of the programs' read-only global that makes IPv6 address
 /// rewrites pass `BPF_F_IPV6` to `bpf_l4_csum_replace` (a `u8`, nonzero to
@@ -143,9 +150,10 @@ pub enum PuntReason {
     /// quoted packet belongs to one of our flows: user space translates it
     /// for the guest.
     IcmpError = 11,
-    /// An IPv4 fragment of one of our flows (from the world), or any
-    /// fragment from the guest (IPv4, or IPv6 with a fragment header right
-    /// after the fixed header): user space reassembles the datagram.
+    /// A fragment (IPv4, or IPv6 with a fragment header right after the
+    /// fixed header): any from the guest, and from the world those of a
+    /// datagram of one of our flows ([`FRAGS_MAP`]). User space
+    /// reassembles the datagram.
     Fragment = 12,
 }
 
@@ -273,6 +281,9 @@ pub enum Counter {
     /// First fragments of our flows whose datagram the kernel now tracks
     /// in [`FRAGS_MAP`].
     FragsTracked = 11,
+    /// Packets seen on loopback's ingress that belong to no flow of ours
+    /// (the host's own local traffic, left alone).
+    LoNotOurs = 12,
 }
 
 /// Number of entries in [`COUNTERS_MAP`]: the [`Counter`]s, then one
@@ -285,7 +296,7 @@ const _: () = assert!(PUNT_REASON_COUNTER_BASE + (PuntReason::ALL.len() as u32) 
 
 impl Counter {
     /// All counters, for reports.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 13] = [
         Self::PuntPackets,
         Self::PuntBytes,
         Self::PuntRingFull,
@@ -298,6 +309,7 @@ impl Counter {
         Self::RedirectError,
         Self::IcmpUnparsed,
         Self::FragsTracked,
+        Self::LoNotOurs,
     ];
 
     /// Stable lower-case name used in logs and JSON output.
@@ -315,6 +327,7 @@ impl Counter {
             Self::RedirectError => "redirect_error",
             Self::IcmpUnparsed => "icmp_unparsed",
             Self::FragsTracked => "frags_tracked",
+            Self::LoNotOurs => "lo_not_ours",
         }
     }
 }
@@ -345,6 +358,13 @@ pub type ActivityWord = u64;
 pub const DIR_FROM_TAP: u8 = 0;
 /// Key direction: a packet arriving from the world on the uplink.
 pub const DIR_FROM_UPLINK: u8 = 1;
+/// Key direction: a packet arriving on loopback's ingress from a client on
+/// the host itself, towards a forwarded port (an inbound forward from the
+/// host). A key of its own, so that a packet from the uplink never matches
+/// a host-local client's entry (nor the reverse), whatever its addresses
+/// claim. New within [`MAP_LAYOUT_VERSION`] 2 (unreleased); a daemon that
+/// does not know it removes such entries as orphans when it adopts them.
+pub const DIR_FROM_LO: u8 = 2;
 
 /// Address family values in keys and entries.
 pub const FAMILY_IPV4: u8 = 4;
@@ -405,7 +425,8 @@ const _: () = assert!(FWD_PREFIX_BITS as usize == 8 * core::mem::size_of::<FwdPr
 
 /// Name of the fragment-tracking map: [`FragKey`] → the time (ns,
 /// `bpf_ktime_get_ns`) the first fragment of a datagram of one of our flows
-/// arrived from the world. Later fragments carry no ports; the uplink
+/// arrived from the world (IPv4, or IPv6 with a fragment header right
+/// after the fixed header). Later fragments carry no ports; the uplink
 /// program punts those whose datagram is here and younger than
 /// [`FRAG_TRACK_NS`]. An LRU map: the kernel evicts old entries itself.
 pub const FRAGS_MAP: &str = "TG_FRAGS";
@@ -415,23 +436,34 @@ pub const FRAGS_MAX: u32 = 8192;
 /// reassembly timeout of user space and of Linux, 30 s).
 pub const FRAG_TRACK_NS: u64 = 30_000_000_000;
 
-/// Key of [`FRAGS_MAP`]: what identifies the fragments of one datagram
-/// (RFC 791): addresses, protocol and identification, as in the packet.
+/// Key of [`FRAGS_MAP`]: what identifies the fragments of one datagram,
+/// for both families: IPv4 by addresses, protocol and identification (RFC
+/// 791), IPv6 by addresses and identification (RFC 8200; the next header
+/// of later fragments may differ from the first's, so `proto` is zero).
+///
+/// Changed within [`MAP_LAYOUT_VERSION`] 2 (not released with the old
+/// layout, so no further bump): it had 4-byte addresses, a 16-bit
+/// identification and no family (12 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Hash, Default)]
 pub struct FragKey {
-    /// Source address.
-    pub src: [u8; 4],
-    /// Destination address.
-    pub dst: [u8; 4],
-    /// Identification, network order as on the wire.
-    pub id: [u8; 2],
-    /// IP protocol.
+    /// Source address (IPv4: first four bytes, the rest zero, as in
+    /// [`FlowKey`]).
+    pub src: [u8; 16],
+    /// Destination address (IPv4: first four bytes, the rest zero).
+    pub dst: [u8; 16],
+    /// Identification, network order as on the wire: IPv4's 16 bits in
+    /// the first two bytes (the rest zero), IPv6's 32 bits (the fragment
+    /// header's).
+    pub id: [u8; 4],
+    /// IP protocol (IPv4); zero for IPv6.
     pub proto: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
     /// Reserved, zero.
-    pub _pad: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 
 /// A directional 5-tuple as the packet carries it on arrival. IPv4
 /// addresses occupy the first four bytes of the 16-byte fields, the rest is
@@ -454,7 +486,7 @@ pub struct FlowKey {
     pub proto: u8,
     /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
     pub family: u8,
-    /// [`DIR_FROM_TAP`] or [`DIR_FROM_UPLINK`].
+    /// [`DIR_FROM_TAP`], [`DIR_FROM_UPLINK`] or [`DIR_FROM_LO`].
     pub dir: u8,
     /// Reserved, zero.
     pub _pad: u8,

@@ -11,7 +11,12 @@
 //! ([`FLOW_F_LOCAL`], `--allow-host`) into loopback's ingress, where the
 //! host stack delivers it. Such flows use the gateway's address as their
 //! NAT source, so the host's replies are routed out of the uplink, where
-//! the egress program catches them before they leave.
+//! the egress program catches them before they leave. Towards a client on
+//! the host itself (an inbound forward from loopback, see
+//! [`crate::local`]) the entry's egress is loopback without a flag:
+//! `bpf_redirect_neigh` to it, the frame marked for this host
+//! (`PACKET_HOST`) first, whose route lookup gives the packet the local
+//! route so the stack delivers it as its own loopback traffic.
 //! Anything the fast path does not handle leaves through the single punt
 //! exit with a reason; a packet on the uplink that matches no flow is
 //! returned untouched (`TCX_NEXT`), unless it opens a connection to a
@@ -21,8 +26,9 @@
 //! (`Forward`) for user space to install the inbound flow. Other segments
 //! to a forwarded port without a flow reach the host stack, whose
 //! bound-but-not-listening socket on the port answers them with an RST.
-//! An IPv6 opening that arrives fragmented is not recognised (IPv6
-//! fragments from the world are never ours, see below).
+//! An opening that arrives fragmented is recognised by its first
+//! fragment, which carries the ports ([`uplink_fragment`]; for IPv6 only
+//! with the fragment header right after the fixed header).
 //!
 //! The checks that send a packet of a known flow to user space instead:
 //! the flow is still in its handshake; a SYN on an established flow; IPv4
@@ -38,13 +44,16 @@
 //! punted for translation; every other ICMP from the world goes to the
 //! host untouched — above all IPv6 neighbour discovery, which the host
 //! needs for its own addresses. Fragments are punted for reassembly: all
-//! of the guest's, and of the world's the IPv4 fragments of a datagram
-//! whose first fragment matched a flow ([`uplink_fragment`]).
+//! of the guest's, and of the world's the fragments of a datagram whose
+//! first fragment matched a flow ([`uplink_fragment`]), IPv4 and IPv6
+//! alike.
 //!
-//! IPv6 extension headers are never looked past (see [`crate::parse`]):
-//! from the guest such a packet is punted (`Fragment` for a fragment
-//! header, `Ipv6NoFlow` otherwise), from the world it is not ours — a
-//! packet we cannot read fully is never forwarded.
+//! IPv6 extension headers are never looked past, except a fragment
+//! header right after the fixed header (see [`crate::parse`]): from the
+//! guest a packet with any other is punted (`Ipv6NoFlow`; `Fragment` for
+//! a fragment header right after the fixed header that does not parse),
+//! from the world it is not ours — a packet we cannot read fully is never
+//! forwarded. An IPv6 fragment is never forwarded either, only punted.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -55,7 +64,7 @@ use aya_ebpf::{
 use datapath_common::{
     ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FLOW_F_EVENTS, FLOW_F_LOCAL, FRAG_TRACK_NS,
     FWD_PREFIX_BITS, FlowEntry, FlowKey, FlowState, FragKey, FwdPrefix, Origin, PROTO_TCP,
-    PROTO_UDP, PuntReason, TAP_ACTIVE, ipv4_from_16,
+    PROTO_UDP, PuntReason, TAP_ACTIVE,
 };
 
 use crate::{
@@ -67,10 +76,12 @@ use crate::{
 
 /// `BPF_MTU_CHK_SEGS`: check each GSO segment against the MTU.
 const BPF_MTU_CHK_SEGS: u64 = 1;
+/// `PACKET_HOST` (`linux/if_packet.h`): a frame for this host.
+const PACKET_HOST: u32 = 0;
 
 /// The directional key of a packet as it arrived.
 #[inline(always)]
-fn key_of(p: &Packet, dir: u8) -> FlowKey {
+pub(crate) fn key_of(p: &Packet, dir: u8) -> FlowKey {
     FlowKey {
         src: p.src,
         dst: p.dst,
@@ -104,7 +115,7 @@ fn fits_mtu(ctx: &TcContext, ifindex: u32) -> bool {
 
 /// Forwards a packet of a known flow, or punts it.
 #[inline(always)]
-fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i32 {
+pub(crate) fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i32 {
     let Some(state) = FlowState::from_u8(e.state) else {
         return punt(ctx, origin, PuntReason::Exception);
     };
@@ -165,6 +176,20 @@ fn forward(ctx: &TcContext, p: &Packet, e: &mut FlowEntry, origin: Origin) -> i3
         count(Counter::RedirectError, 1);
         return TC_ACT_SHOT;
     }
+    // A host client's flow (guest → a client on the host, through loopback
+    // by route lookup): the frame reached the tap addressed to the
+    // gateway's MAC, so it is marked for another host (PACKET_OTHERHOST),
+    // and loopback's receive path keeps that mark (the all-zero MAC the
+    // neighbour layer writes is loopback's own) for IP to drop. It is for
+    // this host.
+    if !towards_guest
+        && !local
+        && e.out_ifindex == datapath_common::LOOPBACK_IFINDEX
+        && ctx.change_type(PACKET_HOST).is_err()
+    {
+        count(Counter::RedirectError, 1);
+        return TC_ACT_SHOT;
+    }
     // SAFETY: plain helper calls; a null params pointer with length 0 asks
     // the kernel to resolve the next hop from the routing table.
     let rc = unsafe {
@@ -216,8 +241,8 @@ pub fn from_tap(ctx: &TcContext, family: Family) -> i32 {
 /// host-local flow): forward or punt it if it belongs to one of our flows;
 /// anything else continues untouched, as if nothing were attached.
 /// Ours are: packets matching a flow entry (of ICMP, echo replies), ICMP
-/// errors quoting a packet of a flow (punted for translation), IPv4
-/// fragments of datagrams of a flow ([`uplink_fragment`]) and openings of
+/// errors quoting a packet of a flow (punted for translation), fragments
+/// of datagrams of a flow ([`uplink_fragment`]) and openings of
 /// forwarded ports (either family, [`opens_forward`]).
 #[inline(always)]
 pub fn from_uplink(ctx: &TcContext, family: Family) -> i32 {
@@ -283,22 +308,31 @@ fn icmp_error(ctx: &TcContext, p: &Packet) -> i32 {
     }
 }
 
-/// An IPv4 fragment arriving from the world (IPv6 fragments never parse:
-/// they are not ours). Only the first fragment of a datagram carries
-/// ports: if it belongs to a flow (or opens a forwarded port), the
-/// datagram is entered in `TG_FRAGS` and the fragment punted;
-/// later fragments are punted when their datagram is there and recent
-/// ([`FRAG_TRACK_NS`]). User space reassembles. A later fragment that
-/// overtakes its first fragment is not recognised and reaches the host
-/// stack, which discards it when its reassembly times out.
+/// A fragment arriving from the world: IPv4, or IPv6 with its fragment
+/// header right after the fixed header (with the header elsewhere it does
+/// not parse and is not ours). Only the first fragment of a datagram
+/// (offset 0) carries ports: if it belongs to a flow (or opens a
+/// forwarded port), the datagram is entered in `TG_FRAGS` and the
+/// fragment punted; later fragments are punted when their datagram is
+/// there and recent ([`FRAG_TRACK_NS`]). The datagram is named as each
+/// family's reassembly names it: IPv4 by addresses, protocol and 16-bit
+/// identification, IPv6 by addresses and 32-bit identification (its later
+/// fragments' next header may differ from the first's). User space
+/// reassembles. A later fragment that overtakes its first fragment is not
+/// recognised and reaches the host stack, which discards it when its
+/// reassembly times out.
 #[inline(always)]
 fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
     let fkey = FragKey {
-        src: ipv4_from_16(&p.src),
-        dst: ipv4_from_16(&p.dst),
-        id: p.ipv4_id,
-        proto: p.proto,
-        _pad: 0,
+        src: p.src,
+        dst: p.dst,
+        id: p.frag_id,
+        proto: match p.family {
+            Family::V4 => p.proto,
+            Family::V6 => 0,
+        },
+        family: p.family.key(),
+        _pad: [0; 2],
     };
     // SAFETY: plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -330,7 +364,7 @@ fn uplink_fragment(ctx: &TcContext, p: &Packet) -> i32 {
 /// address is already in the trie's form, an IPv4 address in the first
 /// four bytes).
 #[inline(always)]
-fn opens_forward(p: &Packet) -> bool {
+pub(crate) fn opens_forward(p: &Packet) -> bool {
     let opening = match p.proto {
         PROTO_TCP => p.tcp.flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN,
         PROTO_UDP => true,

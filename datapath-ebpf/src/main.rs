@@ -2,7 +2,7 @@
 //!
 //! # Theory of operation
 //!
-//! Two TC classifiers, attached with tcx where the kernel has it:
+//! TC classifiers, attached with tcx where the kernel has it:
 //!
 //! * `tg_tap_ingress` sees every frame the guest sends. IPv4 and IPv6
 //!   TCP/UDP and ICMP/ICMPv6 echo frames of established flows are
@@ -12,18 +12,26 @@
 //!   stack never sees a guest frame.
 //! * `tg_uplink_ingress` sees every packet arriving on the host's uplink.
 //!   Packets of our flows (IPv4 or IPv6) are rewritten and redirected to
-//!   the tap, or punted (so are ICMP errors about our flows and IPv4
-//!   fragments of their datagrams); a packet that belongs to no flow of
-//!   ours — the host's own traffic, its IPv6 neighbour discovery above all
-//!   — is left exactly as it was and handed to the next program or the
-//!   stack (`TCX_NEXT`), as if nothing were attached.
+//!   the tap, or punted (so are ICMP errors about our flows and the
+//!   fragments of their datagrams, IPv4 and IPv6); a packet that belongs
+//!   to no flow of ours — the host's own traffic, its IPv6 neighbour
+//!   discovery above all — is left exactly as it was and handed to the
+//!   next program or the stack (`TCX_NEXT`), as if nothing were attached.
+//!   `tg_uplink_egress` (with `--allow-host` only) is the same code on the
+//!   uplink's egress, for the host's replies to host-local flows.
+//! * `tg_lo_ingress` (attached while ports are forwarded) sees everything
+//!   the host sends itself through loopback: the openings and packets of
+//!   clients on the host of forwarded ports (`127.0.0.1:PORT`,
+//!   `[::1]:PORT`, the host's own addresses) are ours, on flow keys of
+//!   their own direction; the host's other local traffic passes untouched
+//!   ([`local::from_lo`]).
 //!
 //! The EtherType picks the family; from there one code path serves both
 //! ([`parse::Family`]): parse → lookup → rewrite per family → one punt
 //! exit.
 //!
 //! Modules: [`parse`] (bounds-checked headers), [`flow`] (lookup and
-//! forwarding), [`nat`] (rewrite and checksums), [`punt`] (the punt exit
+//! forwarding), [`local`] (loopback's ingress), [`nat`] (rewrite and checksums), [`punt`] (the punt exit
 //! and events), [`maps`] (every map). Shared types come from
 //! `datapath-common`.
 #![no_std]
@@ -35,6 +43,7 @@
 
 mod atomic;
 mod flow;
+mod local;
 mod maps;
 mod nat;
 mod parse;
@@ -68,6 +77,21 @@ pub fn tg_uplink_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tg_uplink_egress(ctx: TcContext) -> i32 {
     uplink(&ctx)
+}
+
+/// Packets the host sends itself through loopback (attached while ports
+/// are forwarded): host-local clients of forwarded ports are ours;
+/// everything else passes untouched.
+#[classifier]
+pub fn tg_lo_ingress(ctx: TcContext) -> i32 {
+    match parse::ethertype(&ctx) {
+        Some(ETH_P_IP) => local::from_lo(&ctx, Family::V4),
+        Some(ETH_P_IPV6) => local::from_lo(&ctx, Family::V6),
+        _ => {
+            maps::count(Counter::LoNotOurs, 1);
+            TC_ACT_UNSPEC
+        }
+    }
 }
 
 #[inline(always)]

@@ -17,13 +17,23 @@
 //! one function for both ([`transport`]).
 //!
 //! IPv6: only the 40-byte fixed header is parsed, and its next header must
-//! be TCP, UDP or ICMPv6. A packet with any extension header (hop-by-hop,
-//! routing, fragment, destination options, ...) is not a flow packet: the
-//! tap program punts it (a fragment header as `Fragment`, see
-//! [`ipv6_is_fragment`]), the uplink program leaves it to the host. Walking
-//! extension headers in the kernel would buy little (guests and peers
-//! rarely send them on established flows) and a wrongly skipped header
-//! would mis-forward; user space sees every one of them instead.
+//! be TCP, UDP or ICMPv6 — or a fragment header (44), the one extension
+//! header read: [`ipv6_l4`] parses its 8 bytes (next header, offset, M
+//! flag, 32-bit identification) and, in the first fragment (offset 0),
+//! the transport header right after it, which must again be TCP, UDP or
+//! ICMPv6; a later fragment parses with zero ports and whatever next
+//! header it names (RFC 8200: only the first fragment's counts). Such a
+//! packet is a fragment ([`Packet::is_fragment`], atomic fragments
+//! included) and never forwarded: the tap program punts it, the uplink
+//! program punts it when its datagram belongs to a flow
+//! ([`crate::flow`]). A packet with any other extension header
+//! (hop-by-hop, routing, destination options, ..., or a fragment header
+//! after one of them) is not a flow packet: the tap program punts it (a
+//! fragment header it cannot parse as `Fragment`, see
+//! [`ipv6_is_fragment`]), the uplink program leaves it to the host.
+//! Walking extension headers in the kernel would buy little (guests and
+//! peers rarely send them on established flows) and a wrongly skipped
+//! header would mis-forward; user space sees every one of them instead.
 //!
 //! ICMP and ICMPv6 echo: the identifier is the "port" — an echo request's
 //! source port, an echo reply's destination port — so a reply's key
@@ -174,6 +184,26 @@ pub const IP6_DST_OFF: usize = ETH_HLEN + 24;
 /// Next-header value of the IPv6 fragment header.
 pub const IPV6_NEXT_FRAGMENT: u8 = 44;
 
+/// The IPv6 fragment header (RFC 8200 §4.5) as laid out on the wire.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv6FragHdr {
+    /// Next header: the first header of the fragmentable part (only the
+    /// first fragment's counts).
+    pub next: u8,
+    /// Reserved.
+    pub reserved: u8,
+    /// Fragment offset (13 bits, 8-byte units), two reserved bits and the
+    /// M (more fragments) flag, network order.
+    pub off_m: [u8; 2],
+    /// Identification, network order.
+    pub id: [u8; 4],
+}
+
+/// Length of the IPv6 fragment header.
+pub const IPV6_FRAG_HLEN: usize = 8;
+const _: () = assert!(core::mem::size_of::<Ipv6FragHdr>() == IPV6_FRAG_HLEN);
+
 /// What the fast path needs to know about a TCP segment.
 #[derive(Clone, Copy, Default)]
 pub struct TcpInfo {
@@ -223,9 +253,11 @@ pub struct Packet {
     pub dst: [u8; 16],
     /// TTL (IPv4) or hop limit (IPv6).
     pub ttl: u8,
-    /// Network header length in bytes (IPv4 with options; IPv6: 40).
+    /// Network header length in bytes (IPv4 with options; IPv6: 40, or 48
+    /// with a fragment header).
     pub l3_len: usize,
-    /// Transport protocol.
+    /// Transport protocol (IPv6 fragment: the fragment header's next
+    /// header, meaningful in the first fragment only).
     pub proto: u8,
     /// Offset of the transport header from the start of the frame.
     pub l4_off: usize,
@@ -237,33 +269,39 @@ pub struct Packet {
     pub tcp: TcpInfo,
     /// ICMP type (0 for TCP and UDP: tell them apart by protocol).
     pub icmp_type: u8,
-    /// IPv4 identification (fragment tracking); zero for IPv6.
-    pub ipv4_id: [u8; 2],
-    /// IPv4 flags and fragment offset (host order); zero for IPv6, whose
-    /// fragments never parse into a packet.
-    pub ipv4_frag: u16,
+    /// Fragment identification as on the wire (fragment tracking): IPv4's
+    /// 16 bits in the first two bytes, the rest zero; IPv6's 32 bits from
+    /// the fragment header (zero without one).
+    pub frag_id: [u8; 4],
+    /// Whether the packet is a fragment: IPv4 with MF set or a nonzero
+    /// offset; IPv6 with a fragment header (an atomic fragment too).
+    pub fragment: bool,
+    /// Fragment offset in 8-byte units: nonzero for a fragment other than
+    /// the first, which carries no transport header.
+    pub frag_off: u16,
 }
 
 impl Packet {
-    /// Whether the network header carries options (IPv4 only: IPv6
-    /// extension headers never parse).
+    /// Whether the network header carries options (IPv4 only: of IPv6's
+    /// extension headers only a fragment header parses, and fragments are
+    /// never forwarded).
     #[inline(always)]
     pub fn has_ip_options(&self) -> bool {
         self.family == Family::V4 && self.l3_len != 20
     }
 
-    /// Whether the packet is an IPv4 fragment (MF set or a non-zero
-    /// offset).
+    /// Whether the packet is a fragment: IPv4 with MF set or a non-zero
+    /// offset, IPv6 with a fragment header.
     #[inline(always)]
     pub fn is_fragment(&self) -> bool {
-        (self.ipv4_frag & 0x3fff) != 0
+        self.fragment
     }
 
     /// Whether the packet is a fragment other than the first (no
     /// transport header: ports are zero).
     #[inline(always)]
     pub fn is_later_fragment(&self) -> bool {
-        (self.ipv4_frag & 0x1fff) != 0
+        self.frag_off != 0
     }
 
     /// Whether the packet is TCP.
@@ -361,7 +399,9 @@ pub fn l3_proto(ctx: &TcContext, family: Family) -> Option<u8> {
 }
 
 /// Whether the frame is an IPv6 packet whose (complete) fixed header is
-/// followed by a fragment header.
+/// followed by a fragment header (for the tap's packets that do not parse:
+/// a fragment header cut short, a first fragment with another header after
+/// it).
 #[inline(always)]
 pub fn ipv6_is_fragment(ctx: &TcContext) -> bool {
     match ctx.load::<Ipv6Hdr>(ETH_HLEN) {
@@ -384,6 +424,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let l3_len = usize::from(ip.vihl & 0x0f) * 4;
+    let frag = u16::from_be_bytes(ip.frag);
     let mut p = Packet {
         family: Family::V4,
         src: ipv4_to_16(ip.src),
@@ -396,8 +437,9 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         dport: [0; 2],
         tcp: TcpInfo::default(),
         icmp_type: 0,
-        ipv4_id: ip.id,
-        ipv4_frag: u16::from_be_bytes(ip.frag),
+        frag_id: [ip.id[0], ip.id[1], 0, 0],
+        fragment: (frag & 0x3fff) != 0,
+        frag_off: frag & 0x1fff,
     };
     if p.is_later_fragment() {
         return Some(p);
@@ -407,16 +449,17 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
 }
 
 /// Parses an IPv6 TCP, UDP or ICMPv6 packet after the Ethernet header:
-/// the fixed header directly followed by the transport header. `None` for
-/// anything else (extension headers, other protocols, truncated headers,
-/// not version 6).
+/// the fixed header directly followed by the transport header, or by a
+/// fragment header and then (first fragment) the transport header. A
+/// later fragment (offset > 0) has no transport header: it parses with
+/// zero ports, [`Packet::is_later_fragment`] set and its fragment
+/// header's next header, whatever that is. `None` for anything else
+/// (other extension headers, other protocols, truncated headers, not
+/// version 6).
 #[inline(always)]
 pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet> {
     let ip: Ipv6Hdr = ctx.load(ETH_HLEN).ok()?;
     if ip.vtcfl[0] >> 4 != 6 {
-        return None;
-    }
-    if ip.next != PROTO_TCP && ip.next != PROTO_UDP && ip.next != PROTO_ICMPV6 {
         return None;
     }
     let mut p = Packet {
@@ -431,9 +474,25 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet> {
         dport: [0; 2],
         tcp: TcpInfo::default(),
         icmp_type: 0,
-        ipv4_id: [0; 2],
-        ipv4_frag: 0,
+        frag_id: [0; 4],
+        fragment: false,
+        frag_off: 0,
     };
+    if ip.next == IPV6_NEXT_FRAGMENT {
+        let f: Ipv6FragHdr = ctx.load(ETH_HLEN + IPV6_HLEN).ok()?;
+        p.l3_len = IPV6_HLEN + IPV6_FRAG_HLEN;
+        p.l4_off = ETH_HLEN + IPV6_HLEN + IPV6_FRAG_HLEN;
+        p.proto = f.next;
+        p.frag_id = f.id;
+        p.fragment = true;
+        p.frag_off = u16::from_be_bytes(f.off_m) >> 3;
+        if p.is_later_fragment() {
+            return Some(p);
+        }
+    }
+    if p.proto != PROTO_TCP && p.proto != PROTO_UDP && p.proto != PROTO_ICMPV6 {
+        return None;
+    }
     transport(ctx, &mut p)?;
     Some(p)
 }

@@ -31,13 +31,15 @@
 //! the calling thread's namespace, so flows seeded with ifindex 1 (`lo`,
 //! MTU 65536) pass it.
 //!
-//! The fixture seeds `TG_FLOWS` ([`ProgTest::insert_flow`]) and the
+//! The fixture seeds `TG_FLOWS` ([`ProgTest::insert_flow`]), the
 //! forwarded-ports trie `TG_FWD_PORTS` ([`ProgTest::insert_fwd_prefix`],
-//! keys as user space publishes them), and reads
-//! what the program left behind: the per-CPU counters summed over CPUs
-//! ([`ProgTest::counters`]), activity words ([`ProgTest::activity`]),
-//! entries (their packet counters and last ACK) and the records in the
-//! punt ring ([`ProgTest::drain_punts`]).
+//! keys as user space publishes them) and the fragment-tracking map
+//! `TG_FRAGS` ([`ProgTest::insert_frag`], with times on the programs'
+//! clock, [`ktime_ns`]), and reads what the program left behind: the
+//! per-CPU counters summed over CPUs ([`ProgTest::counters`]), activity
+//! words ([`ProgTest::activity`]), entries (their packet counters and last
+//! ACK), the datagrams in `TG_FRAGS` ([`ProgTest::frags`]) and the records
+//! in the punt ring ([`ProgTest::drain_punts`]).
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -51,9 +53,9 @@ use aya::{
     programs::SchedClassifier,
 };
 use datapath_common::{
-    ACTIVITY_MAP, COUNTER_SLOTS, COUNTERS_MAP, FLOWS_MAP, FWD_PORTS_MAP, FlowEntry, FlowKey,
-    FwdPrefix, L4_CSUM_IPV6_GLOBAL, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS,
-    PUNT_RING_MAP, PuntHeader, SCRATCH_MAP,
+    ACTIVITY_MAP, COUNTER_SLOTS, COUNTERS_MAP, FLOWS_MAP, FRAGS_MAP, FWD_PORTS_MAP, FlowEntry,
+    FlowKey, FragKey, FwdPrefix, L4_CSUM_IPV6_GLOBAL, PROG_LO_INGRESS, PROG_TAP_INGRESS,
+    PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PUNT_RING_MAP, PuntHeader, SCRATCH_MAP,
 };
 
 /// `BPF_PROG_TEST_RUN`, the `bpf(2)` command (`enum bpf_cmd` in
@@ -174,12 +176,30 @@ pub struct ProgTest {
     counters: PerCpuArray<MapData, u64>,
     punts: RingBuf<MapData>,
     fwd_ports: LpmTrie<MapData, FwdPrefix, u8>,
+    frags: HashMap<MapData, FragKey, u64>,
+}
+
+/// Now on the clock of `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`), in
+/// nanoseconds: the time base of `TG_FRAGS` entries.
+pub fn ktime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
 }
 
 impl ProgTest {
-    /// Loads the embedded object and verifies its three classifiers (tap
-    /// ingress, uplink ingress and egress). Needs root (or CAP_BPF +
-    /// CAP_NET_ADMIN).
+    /// Loads the embedded object and verifies its four classifiers (tap
+    /// ingress, uplink ingress and egress, loopback ingress). Needs root
+    /// (or CAP_BPF + CAP_NET_ADMIN).
     pub fn load(opts: ProgTestOptions) -> Result<Self> {
         let cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| anyhow!("{what}: {e}"))?
@@ -198,7 +218,12 @@ impl ProgTest {
         let mut ebpf = loader
             .load(tapgate::kernel::loader::EMBEDDED_OBJECT)
             .context("loading the embedded eBPF object")?;
-        for name in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS] {
+        for name in [
+            PROG_TAP_INGRESS,
+            PROG_UPLINK_INGRESS,
+            PROG_UPLINK_EGRESS,
+            PROG_LO_INGRESS,
+        ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("no program {name}"))?
@@ -220,6 +245,7 @@ impl ProgTest {
         let counters = PerCpuArray::try_from(take(&mut ebpf, COUNTERS_MAP)?)?;
         let punts = RingBuf::try_from(take(&mut ebpf, PUNT_RING_MAP)?)?;
         let fwd_ports = LpmTrie::try_from(take(&mut ebpf, FWD_PORTS_MAP)?)?;
+        let frags = HashMap::try_from(take(&mut ebpf, FRAGS_MAP)?)?;
         Ok(Self {
             ebpf,
             flows,
@@ -227,6 +253,7 @@ impl ProgTest {
             counters,
             punts,
             fwd_ports,
+            frags,
         })
     }
 
@@ -335,6 +362,27 @@ impl ProgTest {
         let keys: Vec<Key<FwdPrefix>> = self.fwd_ports.keys().collect::<Result<_, _>>()?;
         for k in keys {
             self.fwd_ports.remove(&k)?;
+        }
+        Ok(())
+    }
+
+    /// Enters a datagram in `TG_FRAGS` as if its first fragment had
+    /// arrived at `at_ns` ([`ktime_ns`]'s clock).
+    pub fn insert_frag(&mut self, key: &FragKey, at_ns: u64) -> Result<()> {
+        self.frags.insert(key, at_ns, 0)?;
+        Ok(())
+    }
+
+    /// Every datagram in `TG_FRAGS` with the time of its first fragment.
+    pub fn frags(&self) -> Result<Vec<(FragKey, u64)>> {
+        Ok(self.frags.iter().collect::<Result<_, _>>()?)
+    }
+
+    /// Removes every `TG_FRAGS` entry.
+    pub fn clear_frags(&mut self) -> Result<()> {
+        let keys: Vec<FragKey> = self.frags.keys().collect::<Result<_, _>>()?;
+        for k in keys {
+            self.frags.remove(&k)?;
         }
         Ok(())
     }

@@ -9,9 +9,11 @@
 //! build of the rewritten packet gives — addresses, ports, TTL / hop
 //! limit, MACs towards the guest — whose checksums smoltcp verifies too),
 //! the change of every kernel counter (all others must stay put), the
-//! activity words, the records in the punt ring and the entry's own
-//! counters. Every case starts from an empty flow table, clear activity
-//! words and an empty ring.
+//! activity words, the records in the punt ring, the entry's own counters
+//! and the datagrams in the fragment-tracking map `TG_FRAGS` (seeded ones
+//! as they were, new ones stamped with the time of the run). Every case
+//! starts from an empty flow table, clear activity words, an empty
+//! `TG_FRAGS` (then its seeds) and an empty ring.
 //!
 //! Under test run the redirect helpers only record their target, so a
 //! forwarded packet's verdict is their return code, `TC_ACT_REDIRECT`;
@@ -39,10 +41,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use datapath_common::{
-    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FAMILY_IPV6, FlowEntry, FlowKey,
-    FlowState, Origin, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PUNT_REASON_COUNTER_BASE, PuntReason, TAP_ACTIVE,
-    ipv4_to_16,
+    ACTIVE, Counter, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FAMILY_IPV6, FRAG_TRACK_NS,
+    FlowEntry, FlowKey, FlowState, FragKey, Origin, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS,
+    PROG_UPLINK_INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PUNT_REASON_COUNTER_BASE,
+    PuntReason, TAP_ACTIVE, ipv4_to_16,
 };
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
@@ -53,7 +55,9 @@ use smoltcp::wire::{
 };
 use tapgate_tests::netns::Netns;
 use tapgate_tests::nsthread;
-use tapgate_tests::progtest::{Counters, FIXTURE_FLOWS, ProgTest, ProgTestOptions, TestRun};
+use tapgate_tests::progtest::{
+    Counters, FIXTURE_FLOWS, ProgTest, ProgTestOptions, TestRun, ktime_ns,
+};
 
 /// `TC_ACT_UNSPEC`: not ours, continue as if no program were attached.
 const TC_ACT_UNSPEC: i32 = -1;
@@ -340,6 +344,84 @@ fn udp(sport: u16, dport: u16, payload: &[u8]) -> L4<'_> {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Fragments
+// ---------------------------------------------------------------------------
+
+/// Identification of the fragmented IPv4 datagrams.
+const FRAG_ID4: u16 = 0x5678;
+/// Identification of the fragmented IPv6 datagrams (four distinct bytes).
+const FRAG_ID6: u32 = 0x89ab_cdef;
+/// A datagram whose first fragment came a second ago: its later
+/// fragments are taken.
+const FRAG_RECENT: Duration = Duration::from_secs(1);
+/// A datagram whose first fragment came longer ago than the kernel tracks
+/// it ([`FRAG_TRACK_NS`]): its later fragments are not ours.
+const FRAG_STALE: Duration = Duration::from_nanos(FRAG_TRACK_NS + 1_000_000_000);
+
+/// `ip` (an IPv4 packet as [`ipv4`] builds it) made a fragment of
+/// datagram `id`: DF clear, MF as `more`, at `offset` 8-byte units, the
+/// header checksum recomputed. The bytes after the header stay as they
+/// are (for a later fragment they are just data).
+fn ipv4_fragment(ip: &[u8], id: u16, more: bool, offset: u16) -> Vec<u8> {
+    let mut buf = ip.to_vec();
+    let mut p = Ipv4Packet::new_unchecked(&mut buf);
+    p.set_ident(id);
+    p.set_dont_frag(false);
+    p.set_more_frags(more);
+    p.set_frag_offset(offset * 8);
+    p.fill_checksum();
+    buf
+}
+
+/// An IPv6 fragment header (RFC 8200 §4.5): `next`, the offset in 8-byte
+/// units, the M flag and the identification.
+fn frag6_header(next: IpProtocol, offset: u16, more: bool, id: u32) -> [u8; 8] {
+    let [o0, o1] = ((offset << 3) | u16::from(more)).to_be_bytes();
+    let [i0, i1, i2, i3] = id.to_be_bytes();
+    [u8::from(next), 0, o0, o1, i0, i1, i2, i3]
+}
+
+/// An IPv6 fragment from the world (`WORLD6` → `NAT6`): the fixed header,
+/// a fragment header, then `rest`.
+fn world_frag6(next: IpProtocol, offset: u16, more: bool, id: u32, rest: &[u8]) -> Vec<u8> {
+    from_world(&ipv6_raw(
+        WORLD6,
+        NAT6,
+        50,
+        IpProtocol::Ipv6Frag,
+        &concat(&frag6_header(next, offset, more, id), rest),
+    ))
+}
+
+/// The `TG_FRAGS` key of IPv4 datagram `id` of `proto` from `WORLD4` to
+/// `NAT4`: addresses in the 16-byte form, the 16-bit identification in the
+/// first two bytes.
+fn frag_key4(id: u16, proto: u8) -> FragKey {
+    let [i0, i1] = id.to_be_bytes();
+    FragKey {
+        src: ipv4_to_16(WORLD4.octets()),
+        dst: ipv4_to_16(NAT4.octets()),
+        id: [i0, i1, 0, 0],
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    }
+}
+
+/// The `TG_FRAGS` key of IPv6 datagram `id` from `WORLD6` to `NAT6`
+/// (RFC 8200: no protocol).
+fn frag_key6(id: u32) -> FragKey {
+    FragKey {
+        src: WORLD6.octets(),
+        dst: NAT6.octets(),
+        id: id.to_be_bytes(),
+        proto: 0,
+        family: FAMILY_IPV6,
+        _pad: [0; 2],
+    }
+}
+
 /// Checks the checksums of an output frame with smoltcp: the IPv4 header's
 /// and the transport's (a UDP checksum of zero counts as valid: "none").
 fn verify_checksums(frame: &[u8]) -> Result<(), String> {
@@ -538,6 +620,12 @@ struct Case {
     /// program leaves `skb->csum` stale (a known limit, see
     /// [`Case::stale_skb_csum`]).
     stale_skb_csum: bool,
+    /// `TG_FRAGS` entries seeded before the run, each with how long
+    /// before the run its first fragment was seen.
+    frags: Vec<(FragKey, Duration)>,
+    /// Datagrams the run must enter in `TG_FRAGS` (stamped with the time
+    /// of the run); every other entry must stay as seeded.
+    tracked: Vec<FragKey>,
 }
 
 fn slot(c: Counter) -> u32 {
@@ -592,6 +680,8 @@ impl Case {
             },
             records: Vec::new(),
             stale_skb_csum: false,
+            frags: Vec::new(),
+            tracked: Vec::new(),
             entry: Some(EntryAfter {
                 key: if from_tap {
                     flow.tap_key()
@@ -629,6 +719,8 @@ impl Case {
             records: vec![Record::Punt(reason, origin)],
             entry: None,
             stale_skb_csum: false,
+            frags: Vec::new(),
+            tracked: Vec::new(),
         }
     }
 
@@ -646,6 +738,8 @@ impl Case {
             records: Vec::new(),
             entry: None,
             stale_skb_csum: false,
+            frags: Vec::new(),
+            tracked: Vec::new(),
         }
     }
 
@@ -682,6 +776,19 @@ impl Case {
         self
     }
 
+    /// Seeds `TG_FRAGS` with `key`, its first fragment seen `age` before
+    /// the run.
+    fn frag_seen(mut self, key: FragKey, age: Duration) -> Self {
+        self.frags.push((key, age));
+        self
+    }
+
+    /// The run must enter `key` in `TG_FRAGS` (and count it).
+    fn tracks(mut self, key: FragKey) -> Self {
+        self.tracked.push(key);
+        self.also_count(Counter::FragsTracked)
+    }
+
     /// Runs the case on a fresh table (the skb `CHECKSUM_COMPLETE` if
     /// `complete`); `Err` lists every mismatch.
     fn run(&self, t: &mut ProgTest, complete: bool) -> Result<(), String> {
@@ -694,8 +801,23 @@ impl Case {
             t.insert_flow(k, e)
                 .map_err(|e| format!("seeding a flow: {e:#}"))?;
         }
+        t.clear_frags()
+            .map_err(|e| format!("clearing TG_FRAGS: {e:#}"))?;
+        let seeded: Vec<(FragKey, u64)> = {
+            let now = ktime_ns();
+            self.frags
+                .iter()
+                .map(|(k, age)| (*k, now.saturating_sub(age.as_nanos() as u64)))
+                .collect()
+        };
+        for (k, at) in &seeded {
+            t.insert_frag(k, *at)
+                .map_err(|e| format!("seeding TG_FRAGS: {e:#}"))?;
+        }
         let before = t.counters().map_err(|e| format!("counters: {e:#}"))?;
+        let ran_from = ktime_ns();
         let run = t.run_with(self.program, &self.frame, complete);
+        let ran_until = ktime_ns();
         if complete && self.stale_skb_csum {
             return match run {
                 Err(e) if errno(&e) == Some(libc::EBADMSG) => Ok(()),
@@ -734,6 +856,7 @@ impl Case {
             Out::Unchanged => {}
         }
         self.check_counters(&after.since(&before), &mut problems);
+        self.check_frags(t, &seeded, (ran_from, ran_until), &mut problems);
         self.check_activity(t, &mut problems);
         self.check_records(t, &mut problems);
         if let Some(want) = &self.entry {
@@ -775,6 +898,37 @@ impl Case {
                     "counter {} changed by {got}, expected {want}",
                     counter_name(i as u32)
                 ));
+            }
+        }
+    }
+
+    /// `TG_FRAGS` after the run: the seeds as they were, plus the
+    /// datagrams the case tracks, stamped within `ran` (the run's start
+    /// and end), and nothing else.
+    fn check_frags(
+        &self,
+        t: &ProgTest,
+        seeded: &[(FragKey, u64)],
+        ran: (u64, u64),
+        problems: &mut Vec<String>,
+    ) {
+        let got = match t.frags() {
+            Ok(g) => g,
+            Err(e) => return problems.push(format!("TG_FRAGS: {e:#}")),
+        };
+        for (k, at) in &got {
+            let fine = if self.tracked.contains(k) {
+                (ran.0..=ran.1).contains(at)
+            } else {
+                seeded.contains(&(*k, *at))
+            };
+            if !fine {
+                problems.push(format!("TG_FRAGS holds {k:?} at {at} ns (ran {ran:?})"));
+            }
+        }
+        for k in seeded.iter().map(|(k, _)| k).chain(&self.tracked) {
+            if !got.iter().any(|(g, _)| g == k) {
+                problems.push(format!("TG_FRAGS lacks {k:?}"));
             }
         }
     }
@@ -1070,6 +1224,99 @@ fn ipv4_cases() -> Vec<Case> {
             )),
         ),
     ]
+    .into_iter()
+    .chain(ipv4_fragment_cases())
+    .collect()
+}
+
+/// IPv4 fragments: every one from the guest punted; from the world, the
+/// first fragment of a flow's datagram punted and tracked in `TG_FRAGS`,
+/// later ones punted while their datagram is tracked and recent.
+fn ipv4_fragment_cases() -> Vec<Case> {
+    let udp_flow = Flow::v4(PROTO_UDP);
+    let tcp_flow = Flow::v4(PROTO_TCP);
+    let echo_flow = Flow::v4(PROTO_ICMP);
+    let data = b"hello, world";
+    let world_udp = ipv4(WORLD4, NAT4, 50, &udp(WORLD_PORT, NAT_PORT, data));
+    let first = from_world(&ipv4_fragment(&world_udp, FRAG_ID4, true, 0));
+    let later = from_world(&ipv4_fragment(&world_udp, FRAG_ID4, false, 3));
+    let key = frag_key4(FRAG_ID4, PROTO_UDP);
+    let echo_first = from_world(&ipv4_fragment(
+        &ipv4(
+            WORLD4,
+            NAT4,
+            50,
+            &L4::EchoReply {
+                ident: NAT_ID,
+                payload: data,
+            },
+        ),
+        FRAG_ID4,
+        true,
+        0,
+    ));
+    let guest_first = from_guest(&ipv4_fragment(
+        &ipv4(GUEST4, WORLD4, 64, &udp(GUEST_PORT, WORLD_PORT, data)),
+        FRAG_ID4,
+        true,
+        0,
+    ));
+    let up = PROG_UPLINK_INGRESS;
+    vec![
+        Case::punt(
+            "fragment from the guest: punted for reassembly, not tracked",
+            PROG_TAP_INGRESS,
+            udp_flow.entries(),
+            guest_first,
+            PuntReason::Fragment,
+        ),
+        Case::punt(
+            "first fragment of a flow's datagram from the world: punted, tracked",
+            up,
+            udp_flow.entries(),
+            first.clone(),
+            PuntReason::Fragment,
+        )
+        .tracks(key),
+        Case::punt(
+            "first fragment of an echo reply: punted, tracked",
+            up,
+            echo_flow.entries(),
+            echo_first,
+            PuntReason::Fragment,
+        )
+        .tracks(frag_key4(FRAG_ID4, PROTO_ICMP)),
+        Case::not_ours(
+            "first fragment of no flow from the world: not ours",
+            tcp_flow.entries(),
+            first,
+        ),
+        Case::punt(
+            "later fragment of a tracked datagram: punted",
+            up,
+            udp_flow.entries(),
+            later.clone(),
+            PuntReason::Fragment,
+        )
+        .frag_seen(key, FRAG_RECENT),
+        Case::not_ours(
+            "later fragment of an untracked datagram: not ours",
+            udp_flow.entries(),
+            later.clone(),
+        ),
+        Case::not_ours(
+            "later fragment of a datagram tracked over 30 s ago: not ours",
+            udp_flow.entries(),
+            later.clone(),
+        )
+        .frag_seen(key, FRAG_STALE),
+        Case::not_ours(
+            "later fragment of a datagram tracked with another protocol: not ours",
+            udp_flow.entries(),
+            later,
+        )
+        .frag_seen(frag_key4(FRAG_ID4, PROTO_TCP), FRAG_RECENT),
+    ]
 }
 
 #[test]
@@ -1092,7 +1339,7 @@ fn ext_options(next: IpProtocol) -> [u8; 8] {
 
 /// A fragment header: offset 0, more fragments, identification 0x1234.
 fn ext_fragment(next: IpProtocol) -> [u8; 8] {
-    [u8::from(next), 0, 0, 1, 0, 0, 0x12, 0x34]
+    frag6_header(next, 0, true, 0x1234)
 }
 
 fn concat(a: &[u8], b: &[u8]) -> Vec<u8> {
@@ -1178,16 +1425,6 @@ fn ipv6_cases() -> Vec<Case> {
         64,
         IpProtocol::Ipv6Frag,
         &concat(&ext_fragment(IpProtocol::Udp), &udp_bytes),
-    ));
-    let world_frag = from_world(&ipv6_raw(
-        WORLD6,
-        NAT6,
-        50,
-        IpProtocol::Ipv6Frag,
-        &concat(
-            &ext_fragment(IpProtocol::Udp),
-            &udp(WORLD_PORT, NAT_PORT, data).bytes(WORLD6.into(), NAT6.into()),
-        ),
     ));
     let full = from_world(&ipv6(WORLD6, NAT6, 50, &world_tcp_l4));
     // The fixed header and 10 bytes of a 20-byte TCP header (test run
@@ -1375,11 +1612,6 @@ fn ipv6_cases() -> Vec<Case> {
             guest_frag,
             PuntReason::Fragment,
         ),
-        Case::not_ours(
-            "fragment from the world: not ours",
-            udp_flow.entries(),
-            world_frag,
-        ),
         Case::punt(
             "neighbour solicitation from the guest: punted",
             PROG_TAP_INGRESS,
@@ -1458,6 +1690,192 @@ fn ipv6_cases() -> Vec<Case> {
             udp_flow.entries(),
             full,
         ),
+    ]
+    .into_iter()
+    .chain(ipv6_fragment_cases())
+    .collect()
+}
+
+/// IPv6 fragments (a fragment header right after the fixed header): from
+/// the guest every one punted; from the world the first fragment of a
+/// flow's datagram punted and tracked in `TG_FRAGS` by (addresses,
+/// identification), later ones — whatever next header they name —
+/// punted while their datagram is tracked and recent. A fragment header
+/// anywhere else, or another header between it and the transport header,
+/// is not ours.
+fn ipv6_fragment_cases() -> Vec<Case> {
+    let udp_flow = Flow::v6(PROTO_UDP);
+    let tcp_flow = Flow::v6(PROTO_TCP);
+    let echo_flow = Flow::v6(PROTO_ICMPV6);
+    let data = b"hello, world";
+    let (w, n) = (IpAddr::V6(WORLD6), IpAddr::V6(NAT6));
+    let udp_world = udp(WORLD_PORT, NAT_PORT, data).bytes(w, n);
+    let first = world_frag6(IpProtocol::Udp, 0, true, FRAG_ID6, &udp_world);
+    let later = world_frag6(IpProtocol::Udp, 3, false, FRAG_ID6, &[0x5a; 24]);
+    let key = frag_key6(FRAG_ID6);
+    let tcp_first = world_frag6(
+        IpProtocol::Tcp,
+        0,
+        true,
+        FRAG_ID6,
+        &tcp(WORLD_PORT, NAT_PORT, TcpControl::Psh, data).bytes(w, n),
+    );
+    let echo_first = world_frag6(
+        IpProtocol::Icmpv6,
+        0,
+        true,
+        FRAG_ID6,
+        &L4::EchoReply {
+            ident: NAT_ID,
+            payload: data,
+        }
+        .bytes(w, n),
+    );
+    let after_hbh = from_world(&ipv6_raw(
+        WORLD6,
+        NAT6,
+        50,
+        IpProtocol::HopByHop,
+        &concat(
+            &ext_options(IpProtocol::Ipv6Frag),
+            &concat(
+                &frag6_header(IpProtocol::Udp, 0, true, FRAG_ID6),
+                &udp_world,
+            ),
+        ),
+    ));
+    let dst_opts_after = world_frag6(
+        IpProtocol::Ipv6Opts,
+        0,
+        true,
+        FRAG_ID6,
+        &concat(&ext_options(IpProtocol::Udp), &udp_world),
+    );
+    let guest_later = from_guest(&ipv6_raw(
+        GUEST6,
+        WORLD6,
+        64,
+        IpProtocol::Ipv6Frag,
+        &concat(
+            &frag6_header(IpProtocol::Udp, 3, false, FRAG_ID6),
+            &[0x5a; 24],
+        ),
+    ));
+    // Tracked under the IPv4 family with the same bytes: another datagram.
+    let key_as_v4 = FragKey {
+        family: FAMILY_IPV4,
+        ..key
+    };
+    let up = PROG_UPLINK_INGRESS;
+    let fragment = PuntReason::Fragment;
+    vec![
+        Case::punt(
+            "later fragment from the guest: punted for reassembly, not tracked",
+            PROG_TAP_INGRESS,
+            udp_flow.entries(),
+            guest_later,
+            fragment,
+        ),
+        Case::punt(
+            "first fragment of a flow's datagram from the world: punted, tracked",
+            up,
+            udp_flow.entries(),
+            first.clone(),
+            fragment,
+        )
+        .tracks(key),
+        Case::punt(
+            "first fragment of a TCP flow's segment: punted, tracked",
+            up,
+            tcp_flow.entries(),
+            tcp_first,
+            fragment,
+        )
+        .tracks(key),
+        Case::punt(
+            "first fragment of an echo reply: punted, tracked",
+            up,
+            echo_flow.entries(),
+            echo_first,
+            fragment,
+        )
+        .tracks(key),
+        Case::punt(
+            "atomic fragment (offset 0, M clear) of a flow: punted, tracked",
+            up,
+            udp_flow.entries(),
+            world_frag6(IpProtocol::Udp, 0, false, FRAG_ID6, &udp_world),
+            fragment,
+        )
+        .tracks(key),
+        Case::punt(
+            "first fragment again (retransmitted): punted, tracked anew",
+            up,
+            udp_flow.entries(),
+            first.clone(),
+            fragment,
+        )
+        .frag_seen(key, FRAG_STALE)
+        .tracks(key),
+        Case::not_ours(
+            "first fragment of no flow from the world: not ours",
+            tcp_flow.entries(),
+            first,
+        ),
+        Case::not_ours(
+            "first fragment with a truncated UDP header: not ours",
+            udp_flow.entries(),
+            world_frag6(IpProtocol::Udp, 0, true, FRAG_ID6, &udp_world[..2]),
+        ),
+        Case::not_ours(
+            "fragment header after a hop-by-hop header: not ours",
+            udp_flow.entries(),
+            after_hbh,
+        ),
+        Case::not_ours(
+            "first fragment with destination options before UDP: not ours",
+            udp_flow.entries(),
+            dst_opts_after,
+        ),
+        Case::punt(
+            "later fragment of a tracked datagram: punted",
+            up,
+            udp_flow.entries(),
+            later.clone(),
+            fragment,
+        )
+        .frag_seen(key, FRAG_RECENT),
+        Case::punt(
+            "later fragment naming another next header: punted (the first's counts)",
+            up,
+            udp_flow.entries(),
+            world_frag6(IpProtocol::Ipv6NoNxt, 3, false, FRAG_ID6, &[0x5a; 24]),
+            fragment,
+        )
+        .frag_seen(key, FRAG_RECENT),
+        Case::not_ours(
+            "later fragment of an untracked datagram: not ours",
+            udp_flow.entries(),
+            later.clone(),
+        ),
+        Case::not_ours(
+            "later fragment of a datagram tracked over 30 s ago: not ours",
+            udp_flow.entries(),
+            later.clone(),
+        )
+        .frag_seen(key, FRAG_STALE),
+        Case::not_ours(
+            "later fragment of another identification: not ours",
+            udp_flow.entries(),
+            later.clone(),
+        )
+        .frag_seen(frag_key6(FRAG_ID6 ^ 1), FRAG_RECENT),
+        Case::not_ours(
+            "later fragment whose bytes are tracked as IPv4: not ours",
+            udp_flow.entries(),
+            later,
+        )
+        .frag_seen(key_as_v4, FRAG_RECENT),
     ]
 }
 
@@ -1670,7 +2088,7 @@ fn checksum_complete_needs_bpf_f_ipv6() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
 }
 
-/// The three programs pass this kernel's verifier with either value of
+/// The four programs pass this kernel's verifier with either value of
 /// the IPv6 checksum flag; prints how much of the verifier's budget (one
 /// million instructions) each takes.
 #[test]
@@ -1680,7 +2098,12 @@ fn programs_pass_the_verifier() {
     }
     for l4_csum_ipv6 in [false, true] {
         let t = load(ProgTestOptions { l4_csum_ipv6 });
-        for program in [PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_UPLINK_EGRESS] {
+        for program in [
+            PROG_TAP_INGRESS,
+            PROG_UPLINK_INGRESS,
+            PROG_UPLINK_EGRESS,
+            datapath_common::PROG_LO_INGRESS,
+        ] {
             let n = t.verified_instructions(program).unwrap();
             eprintln!("BPF_F_IPV6 {l4_csum_ipv6}: {program}: {n:?} instructions verified");
             assert!(n.is_none_or(|n| n < 1_000_000), "{program}: {n:?}");
@@ -1763,6 +2186,15 @@ fn forward_cases() -> Vec<Case> {
         )
     };
     let no = |name, frame| Case::not_ours(name, Vec::new(), frame);
+    let frag = |name, frame| {
+        Case::punt(
+            name,
+            PROG_UPLINK_INGRESS,
+            Vec::new(),
+            frame,
+            PuntReason::Fragment,
+        )
+    };
     let udp_to_5353 = udp(CLIENT_PORT, 5353, b"query");
     vec![
         // IPv6
@@ -1814,18 +2246,26 @@ fn forward_cases() -> Vec<Case> {
             "ipv6 SYN to the address sharing the host's IPv4 bytes: not ours",
             w6(lookalike6, &syn_only(CLIENT_PORT, 8080)),
         ),
+        frag(
+            "ipv6 first fragment of a UDP datagram to a forwarded port: punted (fragment), tracked",
+            world_frag6(
+                IpProtocol::Udp,
+                0,
+                true,
+                FRAG_ID6,
+                &udp_to_5353.bytes(WORLD6.into(), NAT6.into()),
+            ),
+        )
+        .tracks(frag_key6(FRAG_ID6)),
         no(
-            "ipv6 fragment of a UDP datagram to a forwarded port: not ours",
-            from_world(&ipv6_raw(
-                WORLD6,
-                NAT6,
-                50,
-                IpProtocol::Ipv6Frag,
-                &concat(
-                    &ext_fragment(IpProtocol::Udp),
-                    &udp_to_5353.bytes(WORLD6.into(), NAT6.into()),
-                ),
-            )),
+            "ipv6 first fragment of a UDP datagram to another port: not ours",
+            world_frag6(
+                IpProtocol::Udp,
+                0,
+                true,
+                FRAG_ID6,
+                &udp(CLIENT_PORT, 5354, b"query").bytes(WORLD6.into(), NAT6.into()),
+            ),
         ),
         // IPv4, through the same trie
         fwd(
@@ -1848,6 +2288,16 @@ fn forward_cases() -> Vec<Case> {
             "ipv4 SYN to the IPv6-only rule's port: not ours",
             w4(NAT4, &syn_only(CLIENT_PORT, 9443)),
         ),
+        frag(
+            "ipv4 first fragment of a UDP datagram to a forwarded port: punted (fragment), tracked",
+            from_world(&ipv4_fragment(
+                &ipv4(WORLD4, NAT4, 50, &udp_to_5353),
+                FRAG_ID4,
+                true,
+                0,
+            )),
+        )
+        .tracks(frag_key4(FRAG_ID4, PROTO_UDP)),
     ]
 }
 
@@ -1881,4 +2331,455 @@ fn forwarded_port_openings() {
         .map(|c| Case::not_ours(c.name, Vec::new(), c.frame))
         .collect();
     run_all("no keys (every case not ours)", &mut t, &none, false);
+}
+
+// ---------------------------------------------------------------------------
+// Loopback's ingress: clients on the host itself of forwarded ports
+// ---------------------------------------------------------------------------
+
+const LO4: Ipv4Addr = Ipv4Addr::LOCALHOST;
+const LO6: Ipv6Addr = Ipv6Addr::LOCALHOST;
+/// The gateway's addresses: what a host client's flow shows the guest.
+const GATEWAY4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// The host client's port and the gateway's NAT port of its flow.
+const HOST_CLIENT_PORT: u16 = 41000;
+const GATEWAY_PORT: u16 = 50001;
+
+/// A frame as loopback carries it (all-zero MACs).
+fn on_lo(ip: &[u8]) -> Vec<u8> {
+    eth([0; 6], [0; 6], ethertype_of(ip), ip)
+}
+
+/// A packet on loopback's ingress that is not ours: untouched,
+/// `TCX_NEXT`, counted as `lo_not_ours`.
+fn lo_not_ours(name: &'static str, flows: Vec<(FlowKey, FlowEntry)>, frame: Vec<u8>) -> Case {
+    let mut c = Case::not_ours(name, flows, frame);
+    c.program = datapath_common::PROG_LO_INGRESS;
+    c.counters = vec![(slot(Counter::LoNotOurs), 1)];
+    c
+}
+
+/// A host client's flow as user space installs it: the client talks to
+/// a forwarded (address, port) on loopback; the guest sees the gateway at
+/// a NAT port.
+#[derive(Clone, Copy)]
+struct HostFlow {
+    family: u8,
+    proto: u8,
+    client: ([u8; 16], u16),
+    forwarded: ([u8; 16], u16),
+    gateway: ([u8; 16], u16),
+    guest: ([u8; 16], u16),
+    state: FlowState,
+}
+
+impl HostFlow {
+    fn v4(proto: u8, forwarded_port: u16, guest_port: u16) -> Self {
+        Self {
+            family: FAMILY_IPV4,
+            proto,
+            client: (ipv4_to_16(LO4.octets()), HOST_CLIENT_PORT),
+            forwarded: (ipv4_to_16(LO4.octets()), forwarded_port),
+            gateway: (ipv4_to_16(GATEWAY4.octets()), GATEWAY_PORT),
+            guest: (ipv4_to_16(GUEST4.octets()), guest_port),
+            state: FlowState::Established,
+        }
+    }
+
+    fn v6(proto: u8, forwarded_port: u16, guest_port: u16) -> Self {
+        Self {
+            family: FAMILY_IPV6,
+            proto,
+            client: (LO6.octets(), HOST_CLIENT_PORT),
+            forwarded: (LO6.octets(), forwarded_port),
+            gateway: (GATEWAY6.octets(), GATEWAY_PORT),
+            guest: (GUEST6.octets(), guest_port),
+            state: FlowState::Established,
+        }
+    }
+
+    fn key(&self, src: ([u8; 16], u16), dst: ([u8; 16], u16), dir: u8) -> FlowKey {
+        FlowKey {
+            src: src.0,
+            dst: dst.0,
+            sport: src.1,
+            dport: dst.1,
+            proto: self.proto,
+            family: self.family,
+            dir,
+            _pad: 0,
+        }
+    }
+
+    /// The client's side, in the loopback program's direction.
+    fn lo_key(&self) -> FlowKey {
+        self.key(self.client, self.forwarded, datapath_common::DIR_FROM_LO)
+    }
+
+    fn entry(&self, src: ([u8; 16], u16), dst: ([u8; 16], u16)) -> FlowEntry {
+        FlowEntry {
+            new_src: src.0,
+            new_dst: dst.0,
+            new_sport: src.1,
+            new_dport: dst.1,
+            out_ifindex: 1,
+            eth_src: GATEWAY_MAC,
+            eth_dst: GUEST_MAC,
+            slot: SLOT,
+            state: self.state as u8,
+            ..FlowEntry::default()
+        }
+    }
+
+    /// Both entries: guest → client (out through loopback) and client →
+    /// guest.
+    fn entries(&self) -> Vec<(FlowKey, FlowEntry)> {
+        vec![
+            (
+                self.key(self.guest, self.gateway, DIR_FROM_TAP),
+                self.entry(self.forwarded, self.client),
+            ),
+            (self.lo_key(), self.entry(self.gateway, self.guest)),
+        ]
+    }
+}
+
+/// ICMP port unreachable from `src` to `dst` about `quoted` (an IPv4
+/// packet): its header and first 8 bytes, as Linux quotes.
+fn port_unreachable4(src: Ipv4Addr, dst: Ipv4Addr, quoted: &[u8]) -> Vec<u8> {
+    let q = Ipv4Packet::new_checked(quoted).unwrap();
+    let header = Ipv4Repr::parse(&q, &ChecksumCapabilities::default()).unwrap();
+    let repr = Icmpv4Repr::DstUnreachable {
+        reason: smoltcp::wire::Icmpv4DstUnreachable::PortUnreachable,
+        header,
+        data: &quoted[20..28],
+    };
+    let mut icmp = vec![0; repr.buffer_len()];
+    repr.emit(
+        &mut Icmpv4Packet::new_unchecked(&mut icmp[..]),
+        &ChecksumCapabilities::default(),
+    );
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0; ip.buffer_len() + icmp.len()];
+    let mut pkt = Ipv4Packet::new_unchecked(&mut buf);
+    ip.emit(&mut pkt, &ChecksumCapabilities::default());
+    pkt.payload_mut().copy_from_slice(&icmp);
+    buf
+}
+
+/// The rules of the loopback cases: TCP 8080 → 80 and UDP 5353 on every
+/// address, UDP 6000-6010 (a client may sit on one of those ports with
+/// `--no-reserve-ports`), TCP 9443 → 443 on the host's IPv4 address only.
+fn lo_rules() -> tapgate::fwd::FwdTable {
+    use tapgate::fwd::{FwdTable, PortRange, Proto};
+    let mut t = FwdTable::new();
+    for (proto, spec) in [
+        (Proto::Tcp, "8080:80"),
+        (Proto::Udp, "5353"),
+        (Proto::Udp, "6000-6010"),
+        (Proto::Tcp, "198.51.100.1/9443:443"),
+    ] {
+        t.add_spec(proto, spec, PortRange::LINUX_EPHEMERAL)
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+    }
+    t
+}
+
+/// The openings on loopback's ingress: punted as `Forward` with the keys
+/// published, not ours without them.
+fn lo_opening_cases() -> Vec<Case> {
+    let c = HOST_CLIENT_PORT;
+    let fwd = |name, frame| {
+        Case::punt(
+            name,
+            datapath_common::PROG_LO_INGRESS,
+            Vec::new(),
+            frame,
+            PuntReason::Forward,
+        )
+    };
+    vec![
+        fwd(
+            "ipv4 SYN from the host to 127.0.0.1:8080: punted (forward)",
+            on_lo(&ipv4(LO4, LO4, 64, &syn_only(c, 8080))),
+        ),
+        fwd(
+            "ipv4 SYN from the host to its own address: punted (forward)",
+            on_lo(&ipv4(NAT4, NAT4, 64, &syn_only(c, 8080))),
+        ),
+        fwd(
+            "ipv4 SYN to an addressed rule at its address: punted (forward)",
+            on_lo(&ipv4(NAT4, NAT4, 64, &syn_only(c, 9443))),
+        ),
+        fwd(
+            "ipv4 UDP from the host to 127.0.0.1:5353: punted (forward)",
+            on_lo(&ipv4(LO4, LO4, 64, &udp(c, 5353, b"query"))),
+        ),
+        fwd(
+            "ipv4 UDP to a client port that is forwarded too: punted (forward)",
+            on_lo(&ipv4(LO4, LO4, 64, &udp(c, 6001, b"query"))),
+        ),
+        fwd(
+            "ipv6 SYN from the host to [::1]:8080: punted (forward)",
+            on_lo(&ipv6(LO6, LO6, 64, &syn_only(c, 8080))),
+        ),
+        fwd(
+            "ipv6 SYN from the host to its own IPv6 address: punted (forward)",
+            on_lo(&ipv6(NAT6, NAT6, 64, &syn_only(c, 8080))),
+        ),
+        fwd(
+            "ipv6 UDP from the host to [::1]:5353: punted (forward)",
+            on_lo(&ipv6(LO6, LO6, 64, &udp(c, 5353, b"query"))),
+        ),
+    ]
+}
+
+fn lo_cases() -> Vec<Case> {
+    let c = HOST_CLIENT_PORT;
+    let data = b"GET /file";
+    let ack = TcpControl::Psh;
+    let tcp4 = HostFlow::v4(PROTO_TCP, 8080, 80);
+    let udp4 = HostFlow::v4(PROTO_UDP, 5353, 5353);
+    let tcp6 = HostFlow::v6(PROTO_TCP, 8080, 80);
+    let handshake4 = HostFlow {
+        state: FlowState::Handshake,
+        ..tcp4
+    };
+    let world_flow = Flow::v4(PROTO_TCP);
+    let to_the_tap = |name, flow: &HostFlow, frame: Vec<u8>, expected: Vec<u8>| Case {
+        name,
+        program: datapath_common::PROG_LO_INGRESS,
+        flows: flow.entries(),
+        counters: forwarded(&frame),
+        frame,
+        verdict: TC_ACT_REDIRECT,
+        out: Out::Frame(expected),
+        activity: ACTIVE,
+        records: Vec::new(),
+        entry: Some(EntryAfter {
+            key: flow.lo_key(),
+            last_ack: if flow.proto == PROTO_TCP { 2000 } else { 0 },
+            last_win: if flow.proto == PROTO_TCP { 5000 } else { 0 },
+        }),
+        stale_skb_csum: false,
+        frags: Vec::new(),
+        tracked: Vec::new(),
+    };
+    let reply_quoted = ipv4(LO4, LO4, 63, &udp(5353, c, b"answer"));
+    let mut cases = lo_opening_cases();
+    cases.extend([
+        // What else the host sends itself is not ours.
+        lo_not_ours(
+            "ipv4 SYN to an unforwarded port on 127.0.0.1: not ours",
+            Vec::new(),
+            on_lo(&ipv4(LO4, LO4, 64, &syn_only(c, 8081))),
+        ),
+        lo_not_ours(
+            "ipv4 SYN to an addressed rule on 127.0.0.1: not ours",
+            Vec::new(),
+            on_lo(&ipv4(LO4, LO4, 64, &syn_only(c, 9443))),
+        ),
+        lo_not_ours(
+            "ipv6 SYN to an unforwarded port on ::1: not ours",
+            Vec::new(),
+            on_lo(&ipv6(LO6, LO6, 64, &syn_only(c, 8081))),
+        ),
+        lo_not_ours(
+            "ipv4 ACK to a forwarded port without a flow: not ours",
+            Vec::new(),
+            on_lo(&ipv4(LO4, LO4, 64, &tcp(c, 8080, ack, data))),
+        ),
+        // What tapgate itself sends the client through loopback.
+        lo_not_ours(
+            "ipv4 SYN-ACK into loopback (the guest's, to the client): not ours",
+            handshake4.entries(),
+            on_lo(&ipv4(LO4, LO4, 64, &tcp(8080, c, TcpControl::Syn, b""))),
+        ),
+        lo_not_ours(
+            "ipv6 SYN-ACK into loopback: not ours",
+            HostFlow {
+                state: FlowState::Handshake,
+                ..tcp6
+            }
+            .entries(),
+            on_lo(&ipv6(LO6, LO6, 64, &tcp(8080, c, TcpControl::Syn, b""))),
+        ),
+        lo_not_ours(
+            "ipv4 guest data delivered to the client: not ours",
+            tcp4.entries(),
+            on_lo(&ipv4(LO4, LO4, 63, &tcp(8080, c, ack, data))),
+        ),
+        lo_not_ours(
+            "ipv4 UDP from a forwarded port to a forwarded client port: not ours (a reply)",
+            udp4.entries(),
+            on_lo(&ipv4(LO4, LO4, 63, &udp(5353, 6001, b"answer"))),
+        ),
+        // A host client's flow.
+        to_the_tap(
+            "ipv4 data of a host client's flow: to the tap, from the gateway, guest MACs",
+            &tcp4,
+            on_lo(&ipv4(LO4, LO4, 64, &tcp(c, 8080, ack, data))),
+            to_guest(&ipv4(
+                GATEWAY4,
+                GUEST4,
+                63,
+                &tcp(GATEWAY_PORT, 80, ack, data),
+            )),
+        ),
+        to_the_tap(
+            "ipv4 UDP of a host client's flow: to the tap",
+            &udp4,
+            on_lo(&ipv4(LO4, LO4, 64, &udp(c, 5353, b"query"))),
+            to_guest(&ipv4(
+                GATEWAY4,
+                GUEST4,
+                63,
+                &udp(GATEWAY_PORT, 5353, b"query"),
+            )),
+        ),
+        to_the_tap(
+            "ipv6 data of a host client's flow: to the tap, from the gateway",
+            &tcp6,
+            on_lo(&ipv6(LO6, LO6, 64, &tcp(c, 8080, ack, data))),
+            to_guest(&ipv6(
+                GATEWAY6,
+                GUEST6,
+                63,
+                &tcp(GATEWAY_PORT, 80, ack, data),
+            )),
+        ),
+        to_the_tap(
+            "ipv4 FIN of a host client's flow: to the tap with an event",
+            &tcp4,
+            on_lo(&ipv4(LO4, LO4, 64, &tcp(c, 8080, TcpControl::Fin, data))),
+            to_guest(&ipv4(
+                GATEWAY4,
+                GUEST4,
+                63,
+                &tcp(GATEWAY_PORT, 80, TcpControl::Fin, data),
+            )),
+        )
+        .with_event(PuntReason::EventFin, Origin::Uplink),
+        Case::punt(
+            "ipv4 segment of a host client's handshake: punted (handshake)",
+            datapath_common::PROG_LO_INGRESS,
+            handshake4.entries(),
+            on_lo(&ipv4(LO4, LO4, 64, &tcp(c, 8080, ack, data))),
+            PuntReason::Handshake,
+        ),
+        Case::punt(
+            "ipv4 port unreachable about a host client's datagram: punted (icmp error)",
+            datapath_common::PROG_LO_INGRESS,
+            udp4.entries(),
+            on_lo(&port_unreachable4(LO4, LO4, &reply_quoted)),
+            PuntReason::IcmpError,
+        ),
+        lo_not_ours(
+            "ipv4 port unreachable quoting no flow: not ours",
+            Vec::new(),
+            on_lo(&port_unreachable4(LO4, LO4, &reply_quoted)),
+        ),
+        // Keys of one direction never match packets of the other.
+        Case::not_ours(
+            "a host client's segment on the uplink: not ours",
+            tcp4.entries(),
+            from_world(&ipv4(LO4, LO4, 64, &tcp(c, 8080, ack, data))),
+        ),
+        lo_not_ours(
+            "a world flow's segment on loopback: not ours",
+            world_flow.entries(),
+            on_lo(&ipv4(
+                WORLD4,
+                NAT4,
+                50,
+                &tcp(WORLD_PORT, NAT_PORT, ack, data),
+            )),
+        ),
+        // Neither fragments nor pings nor other frames.
+        lo_not_ours(
+            "ipv4 first fragment to a forwarded port on loopback: not ours",
+            udp4.entries(),
+            on_lo(&ipv4_fragment(
+                &ipv4(LO4, LO4, 64, &udp(c, 5353, b"query")),
+                FRAG_ID4,
+                true,
+                0,
+            )),
+        ),
+        lo_not_ours(
+            "ping of 127.0.0.1: not ours",
+            Vec::new(),
+            on_lo(&ipv4(
+                LO4,
+                LO4,
+                64,
+                &L4::EchoRequest {
+                    ident: GUEST_ID,
+                    payload: data,
+                },
+            )),
+        ),
+        lo_not_ours(
+            "ARP on loopback: not ours",
+            Vec::new(),
+            eth([0; 6], [0; 6], EthernetProtocol::Arp, &[0; 28]),
+        ),
+    ]);
+    cases
+}
+
+/// The loopback program (`tg_lo_ingress`) with `TG_FWD_PORTS` filled as
+/// user space fills it for rules without an address — loopback's
+/// addresses included — and for an addressed rule: openings of forwarded
+/// ports are punted (`Forward`, the record's ifindex loopback's — under
+/// test run every skb is on loopback), packets of a host client's flow
+/// (keyed `DIR_FROM_LO`) go to the tap as from the gateway, and
+/// everything else the host sends itself — the guest's SYN-ACK and data
+/// tapgate delivers to the client, unforwarded ports, pings, fragments —
+/// is not ours. Without the keys, no opening is ours.
+#[test]
+fn loopback_openings_and_host_client_flows() {
+    if !have_root("loopback_openings_and_host_client_flows") {
+        return;
+    }
+    let mut t = load(ProgTestOptions::default());
+    let host = tapgate::kernel::maps::published_host_addrs(&[
+        IpAddr::V4(LO4),
+        IpAddr::V6(LO6),
+        IpAddr::V4(NAT4),
+        IpAddr::V6(NAT6),
+    ]);
+    assert!(host.contains(&IpAddr::V4(LO4)) && host.contains(&IpAddr::V6(LO6)));
+    for (data, len) in tapgate::kernel::maps::wanted_prefixes(lo_rules().rules(), &host) {
+        t.insert_fwd_prefix(data, len).unwrap();
+    }
+    run_all("loopback", &mut t, &lo_cases(), false);
+
+    // The record says where it came from.
+    t.drain_punts().unwrap();
+    let syn = on_lo(&ipv4(LO4, LO4, 64, &syn_only(HOST_CLIENT_PORT, 8080)));
+    let run = t.run(datapath_common::PROG_LO_INGRESS, &syn).unwrap();
+    assert_eq!(run.verdict, TC_ACT_SHOT);
+    let recs = t.drain_punts().unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        recs[0].header.ifindex,
+        datapath_common::LOOPBACK_IFINDEX,
+        "the punt names loopback"
+    );
+
+    // Without the keys, the same openings are not ours.
+    t.clear_fwd_prefixes().unwrap();
+    let none: Vec<Case> = lo_opening_cases()
+        .into_iter()
+        .map(|c| lo_not_ours(c.name, Vec::new(), c.frame))
+        .collect();
+    run_all("loopback without keys (not ours)", &mut t, &none, false);
 }

@@ -21,15 +21,19 @@
 //!
 //! * the punt reader hands each record to [`dispatch`]: guest frames go to
 //!   the gateway's services first and, if not theirs, to the flow manager;
-//!   packets from the world and flow events go to the flow manager; their
-//!   outputs go to the guest (tap) or the world (raw socket);
+//!   packets from the world and flow events go to the flow manager — those
+//!   punted on loopback's ingress (the record's ifindex) as from a client
+//!   on the host itself; their outputs go to the guest (tap) or the world
+//!   (raw socket);
 //! * a one-second tick drives the flow manager's timers (LastAck and
 //!   handshake timeouts, UDP expiry, the clock algorithm's keepalives and
 //!   inactivity/dead-guest resets, whose segments it sends);
 //! * the control socket answers `tapgate stats`, `tapgate flows` and
 //!   `tapgate rules` (a change reserves or releases ports, updates the
-//!   uplink program's forwarded-ports map and the manager's table; RSTs of
-//!   flows reset by `del --reset-flows` go out with the next tick);
+//!   uplink program's forwarded-ports map and the manager's table, and
+//!   attaches the loopback program with the first rule or detaches it with
+//!   the last; RSTs of flows reset by `del --reset-flows` go out with the
+//!   next tick);
 //! * the aya-log forwarder copies the programs' log records into our log;
 //! * SIGINT/SIGTERM (or the [`Hooks::stop`] channel) end the loop; then
 //!   either everything attached is detached ([`Stop::Detach`]) or the
@@ -60,7 +64,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya_log::EbpfLogger;
-use datapath_common::{Counter, Origin, PuntReason};
+use datapath_common::{Counter, LOOPBACK_IFINDEX, Origin, PuntReason};
 use log::{debug, info, warn};
 use serde_json::{Value, json};
 use smoltcp::wire::{ETHERNET_HEADER_LEN, EthernetFrame};
@@ -202,7 +206,7 @@ async fn stopped(stop: Option<oneshot::Receiver<Stop>>, keep_on_signal: bool) ->
 }
 
 /// Answers queries until the channel closes.
-async fn answer(queries: Option<mpsc::Receiver<Query>>, state: &State) {
+async fn answer(queries: Option<mpsc::Receiver<Query>>, state: &State<'_>) {
     let Some(mut rx) = queries else {
         return std::future::pending().await;
     };
@@ -385,6 +389,10 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     if adopted {
         flows_adopted = manager.adopt(Instant::now()).flows;
     }
+    // Host-local clients of forwarded ports come in on loopback's ingress:
+    // the program is attached while there are rules, or adopted flows of
+    // such clients (see `State::sync_loopback`).
+    let loopback = !manager.forwards().is_empty() || manager.host_client_flows() > 0;
     if let Some(path) = &hooks.state_file {
         match GuestState::load(path) {
             Ok(saved) if adopted => services.restore(&saved),
@@ -407,6 +415,9 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
     let stop = hooks.stop.take();
     let queries = hooks.queries.take();
     let ready = hooks.ready.take();
+    // The control socket's `rules` requests attach and detach the loopback
+    // program while the loop runs.
+    let datapath = RefCell::new(datapath);
     let result = runtime.block_on(async {
         let injectors = Injectors {
             tap: TapWriter::open(&tap)?,
@@ -419,7 +430,9 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
             ),
             None => None,
         };
-        datapath.attach(&tap, &uplink, args.allow_host)?;
+        datapath
+            .borrow_mut()
+            .attach(&tap, &uplink, args.allow_host, loopback)?;
         info!(
             "ready: tap={} uplink={} guest={}/{} gateway={} dns={} mtu={}{}{}{}",
             tap.name,
@@ -470,6 +483,8 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
             frags_guest: RefCell::new(Reassembler::new(ReassemblyLimits::default())),
             frags_world: RefCell::new(Reassembler::new(ReassemblyLimits::default())),
             saved: Cell::new(None),
+            datapath: &datapath,
+            lo_failed: Cell::new(false),
         };
         let reader = punt::run(ring, &state.reader, &injectors, |p, out| {
             state.dispatch(&p, out)
@@ -527,6 +542,8 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
                         Err(e) => warn!("reading the uplink's MTU: {e:#}"),
                     }
                 }
+                // The last host-local flow of a removed rule may be gone.
+                state.sync_loopback(&state.manager.borrow());
                 // RSTs of flows reset by `tapgate rules del --reset-flows`.
                 out.append(&mut state.pending.borrow_mut());
                 for o in out.drain(..) {
@@ -590,6 +607,7 @@ pub fn run(args: &RunArgs, mut hooks: Hooks) -> Result<Ended> {
         info!("final counters: {}", state.stats());
         outcome
     });
+    let mut datapath = datapath.into_inner();
     match result {
         Ok(Ended::Stopped(Stop::Keep)) if datapath.pin_dir().is_some() => {
             datapath.leave_pinned();
@@ -690,7 +708,7 @@ fn uplink_mtu(uplink: &Iface) -> Result<u16> {
 }
 
 /// Everything the event loop shares.
-struct State {
+struct State<'a> {
     services: RefCell<GuestServices>,
     manager: RefCell<Manager>,
     reader: ReaderStats,
@@ -708,6 +726,11 @@ struct State {
     frags_world: RefCell<Reassembler>,
     /// The guest state last written to the state file.
     saved: Cell<Option<GuestState>>,
+    /// The loaded programs (for attaching and detaching the loopback
+    /// program as forwarding rules come and go).
+    datapath: &'a RefCell<Datapath>,
+    /// Attaching the loopback program failed (and was said).
+    lo_failed: Cell<bool>,
 }
 
 /// What `tapgate rules add|del` changes besides the manager's table.
@@ -734,7 +757,7 @@ fn rule_json(rule: &fwd::Rule, hits: Option<u64>) -> Value {
     v
 }
 
-impl State {
+impl State<'_> {
     /// Writes the guest's MAC and DHCP lease if they changed.
     fn save_guest_state(&self, path: &std::path::Path) {
         let now = self.services.borrow().snapshot();
@@ -749,6 +772,32 @@ impl State {
                 warn!("{e}");
                 self.saved.set(prev);
             }
+        }
+    }
+
+    /// Attaches the loopback program while there are forwarding rules or
+    /// flows of host-local clients (opened through a rule since removed:
+    /// they carry on until they end, as the world's do), and detaches it
+    /// once there are neither. Without the program a rule still serves the
+    /// world, so a failure to attach is only logged.
+    fn sync_loopback(&self, manager: &Manager) {
+        let want = !manager.forwards().is_empty() || manager.host_client_flows() > 0;
+        let mut datapath = self.datapath.borrow_mut();
+        if want == datapath.loopback_attached() {
+            return;
+        }
+        if want {
+            // Retried every tick; said once.
+            match datapath.attach_loopback() {
+                Ok(()) => self.lo_failed.set(false),
+                Err(e) if !self.lo_failed.replace(true) => {
+                    warn!("host-local clients of forwarded ports are not served: {e}");
+                }
+                Err(e) => debug!("attaching to loopback: {e}"),
+            }
+        } else {
+            datapath.detach_loopback();
+            info!("no forwarding rules and no host-local flows: detached from loopback");
         }
     }
 
@@ -787,6 +836,8 @@ impl State {
                 }
                 let added: Vec<Value> = rules.iter().map(|r| rule_json(r, None)).collect();
                 manager.forwards_mut().insert(rules);
+                // Host-local clients too, from the first rule on.
+                self.sync_loopback(&manager);
                 Ok(json!({ "added": added }))
             }
             RulesRequest::Del {
@@ -811,6 +862,7 @@ impl State {
                 for rule in &rules {
                     info!("rules: removed {rule}, {reset} flows reset");
                 }
+                self.sync_loopback(&manager);
                 let removed: Vec<Value> = rules.iter().map(|r| rule_json(r, None)).collect();
                 Ok(json!({ "removed": removed, "flows_reset": reset }))
             }
@@ -818,7 +870,7 @@ impl State {
     }
 }
 
-impl State {
+impl State<'_> {
     /// Routes one punt record to its handler; IPv4 fragments and IPv6 ones
     /// (a Fragment header) go through reassembly first, and the whole
     /// datagram is dispatched once it is complete (with the Ethernet header
@@ -876,18 +928,31 @@ impl State {
     fn dispatch_whole(&self, p: &Punted<'_>, out: &mut Vec<Output>) {
         let now = Instant::now();
         let mut manager = self.manager.borrow_mut();
+        // The loopback program's records: a client on the host itself.
+        let from_host = p.origin == Origin::Uplink && p.ifindex == LOOPBACK_IFINDEX;
         if p.reason.is_event() {
-            manager.event(p.reason, p.origin, p.frame, now, out);
+            if from_host {
+                manager.host_event(p.reason, p.frame, now, out);
+            } else {
+                manager.event(p.reason, p.origin, p.frame, now, out);
+            }
             return;
         }
         match p.origin {
             Origin::Uplink => {
-                if p.reason == PuntReason::Forward
+                // An opening of a forwarded port (a whole datagram, or one
+                // reassembled from fragments) may be the first the manager
+                // hears of the guest: it needs the MAC for the tap.
+                if matches!(p.reason, PuntReason::Forward | PuntReason::Fragment)
                     && let Some(mac) = self.services.borrow().guest_mac()
                 {
                     manager.set_guest_mac(mac);
                 }
-                manager.from_world(p.frame, p.reason, now, out);
+                if from_host {
+                    manager.from_host(p.frame, p.reason, now, out);
+                } else {
+                    manager.from_world(p.frame, p.reason, now, out);
+                }
             }
             Origin::Tap if p.ifindex != self.tap_index => {
                 debug!("ignoring a frame punted from ifindex {}", p.ifindex);
@@ -930,7 +995,7 @@ impl State {
     }
 }
 
-impl ControlSource for State {
+impl ControlSource for State<'_> {
     fn stats(&self) -> Value {
         let c = &self.counters;
         let punts: serde_json::Map<String, Value> = PuntReason::ALL
@@ -1018,6 +1083,7 @@ impl ControlSource for State {
                 "icmp_sent": f.icmp_sent,
                 "policy_denied": f.policy_denied,
                 "forwards_accepted": f.forwards_accepted,
+                "forwards_from_host": f.forwards_from_host,
                 "slow_to_world": f.slow_to_world,
                 "slow_to_guest": f.slow_to_guest,
                 "events": f.events,

@@ -18,6 +18,9 @@
 //!    family this build does not know — is an orphan and is removed.
 //! 2. the NAT port is held again with a socket bound to it, exactly as a
 //!    new flow's is, unless a forwarding rule holds it (an inbound flow).
+//!    A host client's flow (its world side keyed in the loopback
+//!    program's direction) holds the gateway's port the guest talks to
+//!    instead (its `remote`).
 //!    A port the host took while no daemon ran cannot be had: the flow
 //!    keeps running in the kernel, and the loss is counted.
 //! 3. timers restart: a handshake gets a fresh handshake timeout, `LastAck`
@@ -31,7 +34,9 @@
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
 
-use datapath_common::{DIR_FROM_TAP, DIR_FROM_UPLINK, FLOW_F_LOCAL, FlowEntry, FlowKey, FlowState};
+use datapath_common::{
+    DIR_FROM_LO, DIR_FROM_TAP, DIR_FROM_UPLINK, FLOW_F_LOCAL, FlowEntry, FlowKey, FlowState,
+};
 use log::{info, warn};
 use smoltcp::wire::EthernetAddress;
 
@@ -78,7 +83,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         for (key, entry) in entries {
             match key.dir {
                 DIR_FROM_TAP => tap_side.entry(entry.slot).or_default().push((key, entry)),
-                DIR_FROM_UPLINK => uplink_side
+                DIR_FROM_UPLINK | DIR_FROM_LO => uplink_side
                     .entry(entry.slot)
                     .or_default()
                     .push((key, entry)),
@@ -152,19 +157,28 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             now,
         );
         flow.deadline = deadline;
+        flow.host_client = uk.dir == DIR_FROM_LO;
         if flow.tap_key() != tk || flow.uplink_key() != uk || !self.table.claim_slot(slot) {
             return None;
         }
-        // An inbound forward's port is held by its rule's reservation.
+        // An inbound forward's port is held by its rule's reservation; a
+        // host client's flow holds the gateway's port it shows the guest.
         let forwarded = Proto::from_ip_proto(proto)
             .is_some_and(|p| self.forwards.rule_for(p, nat.ip(), nat.port()).is_some())
             && te.flags & FLOW_F_LOCAL == 0;
-        if !forwarded {
-            match self.ports.hold(proto, nat.ip(), nat.port()) {
+        let held = if flow.host_client {
+            Some(flow.remote)
+        } else if forwarded {
+            None
+        } else {
+            Some(nat)
+        };
+        if let Some(held) = held {
+            match self.ports.hold(proto, held.ip(), held.port()) {
                 Ok(lease) => flow.lease = lease,
                 Err(e) => {
                     warn!(
-                        "adopt: {} -> {}: NAT port {nat} cannot be held again ({e}); the flow goes on",
+                        "adopt: {} -> {}: NAT port {held} cannot be held again ({e}); the flow goes on",
                         flow.guest, flow.world
                     );
                     report.ports_lost += 1;

@@ -77,7 +77,7 @@ use super::{
         PROTO_ICMPV6, Packet, PacketError,
     },
     policy::{Denial, Verdict},
-    store::{tap_key, uplink_key},
+    store::{lo_key, tap_key, uplink_key},
 };
 
 /// Synthesized ICMP messages allowed per second (Linux's default).
@@ -694,15 +694,22 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     }
 
     /// An ICMP error from the world about a packet of a flow (punted by
-    /// the uplink program): translated for the guest.
+    /// the uplink program, or with `host` by the loopback program: the
+    /// host's own error about a packet for a client on the host):
+    /// translated for the guest.
     pub(super) fn world_icmp_error(
         &mut self,
         pkt: &Packet<'_>,
         msg: IcmpMsg,
+        host: bool,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
         let q = quoted_in(pkt.ip)?;
-        let key = uplink_key(q.dst, q.src, q.dport, q.sport, q.proto);
+        let key = if host {
+            lo_key(q.dst, q.src, q.dport, q.sport, q.proto)
+        } else {
+            uplink_key(q.dst, q.src, q.dport, q.sport, q.proto)
+        };
         let Some(flow) = self.table.by_uplink(&key).and_then(|s| self.table.get(s)) else {
             self.stats.icmp.unknown_flow += 1;
             return Err(DropReason::UnknownFlow);

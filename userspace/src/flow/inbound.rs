@@ -36,6 +36,44 @@
 //! matches both. A guest that changes its address later keeps the flows
 //! opened to the old one; new openings go to the new one.
 //!
+//! **Clients on the host itself.** A process on the host (or in the pod)
+//! connecting to `127.0.0.1:PORT`, `[::1]:PORT` or one of the host's own
+//! addresses on a forwarded port — `curl localhost:8080`, as QEMU's
+//! `hostfwd`, passt and slirp4netns users do — never crosses the uplink:
+//! the loopback program (`datapath-ebpf/src/local.rs`) catches its opening
+//! on loopback's ingress and punts it (the daemon calls
+//! [`FlowManager::from_host`]). The guest cannot answer `127.0.0.1` (its
+//! own loopback) nor tell the host's addresses from the world's, so such a
+//! flow differs in one field: its `remote` is the gateway's address of the
+//! family (`10.0.2.2`, `fd00::2`) with a NAT port reserved on it as
+//! host-local flows do (bound with `IP_FREEBIND`: the host does not own the
+//! address), and the guest sees the connection coming from there, as passt
+//! shows such clients from its gateway:
+//!
+//! | field    | from the world               | from the host                |
+//! |----------|------------------------------|------------------------------|
+//! | `guest`  | guest address : guest port   | guest address : guest port   |
+//! | `remote` | the world client             | gateway : NAT port           |
+//! | `world`  | the world client             | the host client              |
+//! | `nat`    | forwarded host address:port  | forwarded address:port       |
+//!
+//! The client's side is keyed in the loopback program's direction
+//! ([`super::table::Flow::host_client`]), so only packets on loopback's
+//! ingress ever match it. The guest's side leaves the tap program by
+//! `bpf_redirect_neigh` to loopback (`LOOPBACK_IFINDEX`, no flag): the
+//! helper's route lookup gives the packet the host's local route, so the
+//! stack delivers `127.0.0.1 → 127.0.0.1` (or host address → itself) to
+//! the client's socket like its own loopback traffic — redirected into
+//! loopback's ingress, as host-local flows are, IPv4 would drop it as a
+//! martian. What the slow path sends the client (the guest's SYN-ACK, RSTs)
+//! goes through the raw socket and the host's routing, to loopback as
+//! well. The lease holds the gateway's NAT port; the forwarded port is held
+//! by its reservation, as for the world's clients. An opening from the
+//! gateway's own address is the guest reaching its own forwarded port
+//! through a host address (`--allow-host`): refused with an RST, as the
+//! reservation refused it before. Openings from the uplink with a loopback
+//! address are martians and dropped.
+//!
 //! A TCP flow starts in `Handshake` with the world's SYN translated to the
 //! guest; the guest's SYN-ACK (punted: handshake) moves both entries to
 //! `Established` before it is sent on (`tcp.rs`), and from then on the
@@ -56,25 +94,44 @@ use std::{
     time::Instant,
 };
 
-use datapath_common::FlowState;
-use log::debug;
+use datapath_common::{FlowState, LOOPBACK_IFINDEX};
+use log::{debug, warn};
 
 use super::{
     DropReason, FlowManager, FlowMaps, NatLease, NatPorts, Output,
-    packet::{L4, Packet},
+    packet::{self, L4, Packet},
     table::{Addressing, Flow},
 };
 use crate::fwd::{Proto, Rule};
 
 impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
-    /// An opening from the world for no known flow, punted as
-    /// `PuntReason::Forward`.
+    /// An opening for no known flow, punted as `PuntReason::Forward`: from
+    /// the world, or with `host` from a client on the host itself (the
+    /// loopback program's).
     pub(super) fn inbound(
         &mut self,
         pkt: &Packet<'_>,
+        host: bool,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
+        // Loopback addresses never come from the world: such a packet on
+        // the uplink is a martian the host stack would have dropped.
+        if !host && (pkt.src.is_loopback() || pkt.dst.is_loopback()) {
+            return Err(DropReason::BadSource);
+        }
+        // From the gateway's address: the guest itself, through a
+        // host-local flow (`--allow-host`), reaching its own forwarded port
+        // at a host address. Refused as the port's reservation refused it
+        // before there was a loopback program: such a hairpin's guest side
+        // would have to go to the uplink's egress, not to loopback.
+        if host && pkt.src == self.gateway_for(pkt.src) {
+            if let L4::Tcp(seg) = pkt.l4 {
+                out.push(Output::ToWorld(packet::rst_reply(pkt.src, pkt.dst, &seg)));
+                self.stats.rsts_sent += 1;
+            }
+            return Err(DropReason::NoForward);
+        }
         let (sport, dport) = pkt.ports();
         let (proto, state, world_isn) = match pkt.l4 {
             L4::Tcp(seg) if seg.is_syn_only() => (Proto::Tcp, FlowState::Handshake, Some(seg.seq)),
@@ -102,20 +159,32 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             return Err(DropReason::TableFull);
         }
         let guest = SocketAddr::new(guest_ip, guest_port);
-        let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
         let client = SocketAddr::new(pkt.src, sport);
+        let (remote, lease, tap_out) = if host {
+            // The guest answers the gateway, at a NAT port of the flow's.
+            let gateway = self.gateway_for(guest_ip);
+            let lease = self.ports.reserve(proto.ip_proto(), gateway).map_err(|e| {
+                warn!("flow: reserving a NAT port on {gateway}: {e}");
+                DropReason::PortExhausted
+            })?;
+            let remote = SocketAddr::new(gateway, lease.port());
+            (remote, lease, LOOPBACK_IFINDEX)
+        } else {
+            // The forwarded port is held by the port reservations.
+            (client, NatLease::new(dport, ()), self.uplink_ifindex)
+        };
+        let slot = self.table.alloc_slot().ok_or(DropReason::TableFull)?;
         let mut flow = Flow::new(
             slot,
             Addressing {
                 proto: proto.ip_proto(),
                 guest,
-                remote: client,
+                remote,
                 world: client,
                 nat: SocketAddr::new(pkt.dst, dport),
                 guest_mac,
             },
-            // The forwarded port is held by the port reservations.
-            NatLease::new(dport, ()),
+            lease,
             state,
             now,
         );
@@ -123,14 +192,23 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             flow.deadline = now.checked_add(self.handshake_timeout);
         }
         flow.world_isn = world_isn;
+        flow.host_client = host;
         debug!(
-            "flow: inbound {proto} {client} -> {}:{dport} forwarded to guest port {guest_port}",
-            pkt.dst
+            "flow: inbound {proto} {client} -> {}:{dport} forwarded to guest port {guest_port}{}",
+            pkt.dst,
+            if host {
+                format!(" (a host client, to the guest as {remote})")
+            } else {
+                String::new()
+            }
         );
-        let slot = self.commit_flow(flow, self.uplink_ifindex, 0)?;
+        let slot = self.commit_flow(flow, tap_out, 0)?;
         // Counted once the flow exists: hits are flows opened.
         self.forwards.hit(proto, pkt.dst, dport);
         self.stats.forwards_accepted += 1;
+        if host {
+            self.stats.forwards_from_host += 1;
+        }
         self.forward_to_guest(slot, pkt, out)
     }
 

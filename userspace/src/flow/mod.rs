@@ -34,6 +34,13 @@
 //!   to the guest's current IPv6 address. From there on it is an ordinary
 //!   flow; only who sent the SYN differs, so the guest's SYN-ACK is what
 //!   establishes it.
+//! * **Host-local clients of forwarded ports** ([`FlowManager::from_host`],
+//!   `inbound.rs`): a process on the host connecting to `127.0.0.1:PORT`,
+//!   `[::1]:PORT` or a host address is caught by the loopback program;
+//!   the flow is an inbound forward whose `remote` is the gateway's address
+//!   (the guest cannot answer `127.0.0.1`) with a NAT port of its own, and
+//!   whose world side is keyed in the loopback program's direction
+//!   ([`table::Flow::host_client`]).
 //! * **Events** ([`FlowManager::event`]): the kernel reports FINs and RSTs
 //!   it forwarded (and, for flows that ask, every packet). FINs drive the
 //!   half-close states of the seed PR, mirrored into both map entries
@@ -423,6 +430,8 @@ pub struct FlowStats {
     pub policy_denied: u64,
     /// Inbound flows opened through a forwarding rule.
     pub forwards_accepted: u64,
+    /// Of those, flows of clients on the host itself (through loopback).
+    pub forwards_from_host: u64,
     /// Packets translated and sent by the slow path towards the world.
     pub slow_to_world: u64,
     /// Packets translated and sent by the slow path towards the guest.
@@ -630,7 +639,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         // A datagram that reached the host in fragments (reassembled by the
         // daemon) is cut again for the guest, IPv6 too.
         self.reassembled = reason == PuntReason::Fragment;
-        let done = self.world_frame(frame, reason, now, out);
+        let done = self.world_frame(frame, reason, false, now, out);
         self.reassembled = false;
         if let Err(why) = done {
             self.count_drop(frame, why);
@@ -641,6 +650,58 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 why.name()
             );
         }
+    }
+
+    /// Handles a frame the loopback program punted for `reason`: from a
+    /// client on the host itself, an opening of a forwarded port or a
+    /// packet of such a client's flow the kernel did not forward.
+    pub fn from_host(
+        &mut self,
+        frame: &[u8],
+        reason: PuntReason,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
+        if let Err(why) = self.world_frame(frame, reason, true, now, out) {
+            self.count_drop(frame, why);
+            debug!(
+                "flow: dropped a {}-byte frame from the host ({}): {}",
+                frame.len(),
+                reason.name(),
+                why.name()
+            );
+        }
+    }
+
+    /// Handles an event record of the loopback program: `snap` holds the
+    /// first bytes of a packet of a host client's flow the kernel forwarded.
+    pub fn host_event(
+        &mut self,
+        reason: PuntReason,
+        snap: &[u8],
+        now: Instant,
+        _out: &mut Vec<Output>,
+    ) {
+        self.stats.events += 1;
+        if !reason.is_event() {
+            debug!("flow: {} is not an event", reason.name());
+            return;
+        }
+        if let Err(why) = self.event_snap(reason, Origin::Uplink, true, snap, now) {
+            self.stats.drops.add(why);
+            debug!(
+                "flow: ignored a {} event from the host ({} bytes): {}",
+                reason.name(),
+                snap.len(),
+                why.name()
+            );
+        }
+    }
+
+    /// How many flows are those of clients on the host itself (the loopback
+    /// program is needed while there are any).
+    pub fn host_client_flows(&self) -> usize {
+        self.table.host_clients()
     }
 
     /// Handles an event record: `snap` holds the first bytes of a packet the
@@ -658,7 +719,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             debug!("flow: {} is not an event", reason.name());
             return;
         }
-        if let Err(why) = self.event_snap(reason, origin, snap, now) {
+        if let Err(why) = self.event_snap(reason, origin, false, snap, now) {
             self.stats.drops.add(why);
             debug!(
                 "flow: ignored a {} event ({} bytes): {}",
@@ -822,10 +883,13 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         }
     }
 
+    /// A packet for a flow's world side: from the uplink, or with `host`
+    /// from a client on the host itself (the loopback program's).
     fn world_frame(
         &mut self,
         frame: &[u8],
         reason: PuntReason,
+        host: bool,
         now: Instant,
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
@@ -837,7 +901,7 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
                 return Err(DropReason::Protocol);
             }
             if msg.is_error() {
-                return self.world_icmp_error(&pkt, msg, out);
+                return self.world_icmp_error(&pkt, msg, host, out);
             }
             if !msg.is_echo_reply() {
                 self.stats.icmp.unsupported += 1;
@@ -845,11 +909,15 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             }
         }
         let (sport, dport) = pkt.ports();
-        let key = store::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto());
+        let key = if host {
+            store::lo_key(pkt.src, pkt.dst, sport, dport, pkt.proto())
+        } else {
+            store::uplink_key(pkt.src, pkt.dst, sport, dport, pkt.proto())
+        };
         let slot = match self.table.by_uplink(&key) {
             Some(slot) => slot,
             None if matches!(reason, PuntReason::Forward | PuntReason::Fragment) => {
-                return self.inbound(&pkt, now, out);
+                return self.inbound(&pkt, host, now, out);
             }
             None => {
                 if matches!(pkt.l4, L4::Icmp(_)) {
@@ -875,10 +943,12 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         }
     }
 
+    /// An event of `origin` (with `host`, the loopback program's).
     fn event_snap(
         &mut self,
         reason: PuntReason,
         origin: Origin,
+        host: bool,
         snap: &[u8],
         now: Instant,
     ) -> Result<(), DropReason> {
@@ -888,6 +958,12 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
             Origin::Tap => (
                 Side::Guest,
                 self.table.by_tap(&store::tap_key(
+                    s.src, s.dst, seg.sport, seg.dport, PROTO_TCP,
+                )),
+            ),
+            Origin::Uplink if host => (
+                Side::World,
+                self.table.by_uplink(&store::lo_key(
                     s.src, s.dst, seg.sport, seg.dport, PROTO_TCP,
                 )),
             ),
@@ -1122,8 +1198,9 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
     ) -> Result<(), DropReason> {
         let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
         let (rw, mac) = (flow.to_world(), flow.guest_mac);
-        // Host-local flows enter through loopback, which takes anything.
-        let mtu = if flow.nat.ip() == self.gateway_for(flow.nat.ip()) {
+        // Host-local flows and host clients' flows enter through loopback,
+        // which takes anything.
+        let mtu = if flow.host_client || flow.nat.ip() == self.gateway_for(flow.nat.ip()) {
             usize::from(u16::MAX)
         } else {
             usize::from(self.uplink_mtu)
@@ -1172,16 +1249,23 @@ impl<M: FlowMaps, P: NatPorts> FlowManager<M, P> {
         out: &mut Vec<Output>,
     ) -> Result<(), DropReason> {
         let flow = self.table.get(slot).ok_or(DropReason::UnknownFlow)?;
-        let (rw, mac) = (flow.to_guest(), flow.guest_mac);
+        let (rw, mac, host) = (flow.to_guest(), flow.guest_mac, flow.host_client);
         let mtu = usize::from(self.guest.mtu);
-        if pkt.ip.len() > mtu && pkt.dont_frag() && !(pkt.is_v6() && self.reassembled) {
+        // A client on the host itself is not told to send smaller packets:
+        // its datagram crossed loopback whole (64 KiB MTU), and a "too big"
+        // would only teach its stack a path MTU for a local address; the
+        // host, as the datagram's source node, cuts it for the tap instead.
+        if pkt.ip.len() > mtu && pkt.dont_frag() && !(pkt.is_v6() && self.reassembled) && !host {
             let kind = IcmpError::FragNeeded {
                 mtu: self.guest.mtu,
             };
             self.icmp_to_world(pkt.dst, pkt, kind, out);
             return Err(DropReason::TooBig);
         }
-        let ip = packet::rewrite(pkt.ip, rw)?;
+        let mut ip = packet::rewrite(pkt.ip, rw)?;
+        if host && ip.len() > mtu {
+            packet::clear_dont_frag(&mut ip);
+        }
         if let L4::Icmp(m) = pkt.l4 {
             self.stats
                 .icmp

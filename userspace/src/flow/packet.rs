@@ -513,6 +513,21 @@ pub struct Rewrite {
     pub dst: SocketAddr,
 }
 
+/// Clears the Don't Fragment bit of the IPv4 packet `ip` (fixing its
+/// header checksum) so that it may be cut; IPv6 packets and anything too
+/// short for an IPv4 header are left alone.
+pub fn clear_dont_frag(ip: &mut [u8]) {
+    if ip.first().map(|b| b >> 4) != Some(4) {
+        return;
+    }
+    if let Ok(mut p) = Ipv4Packet::new_checked(&mut ip[..])
+        && p.dont_frag()
+    {
+        p.set_dont_frag(false);
+        p.fill_checksum();
+    }
+}
+
 /// Applies `rw` to a copy of the accepted IP packet `ip` (as in
 /// [`Packet::ip`]): new addresses and ports, TTL (hop limit) − 1, fresh
 /// IPv4 header and full TCP/UDP/ICMP checksums; everything else is kept.

@@ -21,8 +21,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use datapath_common::{
-    DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FAMILY_IPV6, FlowEntry, FlowKey, FlowState,
-    ipv4_from_16, ipv4_to_16,
+    DIR_FROM_LO, DIR_FROM_TAP, DIR_FROM_UPLINK, FAMILY_IPV4, FAMILY_IPV6, FlowEntry, FlowKey,
+    FlowState, ipv4_from_16, ipv4_to_16,
 };
 use thiserror::Error;
 
@@ -118,6 +118,18 @@ pub fn uplink_key(
     proto: u8,
 ) -> FlowKey {
     key(DIR_FROM_UPLINK, src.into(), dst.into(), sport, dport, proto)
+}
+
+/// The key the loopback program looks up for a packet from a client on the
+/// host itself (towards a forwarded port).
+pub fn lo_key(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+) -> FlowKey {
+    key(DIR_FROM_LO, src.into(), dst.into(), sport, dport, proto)
 }
 
 /// An address as the maps hold it: IPv6 as it is, IPv4 in the first four

@@ -20,7 +20,11 @@
 //!
 //! Each [`Flow`] derives its two keys and entries itself, so the entries
 //! installed in the kernel and the rewrite the slow path applies to the
-//! packets it forwards are computed by the same code.
+//! packets it forwards are computed by the same code. A flow whose world
+//! side is a client on the host itself ([`Flow::host_client`]: an inbound
+//! forward through loopback) has its world-side key in the loopback
+//! program's direction; the table indexes it with the uplink-side keys
+//! (the direction is part of the key, so the two never meet).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -34,7 +38,7 @@ use smoltcp::wire::EthernetAddress;
 use super::{
     packet::Rewrite,
     ports::NatLease,
-    store::{addr16, tap_key, uplink_key},
+    store::{addr16, lo_key, tap_key, uplink_key},
 };
 
 /// One flow as user space tracks it.
@@ -81,6 +85,11 @@ pub struct Flow {
     /// Keepalives sent since the guest last sent anything (the clock's
     /// dead-guest probe count).
     pub keepalives_unanswered: u32,
+    /// The world side is a client on the host itself, caught on loopback's
+    /// ingress (an inbound forward from `127.0.0.1`, `::1` or a host
+    /// address): its key is in the loopback program's direction. Set
+    /// before the flow enters the table; it never changes.
+    pub host_client: bool,
 }
 
 /// Where a flow's packets come from and go: everything of a [`Flow`] that
@@ -126,6 +135,7 @@ impl Flow {
             deadline: None,
             world_isn: None,
             keepalives_unanswered: 0,
+            host_client: false,
         }
     }
 
@@ -140,15 +150,15 @@ impl Flow {
         )
     }
 
-    /// The key of the world → guest direction.
+    /// The key of the world → guest direction: the uplink program's, or
+    /// for a [`Flow::host_client`] the loopback program's.
     pub fn uplink_key(&self) -> FlowKey {
-        uplink_key(
-            self.world.ip(),
-            self.nat.ip(),
-            self.world.port(),
-            self.nat.port(),
-            self.proto,
-        )
+        let (src, dst) = (self.world, self.nat);
+        if self.host_client {
+            lo_key(src.ip(), dst.ip(), src.port(), dst.port(), self.proto)
+        } else {
+            uplink_key(src.ip(), dst.ip(), src.port(), dst.port(), self.proto)
+        }
     }
 
     /// The rewrite towards the world: from the NAT address to the real
@@ -285,6 +295,8 @@ pub struct FlowTable {
     slots: Slots,
     deadlines: BTreeSet<(Instant, u32)>,
     udp: BTreeSet<u32>,
+    /// How many flows are [`Flow::host_client`]s.
+    host_clients: usize,
 }
 
 impl FlowTable {
@@ -301,6 +313,7 @@ impl FlowTable {
             },
             deadlines: BTreeSet::new(),
             udp: BTreeSet::new(),
+            host_clients: 0,
         }
     }
 
@@ -312,6 +325,12 @@ impl FlowTable {
     /// Whether there are no flows.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
+    }
+
+    /// Number of flows of clients on the host itself
+    /// ([`Flow::host_client`]).
+    pub fn host_clients(&self) -> usize {
+        self.host_clients
     }
 
     /// Takes a free slot, `None` when `max_flows` are in use. The slot must
@@ -348,6 +367,9 @@ impl FlowTable {
         if let Some(t) = flow.deadline {
             self.deadlines.insert((t, slot));
         }
+        if flow.host_client {
+            self.host_clients += 1;
+        }
         self.flows.insert(slot, flow);
     }
 
@@ -359,6 +381,9 @@ impl FlowTable {
         self.udp.remove(&slot);
         if let Some(t) = flow.deadline {
             self.deadlines.remove(&(t, slot));
+        }
+        if flow.host_client {
+            self.host_clients = self.host_clients.saturating_sub(1);
         }
         self.slots.release(slot);
         Some(flow)

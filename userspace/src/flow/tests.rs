@@ -8,6 +8,7 @@ mod adopt;
 mod forward6;
 mod icmp;
 mod ipv6;
+mod local;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -145,11 +146,13 @@ struct FakePorts {
 
 impl NatPorts for FakePorts {
     fn reserve(&mut self, proto: u8, local: IpAddr) -> Result<NatLease, NatError> {
-        // The routed source, or the gateway's address for host-local flows.
+        // The routed source, or the gateway's address for host-local flows
+        // and host clients of forwarded ports.
         assert!(
             local == IpAddr::V4(HOST)
                 || local == IpAddr::V6(HOST6)
-                || local == IpAddr::V4(GuestNetConfig::default().gateway),
+                || local == IpAddr::V4(GuestNetConfig::default().gateway)
+                || local == IpAddr::V6(crate::config::GuestNet6Config::default().gateway),
             "{local}"
         );
         if self.exhausted {

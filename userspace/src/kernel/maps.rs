@@ -13,7 +13,9 @@
 //! The forwarded-ports map ([`KernelFwdPorts`]) is a longest-prefix-match
 //! trie, written at startup, by `tapgate rules add|del` and whenever the
 //! host's addresses change: its keys are (family, address, protocol, port
-//! prefix), for IPv4 and IPv6 alike ([`fwd_prefix`]).
+//! prefix), for IPv4 and IPv6 alike ([`fwd_prefix`]); the uplink and the
+//! loopback program look openings up in it (loopback's own addresses are
+//! published for the host's clients, [`published_host_addrs`]).
 //!
 //! A state change rewrites the whole entry (hash maps have no partial
 //! update): counters or the last ACK the kernel wrote between the read and
@@ -324,16 +326,20 @@ impl KernelFwdPorts {
 }
 
 /// The host addresses a rule without an address is published for, sorted
-/// and without duplicates: every address of both families but loopback,
-/// unspecified and multicast ones, and IPv6 link-local addresses (the same
-/// `fe80::` address may sit on several interfaces, and an inbound flow's
-/// replies are routed by destination, which a link-local one cannot be
-/// without its interface).
+/// and without duplicates: every address of both families but unspecified
+/// and multicast ones, and IPv6 link-local addresses (the same `fe80::`
+/// address may sit on several interfaces, and an inbound flow's replies
+/// are routed by destination, which a link-local one cannot be without
+/// its interface). Loopback's addresses (`127.0.0.1`, `::1`) are
+/// published too: clients on the host itself connect there, and the
+/// loopback program punts their openings. The uplink program would punt a
+/// packet from the world to one of them as well (a martian the host stack
+/// drops); user space drops it instead.
 pub fn published_host_addrs(addrs: &[IpAddr]) -> Vec<IpAddr> {
     let mut addrs: Vec<IpAddr> = addrs
         .iter()
         .copied()
-        .filter(|a| !a.is_loopback() && !a.is_unspecified() && !a.is_multicast())
+        .filter(|a| !a.is_unspecified() && !a.is_multicast())
         .filter(|a| match a {
             IpAddr::V4(_) => true,
             IpAddr::V6(v6) => !v6.is_unicast_link_local(),
@@ -495,7 +501,16 @@ mod tests {
             IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             IpAddr::V4(HOST4),
         ]);
-        assert_eq!(addrs, vec![IpAddr::V4(HOST4), IpAddr::V6(HOST6)]);
+        // Loopback's addresses too: the host's own clients connect there.
+        assert_eq!(
+            addrs,
+            vec![
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V4(HOST4),
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                IpAddr::V6(HOST6),
+            ]
+        );
     }
 
     #[test]

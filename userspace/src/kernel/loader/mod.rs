@@ -9,7 +9,11 @@
 //! in-kernel log level set from `--log-level`, `BPF_F_IPV6` for IPv6
 //! checksum updates enabled on Linux 6.16 and later), each program is
 //! verified and loaded, and each is attached to the ingress of its
-//! interface.
+//! interface. The loopback program (`tg_lo_ingress`: host-local clients of
+//! forwarded ports) is loaded always but attached to loopback's ingress
+//! only while there are forwarding rules ([`Datapath::attach_loopback`],
+//! [`Datapath::detach_loopback`]: the rules may come and go at runtime);
+//! with no rules, the host's own loopback traffic meets no program at all.
 //!
 //! Attachment uses tcx links where the kernel has them (6.6 and later): a
 //! link belongs to the file descriptor that created it, so the kernel
@@ -26,7 +30,9 @@
 //! table, activity bits, counters and the punts queued in the ring while
 //! no daemon ran), the new programs are verified against them, and each
 //! pinned link gets the new program with one atomic `BPF_LINK_UPDATE` —
-//! established flows never stop being forwarded. A directory holding
+//! established flows never stop being forwarded (loopback's link too, as
+//! `link_tg_lo_ingress`; a pinned link this daemon does not attach, such
+//! as loopback's when it has no rules, is removed). A directory holding
 //! another layout version is refused before anything is loaded.
 //! [`Datapath::leave_pinned`] exits leaving everything in the kernel;
 //! [`Datapath::detach`] removes the links, the pins and the directory.
@@ -54,13 +60,17 @@ use aya::{
 };
 use datapath_common::{
     ACTIVITY_MAP, COUNTERS_MAP, Counter, FLOWS_MAP, FRAGS_MAP, FWD_PORTS_MAP, L4_CSUM_IPV6_GLOBAL,
-    PINNED_MAPS, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS,
+    PINNED_MAPS, PROG_LO_INGRESS, PROG_TAP_INGRESS, PROG_UPLINK_EGRESS, PROG_UPLINK_INGRESS,
     PUNT_REASON_COUNTER_BASE, PUNT_RING_MAP, PuntReason, SCRATCH_MAP,
 };
 use log::{debug, info, warn};
 use thiserror::Error;
 
 use crate::iface::Iface;
+
+/// The loopback device's name (its index is always
+/// [`datapath_common::LOOPBACK_IFINDEX`]).
+const LOOPBACK_NAME: &str = "lo";
 
 /// The eBPF object built by `build.rs`.
 pub static EMBEDDED_OBJECT: &[u8] =
@@ -300,7 +310,9 @@ impl Datapath {
                 pin_dir.as_deref().unwrap_or(Path::new("?")).display()
             );
         }
-        let mut programs = vec![PROG_TAP_INGRESS, PROG_UPLINK_INGRESS];
+        // The loopback program is loaded whether or not ports are
+        // forwarded now: `tapgate rules add` may attach it later.
+        let mut programs = vec![PROG_TAP_INGRESS, PROG_UPLINK_INGRESS, PROG_LO_INGRESS];
         if opts.host_egress {
             programs.push(PROG_UPLINK_EGRESS);
         }
@@ -360,17 +372,23 @@ impl Datapath {
     /// Attaches the tap program to `tap`'s ingress and the uplink program to
     /// `uplink`'s ingress; with `host_egress` (`--allow-host`) also the
     /// egress program to `uplink`'s egress, where the host's replies to
-    /// host-local flows pass. On error, whatever was attached is detached
-    /// again.
+    /// host-local flows pass; with `loopback` (ports are forwarded) the
+    /// loopback program to loopback's ingress. On error, whatever was
+    /// attached is detached again.
     pub fn attach(
         &mut self,
         tap: &Iface,
         uplink: &Iface,
         host_egress: bool,
+        loopback: bool,
     ) -> Result<(), LoaderError> {
         if !host_egress {
             // A datapath adopted from a run with --allow-host may have it.
             self.drop_stale_pin(PROG_UPLINK_EGRESS);
+        }
+        if !loopback {
+            // ... and one adopted from a run with forwarding rules this one.
+            self.drop_stale_pin(PROG_LO_INGRESS);
         }
         let res = self
             .attach_one(PROG_TAP_INGRESS, tap, TcAttachType::Ingress)
@@ -381,11 +399,54 @@ impl Datapath {
                 } else {
                     Ok(())
                 }
+            })
+            .and_then(|()| {
+                if loopback {
+                    self.attach_loopback()
+                } else {
+                    Ok(())
+                }
             });
         if res.is_err() {
             self.detach();
         }
         res
+    }
+
+    /// Whether the loopback program is attached.
+    pub fn loopback_attached(&self) -> bool {
+        self.attached.iter().any(|a| a.program == PROG_LO_INGRESS)
+    }
+
+    /// Attaches the loopback program to loopback's ingress (host-local
+    /// clients of forwarded ports), unless it is attached already; pinned
+    /// as `link_tg_lo_ingress` when pinning (an earlier daemon's link is
+    /// reused).
+    pub fn attach_loopback(&mut self) -> Result<(), LoaderError> {
+        if self.loopback_attached() {
+            return Ok(());
+        }
+        let lo = Iface::by_name(LOOPBACK_NAME).map_err(|e| LoaderError::Attach {
+            program: PROG_LO_INGRESS,
+            iface: LOOPBACK_NAME.to_owned(),
+            source: ProgramError::IOError(std::io::Error::other(e.to_string())),
+        })?;
+        self.attach_one(PROG_LO_INGRESS, &lo, TcAttachType::Ingress)
+    }
+
+    /// Detaches the loopback program (the last forwarding rule went), and
+    /// removes its pinned link; nothing happens if it is not attached.
+    pub fn detach_loopback(&mut self) {
+        if self.keep {
+            return;
+        }
+        let (lo, rest): (Vec<Attachment>, Vec<Attachment>) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|a| a.program == PROG_LO_INGRESS);
+        self.attached = rest;
+        for a in lo {
+            self.detach_attachment(a);
+        }
     }
 
     fn attach_one(
@@ -556,32 +617,37 @@ impl Datapath {
             return;
         }
         while let Some(a) = self.attached.pop() {
-            match a.link {
-                LinkHold::Owned(link) => {
-                    let prog: Option<&mut SchedClassifier> = self
-                        .ebpf
-                        .program_mut(a.program)
-                        .and_then(|p| p.try_into().ok());
-                    match prog.map(|p| p.detach(link)) {
-                        Some(Ok(())) => debug!("detached {} from {}", a.program, a.iface),
-                        Some(Err(e)) => warn!("detaching {} from {}: {e}", a.program, a.iface),
-                        None => warn!("detaching {} from {}: program gone", a.program, a.iface),
-                    }
-                }
-                LinkHold::Pinned { fd, path } => {
-                    // Without its pin, closing the last descriptor
-                    // destroys the link.
-                    pin::remove_file(&path);
-                    drop(fd);
-                    debug!("detached {} from {}", a.program, a.iface);
-                }
-            }
-            if a.added_qdisc {
-                remove_clsact(&a.iface);
-            }
+            self.detach_attachment(a);
         }
         if let Some(dir) = self.pin_dir.take() {
             pin::remove_dir(&dir);
+        }
+    }
+
+    /// Detaches one attachment (its pin removed first).
+    fn detach_attachment(&mut self, a: Attachment) {
+        match a.link {
+            LinkHold::Owned(link) => {
+                let prog: Option<&mut SchedClassifier> = self
+                    .ebpf
+                    .program_mut(a.program)
+                    .and_then(|p| p.try_into().ok());
+                match prog.map(|p| p.detach(link)) {
+                    Some(Ok(())) => debug!("detached {} from {}", a.program, a.iface),
+                    Some(Err(e)) => warn!("detaching {} from {}: {e}", a.program, a.iface),
+                    None => warn!("detaching {} from {}: program gone", a.program, a.iface),
+                }
+            }
+            LinkHold::Pinned { fd, path } => {
+                // Without its pin, closing the last descriptor destroys the
+                // link.
+                pin::remove_file(&path);
+                drop(fd);
+                debug!("detached {} from {}", a.program, a.iface);
+            }
+        }
+        if a.added_qdisc {
+            remove_clsact(&a.iface);
         }
     }
 
