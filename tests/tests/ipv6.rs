@@ -976,3 +976,67 @@ fn keepalive_probes_reset_a_silent_ipv6_guest() {
         format!("probe_resets: {}", stats["probe_resets"]),
     );
 }
+
+#[test]
+fn the_hosts_ipv6_address_with_allow_host() {
+    let Some(run) = start(&["--allow-host"]) else {
+        return;
+    };
+    run.wait_slaac();
+    let addr: SocketAddr = format!("[{HOST_UPLINK_ADDR6}]:8080").parse().unwrap();
+    let _http = run.ok(HttpServer::start(
+        run.topo.host(),
+        addr,
+        &[("secret", b"host-only\n")],
+    ));
+    let (fast0, _) = run.ok(control::fast_slow(&run.ok(control::stats(&run.topo))));
+    let (ok, out) = run.guest_out(
+        &[
+            "curl",
+            "-g",
+            "-sS",
+            "--max-time",
+            "8",
+            &format!("http://[{HOST_UPLINK_ADDR6}]:8080/secret"),
+        ],
+        Duration::from_secs(20),
+    );
+    run.check(
+        ok && out == "host-only\n",
+        format!("curl -6 to the host: {out}"),
+    );
+    let (fast1, _) = run.ok(control::fast_slow(&run.ok(control::stats(&run.topo))));
+    run.check(
+        fast1 >= fast0 + 4,
+        format!("only {} packets on the fast path", fast1 - fast0),
+    );
+}
+
+#[test]
+fn udp_over_ipv6_expires_when_idle() {
+    let Some(run) = start(&["--udp-timeout", "4"]) else {
+        return;
+    };
+    run.wait_slaac();
+    let _server = run.ok(UdpEchoServer::start(run.topo.world(), world6(5691)));
+    let local = run.ok(nsthread::run_in(
+        run.topo.guest(),
+        "guest",
+        Duration::from_secs(20),
+        || {
+            let s = scenarios::udp_socket(world6(5691))?;
+            scenarios::udp_echo(&s, b"ping")?;
+            Ok(s.local_addr()?)
+        },
+    ));
+    let guest = local.to_string();
+    let remote = world6(5691).to_string();
+    let this = |f: &serde_json::Value| control::flow_matches(f, "udp", &guest, &remote);
+    run.ok(control::wait_flow(&run.topo, Duration::from_secs(5), this));
+    // Expires between 1x and 1.25x the timeout after the last datagram.
+    run.ok(control::wait_flow_gone(
+        &run.topo,
+        Duration::from_secs(10),
+        this,
+    ));
+}
