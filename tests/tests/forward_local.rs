@@ -593,6 +593,20 @@ fn host_clients_survive_a_restart_with_the_loopback_link_kept() {
     let n = run.ok(conn.join(THREAD_TIMEOUT));
     run.check(n == 3, format!("{n} echoes"));
 
+    // The connection is closed: its flow goes once both FINs are
+    // acknowledged. (While a host client's flow is kept, the loopback link
+    // rightly stays.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run.ok(control::flows(&run.topo)).is_empty() {
+        run.check(
+            Instant::now() < deadline,
+            format!(
+                "the closed connection's flow stays: {:?}",
+                run.ok(control::flows(&run.topo))
+            ),
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // A daemon without rules drops the stale link (lo is empty while it
     // runs); stopped without the flag, it removes every pin.
     let status = run
