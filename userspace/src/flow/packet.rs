@@ -279,20 +279,7 @@ pub fn parse_ip6(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
     let (src, dst) = (ip.src_addr(), ip.dst_addr());
     let l4 = match ip.next_header() {
         IpProtocol::Tcp => L4::Tcp(parse_tcp(payload)?),
-        IpProtocol::Udp => {
-            let udp = UdpPacket::new_checked(payload).map_err(|_| PacketError::Malformed("udp"))?;
-            if udp.src_port() == 0 || udp.dst_port() == 0 {
-                return Err(PacketError::Malformed("udp port 0"));
-            }
-            // RFC 8200 §8.1: a zero UDP checksum is invalid over IPv6.
-            if udp.checksum() == 0 {
-                return Err(PacketError::Malformed("udp checksum 0 over ipv6"));
-            }
-            L4::Udp {
-                sport: udp.src_port(),
-                dport: udp.dst_port(),
-            }
-        }
+        IpProtocol::Udp => parse_udp(payload, true)?,
         IpProtocol::Icmpv6 => {
             let icmp =
                 Icmpv6Packet::new_checked(payload).map_err(|_| PacketError::Malformed("icmpv6"))?;
@@ -348,16 +335,7 @@ pub fn parse_ip4(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
         .ok_or(PacketError::Malformed("ipv4"))?;
     let l4 = match ip.next_header() {
         IpProtocol::Tcp => L4::Tcp(parse_tcp(payload)?),
-        IpProtocol::Udp => {
-            let udp = UdpPacket::new_checked(payload).map_err(|_| PacketError::Malformed("udp"))?;
-            if udp.src_port() == 0 || udp.dst_port() == 0 {
-                return Err(PacketError::Malformed("udp port 0"));
-            }
-            L4::Udp {
-                sport: udp.src_port(),
-                dport: udp.dst_port(),
-            }
-        }
+        IpProtocol::Udp => parse_udp(payload, false)?,
         IpProtocol::Icmp => {
             let icmp =
                 Icmpv4Packet::new_checked(payload).map_err(|_| PacketError::Malformed("icmp"))?;
@@ -385,6 +363,22 @@ pub fn parse_ip4(bytes: &[u8]) -> Result<Packet<'_>, PacketError> {
         dst: IpAddr::V4(ip.dst_addr()),
         ttl: ip.hop_limit(),
         l4,
+    })
+}
+
+/// A UDP header with non-zero ports; over IPv6 (`v6`) a zero checksum is
+/// refused too (RFC 8200 §8.1).
+fn parse_udp(payload: &[u8], v6: bool) -> Result<L4, PacketError> {
+    let udp = UdpPacket::new_checked(payload).map_err(|_| PacketError::Malformed("udp"))?;
+    if udp.src_port() == 0 || udp.dst_port() == 0 {
+        return Err(PacketError::Malformed("udp port 0"));
+    }
+    if v6 && udp.checksum() == 0 {
+        return Err(PacketError::Malformed("udp checksum 0 over ipv6"));
+    }
+    Ok(L4::Udp {
+        sport: udp.src_port(),
+        dport: udp.dst_port(),
     })
 }
 
